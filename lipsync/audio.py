@@ -1,0 +1,362 @@
+"""Audio: PCM/WAV decoding, resampling, mel spectrogram, mel windows and per-frame features (SPEC §1–§5).
+
+Everything after decoding runs on the waveform's device. The whole-utterance path and the streaming path share
+one implementation (`FeatureStream`), so a stream fed in any chunk sizes yields the whole-utterance features.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchaudio.functional as AF
+from torch import Tensor
+
+SAMPLE_RATE = 16_000
+FPS = 25
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
+N_FFT, HOP, N_MELS = 800, 200, 80
+MEL_FMIN, MEL_FMAX = 55.0, 7600.0
+PREEMPHASIS = 0.97
+WINDOW_STEPS = 16  # mel frames per window
+MIN_SAMPLES = 3000  # shortest audio that forms one mel window (16 mel frames); shorter audio is zero-padded
+CONTEXT_BEFORE, CONTEXT_AFTER = 8, 8  # padded embedding rows around each output frame (§5)
+ENCODINGS = {"s16le": 2, "f32le": 4}
+MIN_RATE, MAX_RATE = 8_000, 48_000
+
+Encoder = Callable[[Tensor], Tensor]  # [B,1,80,16] → [B,512]
+
+
+class AudioFormatError(ValueError):
+    """Audio that cannot be decoded as declared."""
+
+
+# --------------------------------------------------------------------------- decoding (§1)
+@dataclass(frozen=True)
+class AudioFormat:
+    encoding: str = "s16le"
+    sample_rate: int = SAMPLE_RATE
+    channels: int = 1
+
+    def validate(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise AudioFormatError(f"unsupported audio encoding {self.encoding!r}; expected one of {list(ENCODINGS)}")
+        if not MIN_RATE <= self.sample_rate <= MAX_RATE:
+            raise AudioFormatError(f"sample rate {self.sample_rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
+        if self.channels not in (1, 2):
+            raise AudioFormatError(f"{self.channels} channels are not supported; send mono or stereo")
+
+    @property
+    def frame_bytes(self) -> int:
+        return ENCODINGS[self.encoding] * self.channels
+
+
+def decode_pcm(data: bytes, fmt: AudioFormat, device: str | torch.device = "cpu", allow_empty: bool = False
+               ) -> Tensor:
+    """Raw PCM bytes → mono float32 waveform at the input rate, on `device`."""
+    fmt.validate()
+    if not data and not allow_empty:
+        raise AudioFormatError("audio is empty")
+    if len(data) % fmt.frame_bytes:
+        raise AudioFormatError(f"{len(data)} bytes is not a multiple of {fmt.frame_bytes} "
+                               f"({fmt.encoding}, {fmt.channels} channel(s))")
+    if not data:
+        return torch.zeros(0, device=device)
+    dtype = torch.int16 if fmt.encoding == "s16le" else torch.float32
+    raw = torch.frombuffer(bytearray(data), dtype=dtype)
+    if fmt.encoding == "f32le" and not torch.isfinite(raw).all():
+        raise AudioFormatError("audio contains NaN or Inf samples")
+    wave = raw.to(device, non_blocking=False)
+    wave = wave.float() / 32768.0 if dtype == torch.int16 else wave
+    if fmt.channels == 2:
+        wave = wave.view(-1, 2).mean(dim=1)
+    return wave
+
+
+def read_wav(path: str | Path) -> tuple[bytes, AudioFormat]:
+    """Parse a RIFF/WAVE file (16-bit PCM or 32-bit float) into its PCM bytes and format."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise AudioFormatError(f"audio file not found: {file}")
+    blob = file.read_bytes()
+    if len(blob) < 12 or blob[:4] != b"RIFF" or blob[8:12] != b"WAVE":
+        raise AudioFormatError(f"{file} is not a WAV file")
+    pos, fmt, data = 12, None, None
+    while pos + 8 <= len(blob):
+        chunk_id, size = blob[pos:pos + 4], struct.unpack("<I", blob[pos + 4:pos + 8])[0]
+        body = blob[pos + 8:pos + 8 + size]
+        if chunk_id == b"fmt ":
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+            if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: real tag in the sub-format GUID
+                tag = struct.unpack("<H", body[24:26])[0]
+            fmt = (tag, channels, rate, bits)
+        elif chunk_id == b"data":
+            data = body
+        pos += 8 + size + (size & 1)
+    if fmt is None or data is None:
+        raise AudioFormatError(f"{file} has no fmt or data chunk")
+    tag, channels, rate, bits = fmt
+    if (tag, bits) == (1, 16):
+        encoding = "s16le"
+    elif (tag, bits) == (3, 32):
+        encoding = "f32le"
+    else:
+        raise AudioFormatError(f"{file}: WAV format tag {tag} with {bits} bits is not supported "
+                               "(use 16-bit PCM or 32-bit float)")
+    audio_format = AudioFormat(encoding, rate, channels)
+    data = data[:len(data) - len(data) % (bits // 8 * channels)]
+    return data, audio_format
+
+
+def load_wav(path: str | Path, device: str | torch.device = "cpu") -> Tensor:
+    """WAV file → mono 16 kHz float32 waveform on `device`."""
+    data, fmt = read_wav(path)
+    return resample(decode_pcm(data, fmt, device), fmt.sample_rate)
+
+
+def resample(wave: Tensor, sample_rate: int) -> Tensor:
+    """Resample a mono waveform to 16 kHz with torchaudio, on its device."""
+    if sample_rate == SAMPLE_RATE:
+        return wave
+    return AF.resample(wave, sample_rate, SAMPLE_RATE)
+
+
+class StreamResampler:
+    """Chunked resampling to 16 kHz whose output equals `resample` of the concatenated input.
+
+    torchaudio's polyphase filter maps each block of `orig` input samples to `new` output samples using input
+    within `width` samples either side. We keep a block-aligned tail of the input and resample it with
+    enough left context, keeping only output blocks whose support is complete.
+    """
+
+    def __init__(self, sample_rate: int):
+        self.rate = sample_rate
+        g = math.gcd(sample_rate, SAMPLE_RATE)
+        self.orig, self.new = sample_rate // g, SAMPLE_RATE // g
+        width = math.ceil(6 * self.orig / (0.99 * min(self.orig, self.new)))  # torchaudio's filter half-width
+        self.context_blocks = math.ceil(width / self.orig) + 1
+        self.tail: Tensor | None = None  # input from global block `tail_block` on
+        self.tail_block = 0
+        self.done_blocks = 0  # output blocks already emitted
+        self.total_in = 0
+
+    def push(self, wave: Tensor) -> Tensor:
+        if self.rate == SAMPLE_RATE:
+            return wave
+        self.total_in += wave.numel()
+        self.tail = wave if self.tail is None else torch.cat([self.tail, wave])
+        start_in = self.tail_block * self.orig
+        available = start_in + self.tail.numel()
+        # Output block j needs input up to j*orig + orig + width; keep a margin of one context.
+        final_blocks = max(0, available // self.orig - self.context_blocks)
+        return self._emit(final_blocks)
+
+    def finish(self) -> Tensor:
+        if self.rate == SAMPLE_RATE:
+            return torch.zeros(0)
+        if self.tail is None:
+            return torch.zeros(0)
+        return self._emit(None)
+
+    def _emit(self, final_blocks: int | None) -> Tensor:
+        assert self.tail is not None
+        if final_blocks is not None and final_blocks <= self.done_blocks:
+            return self.tail.new_zeros(0)
+        out = AF.resample(self.tail, self.rate, SAMPLE_RATE)
+        first = (self.done_blocks - self.tail_block) * self.new
+        if final_blocks is None:
+            total_out = math.ceil(SAMPLE_RATE * self.total_in / self.rate)
+            stop = total_out - self.tail_block * self.new
+            self.done_blocks = math.ceil(total_out / self.new)
+        else:
+            stop = (final_blocks - self.tail_block) * self.new
+            self.done_blocks = final_blocks
+        piece = out[first:stop]
+        keep_from = max(self.tail_block, self.done_blocks - self.context_blocks)
+        self.tail = self.tail[(keep_from - self.tail_block) * self.orig:]
+        self.tail_block = keep_from
+        return piece
+
+
+# --------------------------------------------------------------------------- mel spectrogram (§2)
+@lru_cache(maxsize=8)
+def _mel_basis(device: torch.device) -> tuple[Tensor, Tensor]:
+    fbank = AF.melscale_fbanks(N_FFT // 2 + 1, MEL_FMIN, MEL_FMAX, N_MELS, SAMPLE_RATE, norm="slaney",
+                               mel_scale="slaney").to(device)
+    window = torch.hann_window(N_FFT, periodic=True, device=device)
+    return fbank, window
+
+
+def _mel_from_frames(padded: Tensor) -> Tensor:
+    """Pre-emphasised, padded signal → normalised log-mel frames [M,80] for each hop-spaced 800-sample frame."""
+    fbank, window = _mel_basis(padded.device)
+    frames = padded.unfold(0, N_FFT, HOP) * window
+    magnitude = torch.fft.rfft(frames, dim=1).abs()
+    mel = magnitude @ fbank
+    db = 20.0 * torch.log10(mel.clamp_min(1e-5)) - 20.0
+    return (0.08 * db + 4.0).clamp(-4.0, 4.0)
+
+
+def preemphasis(wave: Tensor, previous: Tensor | None = None) -> Tensor:
+    """y[n] = x[n] − 0.97·x[n−1], with x[−1] = `previous` (0 at the start of audio)."""
+    before = wave[:-1] if previous is None else torch.cat([previous.reshape(1), wave[:-1]])
+    if previous is None:
+        return torch.cat([wave[:1], wave[1:] - PREEMPHASIS * before])
+    return wave - PREEMPHASIS * before
+
+
+def melspectrogram(wave: Tensor) -> Tensor:
+    """16 kHz mono float waveform [N] → normalised log-mel [1 + N//200, 80], on its device."""
+    half = N_FFT // 2
+    padded = torch.nn.functional.pad(preemphasis(wave.float()), (half, half))
+    return _mel_from_frames(padded)
+
+
+# --------------------------------------------------------------------------- windows and features (§3, §5)
+def window_count(mel_frames: int) -> int:
+    """D: the number of mel windows (and encoder embeddings) of an utterance with M mel frames."""
+    return (mel_frames - WINDOW_STEPS) * FPS // 80 + 2
+
+
+def window_start(video_frame: int) -> int:
+    return 80 * video_frame // FPS
+
+
+def features_from_rows(rows: Tensor) -> Tensor:
+    """Consecutive padded embedding rows [n+15, 512] → features [n,32,16,16] (frame k sees rows k..k+15)."""
+    blocks = rows.unfold(0, CONTEXT_BEFORE + CONTEXT_AFTER, 1)  # [n, 512, 16]
+    return blocks.transpose(1, 2).reshape(-1, 32, 16, 16)
+
+
+def final_windows(mel_frames: int) -> int:
+    """How many windows v have all 16 mel frames among the first `mel_frames` (no end clamp can move them)."""
+    spare = mel_frames - WINDOW_STEPS
+    return 0 if spare < 0 else -(-5 * (spare + 1) // 16)
+
+
+def frame_count(samples: int) -> int:
+    """Output frames (D + 2) for an utterance of `samples` 16 kHz samples."""
+    return window_count(1 + max(samples, MIN_SAMPLES) // HOP) + 2
+
+
+class FeatureStream:
+    """Incremental §2–§5: push 16 kHz audio chunks, get each output frame's features once they are final.
+
+    `push` returns (first_frame_index, features[n,32,16,16]) for frames that no later audio can change;
+    `finish` applies the end-of-audio rules and returns the rest. Frame indices are global for the stream.
+    """
+
+    def __init__(self, encoder: Encoder, device: str | torch.device = "cpu"):
+        self.encoder = encoder
+        self.device = torch.device(device)
+        half = N_FFT // 2
+        self.signal = torch.zeros(half, device=self.device)  # pre-emphasised, zero-padded signal tail
+        self.signal_start = 0  # global index (in padded coordinates) of signal[0]
+        self.samples = 0  # real samples received
+        self.last_sample: Tensor | None = None
+        self.mel = torch.zeros(0, N_MELS, device=self.device)  # mel rows from `mel_start` on
+        self.mel_start = 0
+        self.mel_done = 0  # final mel frames computed
+        self.rows = torch.zeros(0, 512, device=self.device)  # padded embedding rows P, from `rows_start` on
+        self.rows_start = 0
+        self.windows_done = 0
+        self.frames_done = 0
+        self.finished = False
+
+    # -- stages
+    def _append_audio(self, wave: Tensor) -> None:
+        if wave.numel() == 0:
+            return
+        wave = wave.to(self.device, torch.float32)
+        self.signal = torch.cat([self.signal, preemphasis(wave, self.last_sample)])
+        self.last_sample = wave[-1:]
+        self.samples += wave.numel()
+
+    def _compute_mel(self, stop: int) -> None:
+        """Compute mel frames [mel_done, stop) from the padded signal."""
+        if stop <= self.mel_done:
+            return
+        lo = self.mel_done * HOP - self.signal_start
+        hi = (stop - 1) * HOP + N_FFT - self.signal_start
+        new = _mel_from_frames(self.signal[lo:hi])
+        self.mel = torch.cat([self.mel, new])
+        self.mel_done = stop
+        keep = self.mel_done * HOP - self.signal_start  # next frame starts here
+        self.signal, self.signal_start = self.signal[keep:], self.signal_start + keep
+
+    def _encode_windows(self, stop: int, mel_frames: int | None) -> None:
+        """Encode windows [windows_done, stop); `mel_frames` (end of audio only) enables the end clamp of §3."""
+        if stop <= self.windows_done:
+            return
+        limit = (mel_frames if mel_frames is not None else 1 << 62) - WINDOW_STEPS
+        starts = [min(window_start(v), limit) - self.mel_start for v in range(self.windows_done, stop)]
+        idx = torch.tensor(starts, device=self.device)[:, None] + torch.arange(WINDOW_STEPS, device=self.device)
+        embeddings = self.encoder(self.mel[idx].transpose(1, 2).unsqueeze(1)).float()
+        if self.windows_done == 0:  # P[0] = e0 (front padding row)
+            embeddings = torch.cat([embeddings[:1], embeddings])
+        self.rows = torch.cat([self.rows, embeddings])
+        self.windows_done = stop
+        # A later window starts at or after the last one encoded (the end clamp never goes further back).
+        drop = window_start(stop - 1) - self.mel_start
+        self.mel, self.mel_start = self.mel[drop:], self.mel_start + drop
+
+    def _emit(self, stop: int) -> tuple[int, Tensor]:
+        """Features for frames [frames_done, stop); P rows before 0 or past the last row are zeros."""
+        first = self.frames_done
+        if stop <= first:
+            return first, torch.zeros(0, 32, 16, 16, device=self.device)
+        lo, hi = first - CONTEXT_BEFORE, stop - 1 + CONTEXT_AFTER  # P rows [lo, hi) feed these frames
+        rows_end = self.rows_start + self.rows.shape[0]
+        take = self.rows[max(lo, 0) - self.rows_start:min(hi, rows_end) - self.rows_start]
+        block = torch.cat([self.rows.new_zeros(max(0, -lo), 512), take, self.rows.new_zeros(max(0, hi - rows_end), 512)])
+        self.frames_done = stop
+        drop = max(0, stop - CONTEXT_BEFORE - self.rows_start)
+        self.rows, self.rows_start = self.rows[drop:], self.rows_start + drop
+        return first, features_from_rows(block)
+
+    # -- public
+    @torch.no_grad()
+    def push(self, wave: Tensor) -> tuple[int, Tensor]:
+        """Add 16 kHz mono samples; return (first frame index, features of the newly final frames)."""
+        if self.finished:
+            raise RuntimeError("audio pushed after end of audio")
+        self._append_audio(wave)
+        padded_len = self.signal_start + self.signal.shape[0]
+        self._compute_mel(max(0, (padded_len - N_FFT) // HOP + 1))
+        # Window v is final (no end clamp possible) once mel frames s_v..s_v+15 are final.
+        self._encode_windows(final_windows(self.mel_done), None)
+        # Frame i needs P[i+7] = e_{i+6}: final once window i+6 is encoded.
+        return self._emit(max(0, self.windows_done - 6))
+
+    @torch.no_grad()
+    def finish(self) -> tuple[int, Tensor]:
+        """End of audio: pad short audio to 3000 samples, apply the end rules, return the remaining frames."""
+        if self.finished:
+            raise RuntimeError("end of audio signalled twice")
+        self.finished = True
+        if self.samples < MIN_SAMPLES:
+            self._append_audio(torch.zeros(MIN_SAMPLES - self.samples, device=self.device))
+        self.signal = torch.cat([self.signal, self.signal.new_zeros(N_FFT // 2)])
+        mel_frames = 1 + self.samples // HOP
+        self._compute_mel(mel_frames)
+        windows = window_count(mel_frames)
+        self._encode_windows(windows, mel_frames)
+        last = self.rows[-1:]
+        self.rows = torch.cat([self.rows, last])  # P[D+1] = e_{D-1}
+        return self._emit(windows + 2)
+
+    @property
+    def frames_emitted(self) -> int:
+        return self.frames_done
+
+
+def frame_features(wave: Tensor, encoder: Encoder) -> Tensor:
+    """16 kHz mono waveform → per-frame generator audio input [D+2,32,16,16] (SPEC §3–§5), on its device."""
+    stream = FeatureStream(encoder, wave.device)
+    _, head = stream.push(wave)
+    _, tail = stream.finish()
+    return torch.cat([head, tail])

@@ -1,0 +1,184 @@
+"""`lipsync` command line: render, export, serve, client, avatar, bench (SPEC §12)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("lipsync")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --------------------------------------------------------------------------- render
+def add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="render a WAV with a SyncTalk_2D model to MP4 and/or numbered frames")
+    p.add_argument("--checkpoint", required=True, help="generator checkpoint (.pth)")
+    p.add_argument("--audio-encoder", required=True, help="audio encoder checkpoint (audio_visual_encoder.pth)")
+    p.add_argument("--avatar", required=True, help="avatar directory or SyncTalk_2D dataset directory")
+    p.add_argument("--audio", required=True, help="speech WAV (16-bit PCM or float, 8–48 kHz, mono/stereo)")
+    p.add_argument("--variant", default="328", choices=["328", "160"])
+    p.add_argument("--asr", default="ave", choices=["ave"], help="audio branch of the generator")
+    p.add_argument("--start-frame", type=int, default=0, help="avatar position of output frame 0 (1 = SyncTalk_2D)")
+    p.add_argument("--sequence", default="pingpong", choices=["pingpong", "loop"])
+    p.add_argument("--out", help="MP4 to write (H.264 + the speech as AAC)")
+    p.add_argument("--frames-out", help="directory for numbered frames 000000.png, …")
+    p.add_argument("--format", default="png", choices=["png", "jpeg"], help="frame format for --frames-out")
+    p.add_argument("--quality", type=int, default=None, help="JPEG quality for --format jpeg (default: config)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "tensorrt"])
+    p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
+    p.add_argument("--feather", type=int, default=0, help="feather the pasted square over N template pixels")
+    p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.max_batch=8")
+    p.set_defaults(func=run_render)
+
+
+def run_render(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .audio import load_wav
+    from .config import load_config
+    from .demo import UNTRAINED_NOTICE
+    from .engines import EngineConfig
+    from .jpeg import encode_frames
+    from .pipeline import ModelSpec, StageClock, load_pipeline, pick_device
+    from .video import Mp4Writer
+
+    if not args.out and not args.frames_out:
+        raise SystemExit("render: give --out FILE.mp4 and/or --frames-out DIR")
+    cfg = load_config([f"engine={args.backend}", *args.overrides], "render")
+    device = pick_device(args.device)
+    spec = ModelSpec.from_dict("render", {"checkpoint": args.checkpoint, "audio_encoder": args.audio_encoder,
+                                          "avatar": args.avatar, "variant": args.variant, "asr": args.asr,
+                                          "sequence": args.sequence, "feather": args.feather,
+                                          "engine_file": args.engine_file})
+    engine_cfg = EngineConfig.from_dict(cfg.engine)
+    micro_batch = int(cfg.pipeline.micro_batch[device.type])
+    quality = args.quality if args.quality is not None else int(cfg.pipeline.jpeg_quality)
+    pipeline = load_pipeline(spec, engine_cfg, device, micro_batch, progress=True)
+    if "demo_model" in str(spec.checkpoint):
+        print(UNTRAINED_NOTICE, file=sys.stderr)
+    wave = load_wav(args.audio, device)
+    clock = StageClock(device)
+    t0 = time.perf_counter()
+    with clock.stage("audio"):
+        features = pipeline.features(wave)
+    total = features.shape[0]
+    frames_dir = Path(args.frames_out).expanduser().resolve() if args.frames_out else None
+    if frames_dir:
+        frames_dir.mkdir(parents=True, exist_ok=True)
+    height, width = pipeline.avatar.frames.shape[2:]
+    writer = Mp4Writer(args.out, width, height, with_audio=True) if args.out else None
+    with tqdm(total=total, desc="rendering", unit="frame") as bar:
+        for lo in range(0, total, micro_batch):
+            frames = pipeline.render_frames(features[lo:lo + micro_batch], args.start_frame, lo, clock)
+            if frames_dir and args.format == "jpeg":
+                with clock.stage("encode"):
+                    for k, data in enumerate(encode_frames(frames, quality)):
+                        (frames_dir / f"{lo + k:06d}.jpg").write_bytes(data)
+            elif frames_dir:
+                from torchvision.io import write_png
+                for k, frame in enumerate(frames.cpu()):
+                    write_png(frame, str(frames_dir / f"{lo + k:06d}.png"))
+            if writer:
+                writer.write(frames)
+            bar.update(frames.shape[0])
+    elapsed = time.perf_counter() - t0
+    if writer:
+        writer.close(wave)
+    timings = clock.result()
+    print(f"rendered {total} frames in {elapsed:.2f} s ({total / elapsed:.1f} frames/s) on {device}; "
+          + ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items()))
+    if writer:
+        print(f"video: {writer.path}")
+    if frames_dir:
+        print(f"frames: {frames_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- avatar
+def add_avatar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("avatar", help="inspect, import or synthesise avatars")
+    asub = p.add_subparsers(dest="avatar_cmd", required=True)
+    info = asub.add_parser("info", help="validate an avatar or SyncTalk_2D dataset and describe it")
+    info.add_argument("path")
+    imp = asub.add_parser("import", help="convert a SyncTalk_2D dataset into an avatar directory")
+    imp.add_argument("dataset")
+    imp.add_argument("out")
+    synth = asub.add_parser("synth", help="write a synthetic avatar (for tests and the demo)")
+    synth.add_argument("out")
+    synth.add_argument("--frames", type=int, default=24)
+    synth.add_argument("--width", type=int, default=640)
+    synth.add_argument("--height", type=int, default=360)
+    synth.add_argument("--layout", default="avatar", choices=["avatar", "synctalk"])
+    p.set_defaults(func=run_avatar)
+
+
+def run_avatar(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    from tqdm import tqdm
+
+    from .avatar import find_source, load_avatar
+    from .demo import make_avatar
+
+    if args.avatar_cmd == "synth":
+        print(make_avatar(args.out, args.frames, args.width, args.height, args.layout))
+        return 0
+    if args.avatar_cmd == "info":
+        avatar = load_avatar(args.path, progress=True)
+        sizes = {(r[2] - r[0], r[3] - r[1]) for r in avatar.rects}
+        print(json.dumps({"path": str(Path(args.path).resolve()), "frames": avatar.frame_count,
+                          "width": avatar.frames.shape[3], "height": avatar.frames.shape[2],
+                          "crop_sizes": sorted(sizes)[:10], "alpha": avatar.alpha is not None}, indent=2))
+        return 0
+    source = find_source(args.dataset)
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    assert source.images is not None
+    for i, img in enumerate(tqdm(source.images, desc="importing", unit="frame")):
+        shutil.copyfile(img, out / f"frame_{i:06d}{img.suffix.lower()}")
+    (out / "crop_rects.json").write_text(json.dumps(source.rects))
+    print(f"avatar written to {out} ({len(source.images)} frames)")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_render(sub)
+    add_avatar(sub)
+    for name, module in (("export", "export.cli"), ("serve", "lipsync.server"), ("client", "lipsync.client"),
+                         ("bench", "lipsync.bench")):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue
+            raise
+        mod.add_parser(sub)
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        from .audio import AudioFormatError
+        from .avatar import AvatarError
+        from .engines import EngineError
+        from .models import CheckpointError
+        if isinstance(exc, (AudioFormatError, AvatarError, CheckpointError, EngineError, FileNotFoundError)):
+            print(f"lipsync {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

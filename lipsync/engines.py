@@ -1,0 +1,296 @@
+"""Engines: every network runs through one interface, `build_engine(net, sample_shapes, config, ...)`.
+
+Backends: `tensorrt` (torch_tensorrt dynamo IR, explicit fp16 typing, dynamic batch, cached on disk),
+`compile` (torch.compile with fixed batch buckets, optional CUDA graphs), `eager` (fp32 on CPU, fp16/bf16 on
+CUDA, channels_last where it helps) and `auto`. Compilation and warm-up happen here, at model load.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "compile", "eager")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BUILDS: Counter[str] = Counter()  # compilations performed in this process, by backend (cache hits excluded)
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot be built or fails its accuracy gate."""
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "auto"
+    precision: str = "auto"  # auto: fp32 on CPU, fp16 on CUDA
+    channels_last: str | bool = "auto"  # auto: on for CPU eager (measured faster), off elsewhere
+    batch_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 24, 32])
+    min_batch: int = 1
+    opt_batch: int = 24
+    max_batch: int = 32
+    cuda_graphs: bool = False
+    cache_dir: str = "~/.cache/lipsync/engines"
+    tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2})
+    warmup: bool = True
+
+    @classmethod
+    def from_dict(cls, cfg: Any) -> "EngineConfig":
+        values = dict(cfg or {})
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown engine settings: {sorted(unknown)}")
+        if "tolerance" in values:
+            values["tolerance"] = {**cls().tolerance, **dict(values["tolerance"])}
+        if "batch_buckets" in values:
+            values["batch_buckets"] = sorted(int(b) for b in values["batch_buckets"])
+        config = cls(**values)
+        if config.backend not in BACKENDS:
+            raise ValueError(f"unknown engine backend {config.backend!r}; expected one of {BACKENDS}")
+        if config.precision != "auto" and config.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {config.precision!r}; expected auto or one of {list(PRECISIONS)}")
+        if not 1 <= config.min_batch <= config.opt_batch <= config.max_batch:
+            raise ValueError("engine batch profile must satisfy 1 <= min_batch <= opt_batch <= max_batch")
+        return config
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import torch_tensorrt  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken TensorRT install
+        return False, f"torch_tensorrt is not importable ({type(exc).__name__}: {exc})"
+    return True, "torch_tensorrt and CUDA are present"
+
+
+def choose_backend(config: EngineConfig, device: torch.device) -> tuple[str, str]:
+    """Resolve `auto` to a concrete backend; returns (backend, reason)."""
+    if config.backend != "auto":
+        return config.backend, "requested in the engine config"
+    if device.type == "cuda":
+        ok, why = tensorrt_available()
+        if ok:
+            return "tensorrt", why
+        return "compile", f"TensorRT unavailable ({why}); torch.compile on CUDA"
+    return "eager", "CPU device: eager fp32 (TensorRT and CUDA graphs need CUDA)"
+
+
+def resolve_precision(config: EngineConfig, device: torch.device) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+# --------------------------------------------------------------------------- engine objects
+class Engine:
+    """A callable network: inputs as float32 tensors with any batch size, output float32."""
+
+    def __init__(self, name: str, backend: str, precision: str, device: torch.device, max_batch: int,
+                 run: Callable[..., Tensor], dtype: torch.dtype, channels_last: bool):
+        self.name, self.backend, self.precision, self.device = name, backend, precision, device
+        self.max_batch, self._run, self.dtype, self.channels_last = max_batch, run, dtype, channels_last
+        self.max_error = float("nan")  # measured against eager fp32 when built
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.inference_mode()
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        total = inputs[0].shape[0]
+        outputs = []
+        for lo in range(0, total, self.max_batch):
+            chunk = [self._prepare(x[lo:lo + self.max_batch]) for x in inputs]
+            outputs.append(self._run(*chunk).float())
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def __repr__(self) -> str:
+        return f"Engine({self.name}: {self.backend} {self.precision} on {self.device})"
+
+
+def _bucketed(fn: Callable[..., Tensor], buckets: list[int]) -> Callable[..., Tensor]:
+    """Pad the batch to the next bucket so a compiled graph only ever sees bucket shapes."""
+    def run(*inputs: Tensor) -> Tensor:
+        n = inputs[0].shape[0]
+        bucket = next(b for b in buckets if b >= n)
+        if bucket != n:
+            inputs = tuple(torch.cat([x, x[-1:].expand(bucket - n, *x.shape[1:])]) for x in inputs)
+        return fn(*inputs)[:n]
+    return run
+
+
+# --------------------------------------------------------------------------- the engine cache
+def cache_key(**parts: Any) -> str:
+    """Stable hash of everything an engine depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class EngineCache:
+    """Directory of compiled artefacts keyed by `cache_key`; corrupt or stale entries are rebuilt."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    def path(self, key: str, name: str) -> Path:
+        return self.root / f"{name}-{key}" / "engine.ep"
+
+    def get_or_build(self, key: str, name: str, build: Callable[[], Any], save: Callable[[Any, Path], None],
+                     load: Callable[[Path], Any], meta: dict[str, Any]) -> Any:
+        path = self.path(key, name)
+        meta_file = path.with_name("meta.json")
+        if path.is_file():
+            try:
+                stored = json.loads(meta_file.read_text())
+                if stored.get("key") != key:
+                    raise ValueError(f"stale entry (key {stored.get('key')} != {key})")
+                artefact = load(path)
+                log.info("engine cache hit for %s: %s", name, path)
+                return artefact
+            except Exception as exc:
+                log.warning("engine cache entry %s is unusable (%s); rebuilding", path.parent, exc)
+                shutil.rmtree(path.parent, ignore_errors=True)
+        artefact = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save(artefact, tmp)
+        tmp.replace(path)
+        meta_file.write_text(json.dumps({"key": key, **meta}, indent=2, default=str))
+        log.info("engine for %s saved to %s", name, path)
+        return artefact
+
+
+# --------------------------------------------------------------------------- backends
+def _eager(net: nn.Module, dtype: torch.dtype, channels_last: bool) -> Callable[..., Tensor]:
+    net = net.to(dtype=dtype)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def _compiled(net: nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+              channels_last: bool) -> Callable[..., Tensor]:
+    net = _eager(net, dtype, channels_last)
+    mode = "reduce-overhead" if (config.cuda_graphs and device.type == "cuda") else None
+    BUILDS["compile"] += 1
+    compiled = torch.compile(net, mode=mode, dynamic=False, fullgraph=True)
+    return _bucketed(compiled, [b for b in config.batch_buckets if b <= config.max_batch] or [config.max_batch])
+
+
+def _tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, device: torch.device,
+              dtype: torch.dtype, name: str, key_parts: dict[str, Any]) -> Callable[..., Tensor]:
+    import tensorrt
+    import torch_tensorrt
+
+    net = net.to(device=device, dtype=dtype).eval()
+    inputs = [torch_tensorrt.Input(min_shape=(config.min_batch, *s), opt_shape=(config.opt_batch, *s),
+                                   max_shape=(config.max_batch, *s), dtype=dtype) for s in sample_shapes]
+    props = torch.cuda.get_device_properties(device)
+    parts = {**key_parts, "gpu": props.name, "capability": f"{props.major}.{props.minor}",
+             "torch": torch.__version__, "torch_tensorrt": torch_tensorrt.__version__,
+             "tensorrt": tensorrt.__version__, "precision": str(dtype),
+             "profile": [config.min_batch, config.opt_batch, config.max_batch], "shapes": sample_shapes}
+    key = cache_key(**parts)
+
+    def build():
+        BUILDS["tensorrt"] += 1
+        log.info("compiling %s with TensorRT (batch %d/%d/%d, %s); this takes a few minutes the first time",
+                 name, config.min_batch, config.opt_batch, config.max_batch, dtype)
+        return torch_tensorrt.compile(net, ir="dynamo", arg_inputs=inputs, use_explicit_typing=True,
+                                      device=device)
+
+    def save(program, path: Path) -> None:
+        torch_tensorrt.save(program, str(path), arg_inputs=inputs, output_format="exported_program")
+
+    def load(path: Path):
+        return torch_tensorrt.load(str(path)).module()
+
+    cache = EngineCache(config.cache_dir)
+    module = cache.get_or_build(key, name, build, save, load, parts)
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
+    return module
+
+
+def load_tensorrt_artefact(path: str | Path) -> Callable[..., Tensor]:
+    """Load an engine written by `lipsync export --format tensorrt`."""
+    import torch_tensorrt
+
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise EngineError(f"TensorRT engine not found: {file}")
+    return torch_tensorrt.load(str(file)).module()
+
+
+# --------------------------------------------------------------------------- the one entry point
+def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig,
+                 device: str | torch.device, name: str = "net", key_parts: dict[str, Any] | None = None,
+                 artefact: str | Path | None = None, progress: bool = False) -> Engine:
+    """Wrap `net` (eval, fp32) for `device` with the configured backend; warm up and check accuracy."""
+    device = torch.device(device)
+    backend, reason = choose_backend(config, device)
+    precision = resolve_precision(config, device)
+    if device.type == "cpu" and precision != "fp32":
+        raise EngineError(f"precision {precision} is not supported on CPU; use fp32")
+    if backend == "tensorrt":
+        ok, why = tensorrt_available()
+        if not ok:
+            raise EngineError(f"the tensorrt backend was requested but {why}")
+    dtype = PRECISIONS[precision]
+    channels_last = (device.type == "cpu" and backend == "eager") if config.channels_last == "auto" \
+        else bool(config.channels_last)
+    log.info("%s: backend %s (%s), precision %s, channels_last=%s, device %s", name, backend, reason, precision,
+             channels_last, device)
+    reference = net.to(device).eval().float()
+    generator = torch.Generator().manual_seed(1234)
+    probe = [torch.rand(min(2, config.max_batch), *s, generator=generator).to(device) for s in sample_shapes]
+    with torch.inference_mode():
+        expected = reference(*probe).float()
+    working = copy.deepcopy(reference)
+    started = time.perf_counter()
+    if backend == "eager":
+        run = _eager(working, dtype, channels_last)
+    elif backend == "compile":
+        run = _compiled(working, config, device, dtype, channels_last)
+    elif artefact is not None:
+        run = load_tensorrt_artefact(artefact)
+    else:
+        run = _tensorrt(working, sample_shapes, config, device, dtype, name, key_parts or {})
+    engine = Engine(name, backend, precision, device, config.max_batch, run, dtype,
+                    channels_last and backend != "tensorrt")
+    if config.warmup and backend != "eager":
+        buckets = [b for b in config.batch_buckets if b <= config.max_batch] if backend == "compile" \
+            else sorted({config.min_batch, config.opt_batch, config.max_batch})
+        for b in tqdm(buckets, desc=f"{name}: warming up {backend}", unit="batch", disable=not progress):
+            engine(*[torch.zeros(b, *s, device=device) for s in sample_shapes])
+    error = (engine(*probe) - expected).abs().max()
+    bound = config.tolerance[precision]
+    if not bool(error <= bound):
+        raise EngineError(f"{name}: {backend} {precision} engine differs from eager fp32 by {float(error):.3g} "
+                          f"(bound {bound:g}); refusing it")
+    log.info("%s ready in %.1f s (max abs error vs eager fp32: %.2e)", name, time.perf_counter() - started,
+             float(error))
+    engine.max_error = float(error)
+    return engine

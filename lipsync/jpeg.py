@@ -1,0 +1,23 @@
+"""JPEG encoding (SPEC §8 step 5) with torchvision.io: nvJPEG on CUDA, libjpeg on CPU, one batched call."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.io import encode_jpeg
+
+MIN_QUALITY, MAX_QUALITY = 1, 100
+
+
+def encode_frames(frames: Tensor, quality: int = 75) -> list[bytes]:
+    """uint8 RGB frames [B,3,H,W] on any device → JPEG bytes; the only device→host copy of the pipeline."""
+    if not MIN_QUALITY <= quality <= MAX_QUALITY:
+        raise ValueError(f"JPEG quality {quality} is outside {MIN_QUALITY}..{MAX_QUALITY}")
+    if frames.shape[0] == 0:
+        return []
+    encoded = encode_jpeg(list(frames.contiguous().unbind(0)), quality=quality)
+    sizes = [e.numel() for e in encoded]
+    blob = torch.cat(encoded).cpu().numpy().tobytes()  # one transfer for the whole batch
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    return [blob[a:b] for a, b in zip(offsets, offsets[1:])]

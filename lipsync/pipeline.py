@@ -1,0 +1,194 @@
+"""One loaded model: audio → features → generator → composite → JPEG, with per-stage timings.
+
+Between decoded PCM and JPEG bytes every tensor stays on the model's device.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from . import audio, compose, jpeg
+from .avatar import Avatar, load_avatar
+from .engines import Engine, EngineConfig, build_engine, file_digest
+from .models import AUDIO_FEATURE_SHAPE, INPUT_SIZE, load_audio_encoder, load_generator
+
+log = logging.getLogger(__name__)
+
+STAGES = ("audio", "inference", "composite", "encode")
+
+
+class StageClock:
+    """Per-stage wall time: CUDA events on GPU (resolved once at the end), perf counters on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.ms: dict[str, float] = {}
+        self._events: list[tuple[str, Any, Any]] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+    def result(self) -> dict[str, float]:
+        for name, start, end in self._events:
+            end.synchronize()
+            self.ms[name] = self.ms.get(name, 0.0) + start.elapsed_time(end)
+        self._events.clear()
+        return dict(self.ms)
+
+
+@dataclass
+class RenderedFrame:
+    index: int  # global output frame index
+    avatar_frame: int
+    jpeg: bytes
+
+
+@dataclass
+class RenderResult:
+    frames: list[RenderedFrame]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpec:
+    """What a served model is made of (one entry of the `models` config group)."""
+    name: str
+    checkpoint: Path
+    audio_encoder: Path
+    avatar: Path
+    variant: str = "328"
+    asr: str = "ave"
+    sequence: str = "pingpong"
+    feather: int = 0
+    engine_file: Path | None = None  # optional prebuilt TensorRT generator (lipsync export --format tensorrt)
+
+    @classmethod
+    def from_dict(cls, name: str, cfg: Any) -> "ModelSpec":
+        values = dict(cfg)
+        unknown = set(values) - set(cls.__dataclass_fields__) - {"pinned", "device", "preload", "synthetic"}
+        if unknown:
+            raise ValueError(f"model {name!r}: unknown settings {sorted(unknown)}")
+        for key in ("checkpoint", "audio_encoder", "avatar"):
+            if not values.get(key):
+                raise ValueError(f"model {name!r}: `{key}` is required")
+        paths = {k: Path(str(values[k])).expanduser().resolve() for k in ("checkpoint", "audio_encoder", "avatar")}
+        engine_file = values.get("engine_file")
+        return cls(name=name, **paths, variant=str(values.get("variant", "328")), asr=values.get("asr", "ave"),
+                   sequence=values.get("sequence", "pingpong"), feather=int(values.get("feather", 0)),
+                   engine_file=Path(str(engine_file)).expanduser().resolve() if engine_file else None)
+
+
+class Pipeline:
+    """A loaded model on one device. Thread-compatible: callers serialise `infer`/`finish` per device."""
+
+    def __init__(self, generator: Engine, encoder: Engine, avatar: Avatar, device: torch.device,
+                 micro_batch: int = 32, name: str = "model", weight_bytes: int = 0):
+        self.generator, self.encoder, self.avatar, self.device = generator, encoder, avatar, device
+        self.micro_batch, self.name, self.weight_bytes = micro_batch, name, weight_bytes
+        self.size = avatar.size
+
+    # -- stages
+    def features(self, wave: Tensor) -> Tensor:
+        """16 kHz waveform on the device → per-frame audio features [D+2,32,16,16]."""
+        return audio.frame_features(wave, self.encoder)
+
+    def feature_stream(self) -> audio.FeatureStream:
+        return audio.FeatureStream(self.encoder, self.device)
+
+    def infer(self, features: Tensor, frame_ids: list[int], visual: Tensor | None = None) -> Tensor:
+        """Generator predictions [B,3,S,S] (BGR, 0..1); `visual` overrides the avatar's own inputs."""
+        if visual is None:
+            visual = self.avatar.model_inputs(frame_ids)
+        return self.generator(visual, features.to(self.device))
+
+    def compose(self, predictions: Tensor, frame_ids: list[int]) -> Tensor:
+        return compose.composite(self.avatar, predictions, frame_ids)
+
+    # -- whole requests
+    def render_frames(self, features: Tensor, start_frame: int = 0, first_index: int = 0,
+                      clock: StageClock | None = None, visual: Tensor | None = None) -> Tensor:
+        """Features of output frames first_index.. → composited uint8 RGB frames [N,3,H,W] on the device."""
+        clock = clock or StageClock(self.device)
+        out = []
+        for lo in range(0, features.shape[0], self.micro_batch):
+            chunk = features[lo:lo + self.micro_batch]
+            ids = self.avatar.frames_for(start_frame, first_index + lo, chunk.shape[0])
+            vis = None if visual is None else visual[lo:lo + self.micro_batch]
+            with clock.stage("inference"):
+                predictions = self.infer(chunk, ids, vis)
+            with clock.stage("composite"):
+                out.append(self.compose(predictions, ids))
+        return torch.cat(out) if out else torch.zeros(0, 3, *self.avatar.frames.shape[2:], dtype=torch.uint8)
+
+    def render(self, features: Tensor, start_frame: int = 0, first_index: int = 0, quality: int = 75,
+               clock: StageClock | None = None, visual: Tensor | None = None) -> RenderResult:
+        clock = clock or StageClock(self.device)
+        t0 = time.perf_counter()
+        frames = self.render_frames(features, start_frame, first_index, clock, visual)
+        with clock.stage("encode"):
+            jpegs = jpeg.encode_frames(frames, quality)
+        timings = clock.result()
+        timings["total"] = (time.perf_counter() - t0) * 1e3 + timings.get("audio", 0.0)
+        ids = self.avatar.frames_for(start_frame, first_index, len(jpegs))
+        return RenderResult([RenderedFrame(first_index + k, f, j) for k, (f, j) in enumerate(zip(ids, jpegs))],
+                            timings)
+
+    def synthesize(self, wave: Tensor, start_frame: int = 0, quality: int = 75) -> RenderResult:
+        """Whole utterance (16 kHz mono waveform on any device) → all D+2 JPEG frames."""
+        clock = StageClock(self.device)
+        with clock.stage("audio"):
+            features = self.features(wave.to(self.device))
+        return self.render(features, start_frame, 0, quality, clock)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held on the device by this model's tensors (weights and avatar)."""
+        return self.avatar.nbytes + self.weight_bytes
+
+
+def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | torch.device,
+                  micro_batch: int | None = None, progress: bool = False) -> Pipeline:
+    """Load checkpoints and avatar, build engines (compile + warm-up happen here), return a ready Pipeline."""
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    generator_net = load_generator(spec.checkpoint, spec.variant, spec.asr)
+    encoder_net = load_audio_encoder(spec.audio_encoder)
+    weights = sum(t.numel() * t.element_size() for net in (generator_net, encoder_net)
+                  for t in list(net.parameters()) + list(net.buffers()))
+    avatar = load_avatar(spec.avatar, spec.variant, spec.sequence, device, spec.feather, progress)
+    size = INPUT_SIZE[spec.variant]
+    key = {"checkpoint": file_digest(spec.checkpoint), "variant": spec.variant, "asr": spec.asr}
+    generator = build_engine(generator_net, [(6, size, size), AUDIO_FEATURE_SHAPE[spec.asr]], engine_config,
+                             device, f"{spec.name}/generator", key, spec.engine_file, progress)
+    encoder = build_engine(encoder_net, [(1, 80, 16)], engine_config, device, f"{spec.name}/audio_encoder",
+                           {"checkpoint": file_digest(spec.audio_encoder)}, None, progress)
+    pipeline = Pipeline(generator, encoder, avatar, device, micro_batch or engine_config.max_batch, spec.name,
+                        weights)
+    log.info("model %s loaded on %s in %.1f s (%d avatar frames %dx%d)", spec.name, device,
+             time.perf_counter() - t0, avatar.frame_count, avatar.frames.shape[3], avatar.frames.shape[2])
+    return pipeline
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
