@@ -25,6 +25,7 @@ PREEMPHASIS = 0.97
 WINDOW_STEPS = 16  # mel frames per window
 MIN_SAMPLES = 3000  # shortest audio that forms one mel window (16 mel frames); shorter audio is zero-padded
 CONTEXT_BEFORE, CONTEXT_AFTER = 8, 8  # padded embedding rows around each output frame (§5)
+LOOKAHEAD = 6  # future embeddings frame i needs (e_{i+6}): ≈450 ms of audio
 ENCODINGS = {"s16le": 2, "f32le": 4}
 MIN_RATE, MAX_RATE = 8_000, 48_000
 
@@ -143,8 +144,10 @@ class StreamResampler:
         self.tail_block = 0
         self.done_blocks = 0  # output blocks already emitted
         self.total_in = 0
+        self.device = torch.device("cpu")
 
     def push(self, wave: Tensor) -> Tensor:
+        self.device = wave.device
         if self.rate == SAMPLE_RATE:
             return wave
         self.total_in += wave.numel()
@@ -156,10 +159,8 @@ class StreamResampler:
         return self._emit(final_blocks)
 
     def finish(self) -> Tensor:
-        if self.rate == SAMPLE_RATE:
-            return torch.zeros(0)
-        if self.tail is None:
-            return torch.zeros(0)
+        if self.rate == SAMPLE_RATE or self.tail is None:
+            return torch.zeros(0, device=self.device)
         return self._emit(None)
 
     def _emit(self, final_blocks: int | None) -> Tensor:
@@ -250,8 +251,10 @@ class FeatureStream:
     `finish` applies the end-of-audio rules and returns the rest. Frame indices are global for the stream.
     """
 
-    def __init__(self, encoder: Encoder, device: str | torch.device = "cpu"):
-        self.encoder = encoder
+    def __init__(self, encoder: Encoder, device: str | torch.device = "cpu", lookahead: int = LOOKAHEAD):
+        if not 0 <= lookahead <= LOOKAHEAD:
+            raise ValueError(f"look-ahead must be 0..{LOOKAHEAD} frames, got {lookahead}")
+        self.encoder, self.lookahead = encoder, lookahead
         self.device = torch.device(device)
         half = N_FFT // 2
         self.signal = torch.zeros(half, device=self.device)  # pre-emphasised, zero-padded signal tail
@@ -329,8 +332,9 @@ class FeatureStream:
         self._compute_mel(max(0, (padded_len - N_FFT) // HOP + 1))
         # Window v is final (no end clamp possible) once mel frames s_v..s_v+15 are final.
         self._encode_windows(final_windows(self.mel_done), None)
-        # Frame i needs P[i+7] = e_{i+6}: final once window i+6 is encoded.
-        return self._emit(max(0, self.windows_done - 6))
+        # Frame i needs P[i+7] = e_{i+6}: final once window i+6 is encoded. A smaller look-ahead emits earlier
+        # and treats the embeddings not yet heard as zeros (lower latency, no longer equal to the whole utterance).
+        return self._emit(max(0, self.windows_done - self.lookahead))
 
     @torch.no_grad()
     def finish(self) -> tuple[int, Tensor]:

@@ -1,0 +1,41 @@
+"""Shared fixtures: real (seeded, untrained) checkpoints and small synthetic avatars written to temp dirs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipsync.demo import make_avatar, make_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT.parent / "shared" / "spec"
+SPEECH = ROOT / "assets" / "speech.wav"
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("weights")
+    g328, enc = make_weights(out, "328", seed=0)
+    g160, _ = make_weights(out / "v160", "160", seed=0)
+    return {"328": g328, "160": g160, "encoder": enc}
+
+
+@pytest.fixture(scope="session")
+def tiny_avatar(tmp_path_factory) -> Path:
+    """6 frames, 256×192, avatar-directory layout."""
+    return make_avatar(tmp_path_factory.mktemp("avatar"), frames=6, width=256, height=192)
+
+
+@pytest.fixture(scope="session")
+def synctalk_dataset(tmp_path_factory) -> Path:
+    """5 frames in SyncTalk_2D's full_body_img/ + landmarks/ layout."""
+    return make_avatar(tmp_path_factory.mktemp("dataset"), frames=5, width=256, height=192, layout="synctalk")
+
+
+@pytest.fixture(scope="session")
+def speech() -> torch.Tensor:
+    from lipsync.audio import load_wav
+    return load_wav(SPEECH)
