@@ -79,11 +79,15 @@ def decode_pcm(data: bytes, fmt: AudioFormat, device: str | torch.device = "cpu"
 
 
 def read_wav(path: str | Path) -> tuple[bytes, AudioFormat]:
-    """Parse a RIFF/WAVE file (16-bit PCM or 32-bit float) into its PCM bytes and format."""
+    """Read a RIFF/WAVE file (16-bit PCM or 32-bit float) into its PCM bytes and format."""
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise AudioFormatError(f"audio file not found: {file}")
-    blob = file.read_bytes()
+    return parse_wav(file.read_bytes(), str(file))
+
+
+def parse_wav(blob: bytes, file: str = "WAV data") -> tuple[bytes, AudioFormat]:
+    """Parse RIFF/WAVE bytes into PCM bytes and format."""
     if len(blob) < 12 or blob[:4] != b"RIFF" or blob[8:12] != b"WAVE":
         raise AudioFormatError(f"{file} is not a WAV file")
     pos, fmt, data = 12, None, None
@@ -91,6 +95,8 @@ def read_wav(path: str | Path) -> tuple[bytes, AudioFormat]:
         chunk_id, size = blob[pos:pos + 4], struct.unpack("<I", blob[pos + 4:pos + 8])[0]
         body = blob[pos + 8:pos + 8 + size]
         if chunk_id == b"fmt ":
+            if len(body) < 16:
+                raise AudioFormatError(f"{file}: truncated fmt chunk")
             tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
             if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: real tag in the sub-format GUID
                 tag = struct.unpack("<H", body[24:26])[0]

@@ -1,0 +1,205 @@
+"""`lipsync client`: drive a lipsync server with a WAV by Synthesize or Stream, alone or as N concurrent
+sessions; save JPEG frames and/or an MP4, print per-stage timings, fps and latency percentiles."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from . import audio
+from ._proto import lipsync_pb2 as pb
+from ._proto import lipsync_pb2_grpc as pb_grpc
+
+ENCODINGS = {"s16le": pb.PCM_S16LE, "f32le": pb.PCM_F32LE}
+
+
+@dataclass
+class SessionResult:
+    frames: list[pb.Frame] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)  # per frame (stream) or per request (unary)
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+    model_load_ms: float = 0.0
+
+
+def channel(target: str, max_message_mb: int = 100) -> grpc.aio.Channel:
+    size = max_message_mb * 2**20
+    return grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", size),
+                                                      ("grpc.max_send_message_length", size)])
+
+
+def _add(stage_ms: dict[str, float], timings: pb.StageTimings) -> None:
+    for name in ("audio", "queue", "inference", "composite", "encode", "total"):
+        stage_ms[name] = stage_ms.get(name, 0.0) + getattr(timings, f"{name}_ms")
+
+
+async def synthesize(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: audio.AudioFormat,
+                     batch_frames: int = 0, start_frame: int = 0, quality: int = 0,
+                     timeout: float | None = None) -> SessionResult:
+    """Whole audio in one Synthesize, or chunks of `batch_frames` frames, each its own request."""
+    result, t0 = SessionResult(), time.perf_counter()
+    step = batch_frames * audio.SAMPLES_PER_FRAME * fmt.sample_rate // audio.SAMPLE_RATE * fmt.frame_bytes \
+        if batch_frames else len(pcm)
+    audio_format = pb.AudioFormat(encoding=ENCODINGS[fmt.encoding], sample_rate=fmt.sample_rate,
+                                  channels=fmt.channels)
+    offset = 0
+    for lo in range(0, len(pcm), step):
+        sent = time.perf_counter()
+        response = await stub.Synthesize(pb.SynthesizeRequest(
+            model_id=model, audio=pcm[lo:lo + step], format=audio_format, start_frame=start_frame + offset,
+            jpeg_quality=quality), timeout=timeout)
+        result.latencies_ms.append((time.perf_counter() - sent) * 1e3)
+        for f in response.frames:
+            result.frames.append(pb.Frame(index=offset + f.index, avatar_frame=f.avatar_frame, jpeg=f.jpeg,
+                                          pts_ms=(offset + f.index) * 40.0))
+        offset += len(response.frames)
+        _add(result.stage_ms, response.timings)
+        result.model_load_ms += response.model_load_ms
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+async def stream(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: audio.AudioFormat, chunk_ms: float = 40,
+                 realtime: bool = False, start_frame: int = 0, quality: int = 0, timeout: float | None = None,
+                 send_end: bool = True) -> SessionResult:
+    """Stream the audio in `chunk_ms` chunks (paced in real time if asked); frame latency is measured from
+    the moment the audio a frame needs (its 450 ms look-ahead) was sent."""
+    result, t0 = SessionResult(), time.perf_counter()
+    chunk = max(fmt.frame_bytes, int(fmt.sample_rate * chunk_ms / 1000) * fmt.frame_bytes)
+    sent_at: list[tuple[int, float]] = []  # (16 kHz samples sent so far, time)
+    total_samples = len(pcm) // fmt.frame_bytes * audio.SAMPLE_RATE // fmt.sample_rate
+
+    async def requests():
+        yield pb.StreamRequest(config=pb.StreamConfig(
+            model_id=model, start_frame=start_frame, jpeg_quality=quality,
+            format=pb.AudioFormat(encoding=ENCODINGS[fmt.encoding], sample_rate=fmt.sample_rate,
+                                  channels=fmt.channels)))
+        started = time.perf_counter()
+        for lo in range(0, len(pcm), chunk):
+            if realtime:
+                due = started + lo / fmt.frame_bytes / fmt.sample_rate
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            yield pb.StreamRequest(audio=pcm[lo:lo + chunk])
+            sent_at.append((min(lo + chunk, len(pcm)) // fmt.frame_bytes * audio.SAMPLE_RATE // fmt.sample_rate,
+                            time.perf_counter()))
+        if send_end:
+            yield pb.StreamRequest(end_of_audio=True)
+            sent_at.append((1 << 62, time.perf_counter()))
+
+    def needed_at(index: int) -> float:
+        need = min(index * audio.SAMPLES_PER_FRAME + 7240, total_samples)
+        for samples, when in sent_at:
+            if samples >= need:
+                return when
+        return sent_at[-1][1]
+
+    async for response in stub.Stream(requests(), timeout=timeout):
+        now = time.perf_counter()
+        for f in response.frames:
+            result.frames.append(f)
+            result.latencies_ms.append((now - needed_at(f.index)) * 1e3)
+        if response.frames:
+            _add(result.stage_ms, response.timings)
+        result.model_load_ms += response.model_load_ms
+        if response.end_of_stream:
+            break
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else 0.0
+
+
+def summarize(results: list[SessionResult], wall_s: float) -> dict:
+    frames = sum(len(r.frames) for r in results)
+    latencies = [x for r in results for x in r.latencies_ms]
+    stages = {}
+    for r in results:
+        for k, v in r.stage_ms.items():
+            stages[k] = stages.get(k, 0.0) + v
+    return {"sessions": len(results), "frames": frames, "wall_s": round(wall_s, 3),
+            "fps": round(frames / wall_s, 2) if wall_s else 0.0,
+            "latency_ms": {"p50": round(percentile(latencies, 50), 1), "p95": round(percentile(latencies, 95), 1),
+                           "p99": round(percentile(latencies, 99), 1),
+                           "mean": round(statistics.fmean(latencies), 1) if latencies else 0.0},
+            "stage_ms_per_frame": {k: round(v / max(frames, 1), 2) for k, v in stages.items()}}
+
+
+def save_outputs(result: SessionResult, wave_16k, frames_out: str | None, out: str | None) -> None:
+    import torch
+    from torchvision.io import decode_jpeg
+
+    if frames_out:
+        folder = Path(frames_out).expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in result.frames:
+            (folder / f"{f.index:06d}.jpg").write_bytes(f.jpeg)
+        print(f"frames: {folder}")
+    if out and result.frames:
+        from .video import Mp4Writer
+        first = decode_jpeg(torch.frombuffer(bytearray(result.frames[0].jpeg), dtype=torch.uint8))
+        writer = Mp4Writer(out, first.shape[2], first.shape[1])
+        for f in result.frames:
+            writer.write(decode_jpeg(torch.frombuffer(bytearray(f.jpeg), dtype=torch.uint8))[None])
+        print(f"video: {writer.close(wave_16k)}")
+
+
+async def run(args: argparse.Namespace) -> dict:
+    data, fmt = audio.read_wav(args.audio)
+    async with channel(args.server) as ch:
+        stub = pb_grpc.LipSyncStub(ch)
+
+        async def one(k: int) -> SessionResult:
+            if args.stream:
+                return await stream(stub, args.model, data, fmt, args.chunk_ms, args.realtime, args.start_frame,
+                                    args.quality, args.timeout)
+            return await synthesize(stub, args.model, data, fmt, args.batch, args.start_frame, args.quality,
+                                    args.timeout)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[one(k) for k in range(args.clients)])
+        wall = time.perf_counter() - t0
+    summary = summarize(list(results), wall)
+    summary["mode"] = "stream" + (" (real-time)" if args.realtime else "") if args.stream else "synthesize"
+    if results[0].model_load_ms:
+        summary["model_load_ms"] = round(results[0].model_load_ms, 1)
+    if args.frames_out or args.out:
+        save_outputs(results[0], audio.resample(audio.decode_pcm(data, fmt), fmt.sample_rate), args.frames_out,
+                     args.out)
+    return summary
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="send a WAV to a lipsync server (Synthesize or Stream)")
+    p.add_argument("--server", default="127.0.0.1:50051")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--audio", required=True, help="WAV file (16-bit PCM or float)")
+    p.add_argument("--stream", action="store_true", help="use the Stream RPC instead of Synthesize")
+    p.add_argument("--realtime", action="store_true", help="pace the stream at the audio's real-time rate")
+    p.add_argument("--chunk-ms", type=float, default=40.0, help="stream chunk size")
+    p.add_argument("--batch", type=int, default=0, help="Synthesize: frames per request (0 = whole audio)")
+    p.add_argument("--start-frame", type=int, default=0)
+    p.add_argument("--quality", type=int, default=0, help="JPEG quality (0 = server default)")
+    p.add_argument("--clients", type=int, default=1, help="concurrent sessions")
+    p.add_argument("--timeout", type=float, default=None, help="per-RPC deadline in seconds")
+    p.add_argument("--frames-out", help="save the first session's JPEG frames here")
+    p.add_argument("--out", help="write the first session's frames and audio as MP4")
+    p.set_defaults(func=run_client)
+
+
+def run_client(args: argparse.Namespace) -> int:
+    try:
+        summary = asyncio.run(run(args))
+    except grpc.aio.AioRpcError as exc:
+        print(f"lipsync client: {exc.code().name}: {exc.details()}")
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0

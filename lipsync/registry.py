@@ -1,0 +1,299 @@
+"""Model registry (SPEC §10): declared models, loading on demand or at start, placement across devices,
+memory budgets measured at load, LFU/LRU eviction of idle models, pinning, idle unload, statistics."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .avatar import AvatarError
+from .demo import make_demo_model
+from .engines import EngineConfig, EngineError
+from .models import CheckpointError
+from .pipeline import ModelSpec, Pipeline, load_pipeline, pick_device
+from .scheduler import DeviceWorkers, ModelScheduler
+
+log = logging.getLogger(__name__)
+LATENCY_WINDOW = 1000  # recent requests kept per stage for percentiles
+
+
+class UnknownModel(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ModelFilesError(RuntimeError):
+    """A declared model whose files are missing or corrupt."""
+
+
+class CapacityError(RuntimeError):
+    """No room for the model within the configured limits."""
+
+
+class ModelBusy(RuntimeError):
+    """The model has requests in flight."""
+
+
+@dataclass
+class RegistryConfig:
+    max_models: int = 8                 # per device
+    memory_budget_mb: float = 0         # per device; 0 = unlimited
+    eviction: str = "lfu"               # lfu | lru
+    idle_unload_s: float = 0            # 0 = never
+    devices: list[str] | str = "auto"   # auto = every CUDA device, else the CPU
+    max_batch: int = 32
+    max_delay_ms: float = 2.0
+    max_queue_frames: int = 4096
+
+    @classmethod
+    def from_dict(cls, cfg: Any) -> "RegistryConfig":
+        values = dict(cfg or {})
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown registry settings: {sorted(unknown)}")
+        config = cls(**values)
+        if config.eviction not in ("lfu", "lru"):
+            raise ValueError(f"registry.eviction must be lfu or lru, not {config.eviction!r}")
+        return config
+
+
+@dataclass
+class ModelEntry:
+    spec: ModelSpec
+    pinned: bool = False
+    preload: bool = False
+    device_pref: str | None = None
+    synthetic: bool = False
+    pipeline: Pipeline | None = None
+    scheduler: ModelScheduler | None = None
+    device: str = ""
+    memory_bytes: int = 0
+    load_ms: float = 0.0
+    in_flight: int = 0
+    requests: int = 0
+    frames: int = 0
+    uses: int = 0
+    last_used: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    latencies: dict[str, deque] = field(default_factory=dict)
+
+    @property
+    def loaded(self) -> bool:
+        return self.pipeline is not None
+
+    def record(self, frames: int, timings: dict[str, float]) -> None:
+        self.requests += 1
+        self.frames += frames
+        for stage, ms in timings.items():
+            if stage != "batch_size":
+                self.latencies.setdefault(stage, deque(maxlen=LATENCY_WINDOW)).append(ms)
+
+    def latency_summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for stage, values in self.latencies.items():
+            ordered = sorted(values)
+            out[stage] = {"mean": statistics.fmean(ordered), "p50": ordered[len(ordered) // 2],
+                          "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "count": len(ordered)}
+        return out
+
+
+class Registry:
+    def __init__(self, models: dict[str, Any], config: RegistryConfig, engine: EngineConfig,
+                 micro_batch: dict[str, int], default_device: str = "auto"):
+        self.config, self.engine, self.micro_batch = config, engine, micro_batch
+        self.entries: dict[str, ModelEntry] = {}
+        for name, cfg in (models or {}).items():
+            cfg = dict(cfg)
+            self.entries[name] = ModelEntry(ModelSpec.from_dict(name, cfg), pinned=bool(cfg.get("pinned", False)),
+                                            preload=bool(cfg.get("preload", False)),
+                                            device_pref=cfg.get("device"), synthetic=bool(cfg.get("synthetic")))
+        self.devices = self._devices(config.devices, default_device)
+        self.workers = DeviceWorkers()
+        self._reaper: asyncio.Task | None = None
+        self.on_evict = None  # optional callback(model_id, reason)
+        log.info("registry: %d declared models on devices %s (max %d models, budget %s per device, %s eviction)",
+                 len(self.entries), self.devices, config.max_models,
+                 f"{config.memory_budget_mb:g} MB" if config.memory_budget_mb else "unlimited", config.eviction)
+
+    @staticmethod
+    def _devices(devices: list[str] | str, default: str) -> list[str]:
+        if devices == "auto":
+            if default != "auto":
+                return [str(pick_device(default))]
+            if torch.cuda.is_available():
+                return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+            return ["cpu"]
+        return [str(pick_device(d)) for d in devices]
+
+    # -- lifecycle
+    async def start(self) -> None:
+        for name, entry in self.entries.items():
+            if entry.preload:
+                await self.load(name)
+        if self.config.idle_unload_s > 0:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+
+    async def close(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        for name in list(self.entries):
+            await self._unload(self.entries[name], "shutdown")
+        self.workers.shutdown()
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, self.config.idle_unload_s / 4))
+            now = time.monotonic()
+            for name, e in self.entries.items():
+                if e.loaded and not e.pinned and not e.in_flight and now - e.last_used > self.config.idle_unload_s:
+                    await self._unload(e, f"idle for {now - e.last_used:.0f} s")
+
+    # -- queries
+    def entry(self, model_id: str) -> ModelEntry:
+        if not model_id:
+            raise ValueError("model_id is required")
+        if model_id not in self.entries:
+            raise UnknownModel(f"unknown model {model_id!r}; declared models: {sorted(self.entries)}")
+        return self.entries[model_id]
+
+    def used_bytes(self, device: str) -> int:
+        return sum(e.memory_bytes for e in self.entries.values() if e.loaded and e.device == device)
+
+    def loaded_on(self, device: str) -> list[ModelEntry]:
+        return [e for e in self.entries.values() if e.loaded and e.device == device]
+
+    @property
+    def queued_frames(self) -> int:
+        return sum(e.scheduler.queued_frames for e in self.entries.values() if e.scheduler)
+
+    # -- use
+    async def acquire(self, model_id: str) -> tuple[ModelEntry, bool, float]:
+        """Mark a request in flight on the model, loading it first if needed: (entry, loaded_now, load_ms)."""
+        entry = self.entry(model_id)
+        entry.in_flight += 1
+        try:
+            loaded_now, ms = False, 0.0
+            if not entry.loaded:
+                _, already, ms = await self.load(model_id)
+                loaded_now = not already
+            entry.uses += 1
+            entry.last_used = time.monotonic()
+            return entry, loaded_now, ms
+        except BaseException:
+            entry.in_flight -= 1
+            raise
+
+    def release(self, entry: ModelEntry) -> None:
+        entry.in_flight -= 1
+        entry.last_used = time.monotonic()
+
+    async def load(self, model_id: str, device: str | None = None) -> tuple[ModelEntry, bool, float]:
+        """Load a model (one load at a time per model; concurrent callers share it): (entry, already, ms)."""
+        entry = self.entry(model_id)
+        async with entry.lock:
+            if entry.loaded:
+                return entry, True, entry.load_ms
+            target = self._place(entry, device)
+            await self._make_room(target, entry)
+            started = time.perf_counter()
+            before = torch.cuda.memory_allocated(target) if target.startswith("cuda") else 0
+            log.info("loading model %s on %s", model_id, target)
+            try:
+                pipeline = await asyncio.to_thread(self._load_pipeline, entry, target)
+            except (CheckpointError, AvatarError, FileNotFoundError, EngineError) as exc:
+                raise ModelFilesError(f"model {model_id!r} cannot be loaded: {exc}") from exc
+            entry.memory_bytes = (torch.cuda.memory_allocated(target) - before if target.startswith("cuda")
+                                  else pipeline.memory_bytes)
+            entry.pipeline, entry.device = pipeline, target
+            entry.load_ms = (time.perf_counter() - started) * 1e3
+            # On CPU the pipeline's micro-batch is smaller than max_batch: large batches lose there.
+            entry.scheduler = ModelScheduler(pipeline, self.workers, min(self.config.max_batch, pipeline.micro_batch),
+                                             self.config.max_delay_ms, self.config.max_queue_frames)
+            entry.scheduler.start()
+            log.info("model %s loaded on %s in %.0f ms, %.1f MB measured", model_id, target, entry.load_ms,
+                     entry.memory_bytes / 2**20)
+            budget = self.config.memory_budget_mb * 2**20
+            if budget and self.used_bytes(target) > budget:
+                try:
+                    await self._make_room(target, entry, after_load=True)
+                except CapacityError:
+                    await self._unload(entry, "over the memory budget on its own")
+                    raise
+            return entry, False, entry.load_ms
+
+    def _load_pipeline(self, entry: ModelEntry, device: str) -> Pipeline:
+        if entry.synthetic:
+            files = (entry.spec.checkpoint, entry.spec.audio_encoder, entry.spec.avatar)
+            if not all(p.exists() for p in files):
+                log.info("creating the synthetic demo model under %s", entry.spec.checkpoint.parent)
+                make_demo_model(entry.spec.checkpoint.parent, entry.spec.variant)
+        micro = self.micro_batch.get(torch.device(device).type, self.config.max_batch)
+        return load_pipeline(entry.spec, self.engine, device, micro)
+
+    def _place(self, entry: ModelEntry, requested: str | None) -> str:
+        wanted = requested or entry.device_pref
+        if wanted:
+            device = str(pick_device(wanted))
+            if device not in self.devices:
+                raise CapacityError(f"device {device} is not served (devices: {self.devices})")
+            return device
+        budget = self.config.memory_budget_mb * 2**20
+
+        def free(device: str) -> float:
+            if budget:
+                return budget - self.used_bytes(device)
+            if device.startswith("cuda"):
+                return torch.cuda.mem_get_info(device)[0]
+            return -len(self.loaded_on(device))
+        return max(self.devices, key=free)
+
+    async def _make_room(self, device: str, incoming: ModelEntry, after_load: bool = False) -> None:
+        budget = self.config.memory_budget_mb * 2**20
+        while True:
+            others = [e for e in self.loaded_on(device) if e is not incoming]
+            count = len(others) + 1
+            need = self.used_bytes(device) + (0 if after_load else incoming.memory_bytes)
+            over_count = count > self.config.max_models
+            over_memory = bool(budget) and need > budget
+            if not (over_count or over_memory):
+                return
+            victims = [e for e in others if not e.pinned and not e.in_flight]
+            if not victims:
+                raise CapacityError(f"no room for model {incoming.spec.name!r} on {device}: "
+                                    f"{len(others)} models loaded (max {self.config.max_models}), "
+                                    f"{need / 2**20:.0f} MB needed of a {budget / 2**20:.0f} MB budget, and every "
+                                    "loaded model is pinned or busy")
+            key = (lambda e: (e.uses, e.last_used)) if self.config.eviction == "lfu" else (lambda e: e.last_used)
+            victim = min(victims, key=key)
+            reason = (f"{self.config.eviction.upper()} eviction to make room for {incoming.spec.name} "
+                      f"({'model count' if over_count else 'memory budget'})")
+            await self._unload(victim, reason)
+
+    async def unload(self, model_id: str) -> bool:
+        entry = self.entry(model_id)
+        async with entry.lock:
+            if not entry.loaded:
+                return False
+            if entry.in_flight:
+                raise ModelBusy(f"model {model_id!r} has {entry.in_flight} requests in flight")
+            await self._unload(entry, "requested")
+            return True
+
+    async def _unload(self, entry: ModelEntry, reason: str) -> None:
+        if not entry.loaded:
+            return
+        log.info("unloading model %s from %s: %s", entry.spec.name, entry.device, reason)
+        if entry.scheduler:
+            await entry.scheduler.stop()
+        device = entry.device
+        entry.pipeline, entry.scheduler, entry.device, entry.uses = None, None, "", 0
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if self.on_evict and reason != "shutdown":
+            self.on_evict(entry.spec.name, reason)

@@ -1,0 +1,234 @@
+"""Cross-request batching for one loaded model (SPEC §10).
+
+Requests and streams submit frames (audio features + avatar frames). One batching task per model packs frames
+from all of them into generator batches of up to `max_batch`, waiting at most `max_delay_ms` for a batch to
+fill. Inference runs on the device's inference thread; compositing and JPEG run on its encode thread, so
+batch k+1 infers while batch k encodes. The queue is bounded in frames.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import jpeg
+from .pipeline import Pipeline, StageClock
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The model's frame queue is at its bound."""
+
+
+class DeviceWorkers:
+    """One inference thread and one encode thread per device (nvJPEG serialises on a global lock anyway)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, tuple[ThreadPoolExecutor, ThreadPoolExecutor]] = {}
+
+    def get(self, device: torch.device) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        key = str(device)
+        if key not in self._pools:
+            self._pools[key] = (ThreadPoolExecutor(1, thread_name_prefix=f"infer-{key}"),
+                                ThreadPoolExecutor(1, thread_name_prefix=f"encode-{key}"))
+        return self._pools[key]
+
+    def shutdown(self) -> None:
+        for infer, encode in self._pools.values():
+            infer.shutdown(wait=False, cancel_futures=True)
+            encode.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Job:
+    """Frames of one request (or one stream step) waiting for the generator."""
+    features: Tensor
+    frame_ids: list[int]
+    quality: int
+    visual: Tensor | None
+    future: asyncio.Future
+    submitted: float = field(default_factory=time.perf_counter)
+    next: int = 0  # frames handed to batches so far
+    done: int = 0
+    results: list[bytes | None] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: {"queue": 0.0, "inference": 0.0, "composite": 0.0,
+                                                               "encode": 0.0})
+    batch_size: int = 0
+    started: float | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.frame_ids)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done()
+
+
+@dataclass
+class BatchSlice:
+    job: Job
+    lo: int
+    hi: int
+
+
+class ModelScheduler:
+    def __init__(self, pipeline: Pipeline, workers: DeviceWorkers, max_batch: int = 32, max_delay_ms: float = 2.0,
+                 max_queue_frames: int = 4096, max_encodes_in_flight: int = 2):
+        self.pipeline = pipeline
+        self.infer_pool, self.encode_pool = workers.get(pipeline.device)
+        self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
+        self.max_queue_frames = max_queue_frames
+        self.jobs: deque[Job] = deque()
+        self.queued_frames = 0
+        self._wakeup = asyncio.Event()
+        self._encodes = asyncio.Semaphore(max_encodes_in_flight)
+        self._task: asyncio.Task | None = None
+        self.batches = 0
+        self.on_batch = None  # optional callback(batch_size) for metrics
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.pipeline.name}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for job in self.jobs:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("model unloaded"))
+        self.jobs.clear()
+        self.queued_frames = 0
+
+    # -- work that runs on the device threads
+    async def run_on_device(self, fn, *args):
+        """Run device work (feature extraction) on this device's inference thread, in order with batches."""
+        return await asyncio.get_running_loop().run_in_executor(self.infer_pool, fn, *args)
+
+    def submit(self, features: Tensor, frame_ids: list[int], quality: int, visual: Tensor | None = None
+               ) -> asyncio.Future:
+        """Queue frames; the future resolves to (list of JPEG bytes, timings dict)."""
+        n = len(frame_ids)
+        future = asyncio.get_running_loop().create_future()
+        if n == 0:
+            future.set_result(([], {"queue": 0.0, "inference": 0.0, "composite": 0.0, "encode": 0.0,
+                                    "batch_size": 0}))
+            return future
+        if self.queued_frames + n > self.max_queue_frames:
+            raise QueueFull(f"model {self.pipeline.name}: queue holds {self.queued_frames} frames; "
+                            f"{n} more would exceed its bound of {self.max_queue_frames}")
+        job = Job(features, frame_ids, quality, visual, future, results=[None] * n)
+        self.jobs.append(job)
+        self.queued_frames += n
+        self._wakeup.set()
+        return future
+
+    def _take_batch(self) -> list[BatchSlice]:
+        batch, room = [], self.max_batch
+        while self.jobs and room:
+            job = self.jobs[0]
+            if job.cancelled:
+                self.jobs.popleft()
+                self.queued_frames -= job.size - job.next
+                continue
+            take = min(room, job.size - job.next)
+            batch.append(BatchSlice(job, job.next, job.next + take))
+            job.next += take
+            room -= take
+            self.queued_frames -= take
+            if job.next == job.size:
+                self.jobs.popleft()
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.jobs:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.queued_frames < self.max_batch and self.max_delay > 0:
+                await asyncio.sleep(self.max_delay)  # let concurrent requests join this batch
+            batch = self._take_batch()
+            if not batch:
+                continue
+            now = time.perf_counter()
+            for s in batch:
+                if s.job.started is None:
+                    s.job.started = now
+                    s.job.timings["queue"] = (now - s.job.submitted) * 1e3
+            await self._encodes.acquire()
+            try:
+                clock, predictions, ids = await loop.run_in_executor(self.infer_pool, self._infer, batch)
+            except Exception as exc:
+                self._encodes.release()
+                self._fail(batch, exc)
+                continue
+            self.batches += 1
+            if self.on_batch:
+                self.on_batch(len(ids))
+            encode = loop.run_in_executor(self.encode_pool, self._finish, batch, clock, predictions, ids)
+            encode.add_done_callback(lambda f, b=batch, n=len(ids): self._deliver(f, b, n))
+
+    def _infer(self, batch: list[BatchSlice]) -> tuple[StageClock, Tensor, list[int]]:
+        clock = StageClock(self.pipeline.device)
+        ids = [i for s in batch for i in s.job.frame_ids[s.lo:s.hi]]
+        features = torch.cat([s.job.features[s.lo:s.hi] for s in batch])
+        visual = None
+        if any(s.job.visual is not None for s in batch):
+            visual = torch.cat([s.job.visual[s.lo:s.hi] if s.job.visual is not None
+                                else self.pipeline.avatar.model_inputs(s.job.frame_ids[s.lo:s.hi]) for s in batch])
+        with clock.stage("inference"):
+            predictions = self.pipeline.infer(features, ids, visual)
+        return clock, predictions, ids
+
+    def _finish(self, batch: list[BatchSlice], clock: StageClock, predictions: Tensor, ids: list[int]
+                ) -> tuple[list[bytes], dict[str, float]]:
+        with clock.stage("composite"):
+            frames = self.pipeline.compose(predictions, ids)
+        jpegs: list[bytes] = [b""] * len(ids)
+        with clock.stage("encode"):
+            offset, groups = 0, {}
+            for s in batch:
+                groups.setdefault(s.job.quality, []).extend(range(offset, offset + s.hi - s.lo))
+                offset += s.hi - s.lo
+            for quality, rows in groups.items():
+                for row, data in zip(rows, jpeg.encode_frames(frames[rows], quality)):
+                    jpegs[row] = data
+        return jpegs, clock.result()
+
+    def _deliver(self, done: asyncio.Future, batch: list[BatchSlice], batch_size: int) -> None:
+        self._encodes.release()
+        if done.cancelled() or done.exception() is not None:
+            self._fail(batch, done.exception() or RuntimeError("encode cancelled"))
+            return
+        jpegs, timings = done.result()
+        offset = 0
+        for s in batch:
+            job = s.job
+            n = s.hi - s.lo
+            job.results[s.lo:s.hi] = jpegs[offset:offset + n]
+            offset += n
+            for stage in ("inference", "composite", "encode"):
+                job.timings[stage] += timings.get(stage, 0.0)
+            job.batch_size = max(job.batch_size, batch_size)
+            job.done += n
+            if job.done == job.size and not job.future.done():
+                job.future.set_result((job.results, {**job.timings, "batch_size": job.batch_size}))
+
+    def _fail(self, batch: list[BatchSlice], exc: BaseException) -> None:
+        log.error("batch for %s failed: %s", self.pipeline.name, exc)
+        for s in batch:
+            if not s.job.future.done():
+                s.job.future.set_exception(exc)

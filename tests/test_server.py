@@ -1,0 +1,404 @@
+"""A real `lipsync serve` process on 127.0.0.1 at a free port, driven by real gRPC clients."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from torchvision.io import decode_jpeg
+
+from lipsync import audio
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+from lipsync._proto import monolithic_pb2 as mono
+from lipsync._proto import monolithic_pb2_grpc as mono_grpc
+
+from conftest import SPEECH
+
+S16 = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)
+
+
+class ServerProcess:
+    def __init__(self, overrides: list[str], tmp: Path):
+        self.log_path = tmp / f"server-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", "server.port=0",
+               "server.metrics_port=0", "server.shutdown_grace_s=60", "engine=eager", "models=none", *overrides]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline()
+        match = re.match(r"READY port=(\d+)", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log_path.read_text()}")
+        self.port = int(match.group(1))
+        self.target = f"127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def model_override(name: str, weights, avatar: Path, extra: str = "") -> str:
+    return (f"+models.{name}={{checkpoint:{weights['328']},audio_encoder:{weights['encoder']},avatar:{avatar}"
+            f"{extra}}}")
+
+
+@pytest.fixture(scope="module")
+def server(weights, tiny_avatar, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("srv")
+    corrupt = tmp / "corrupt.pth"
+    corrupt.write_bytes(b"\x00garbage")
+    srv = ServerProcess([
+        model_override("tiny", weights, tiny_avatar),
+        f"+models.missing={{checkpoint:{tmp / 'nope.pth'},audio_encoder:{weights['encoder']},avatar:{tiny_avatar}}}",
+        f"+models.corrupt={{checkpoint:{corrupt},audio_encoder:{weights['encoder']},avatar:{tiny_avatar}}}",
+        "server.max_audio_seconds=60", "server.max_streams=8",
+    ], tmp)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def pcm() -> bytes:
+    """0.5 s of the committed speech at 16 kHz, s16le."""
+    wave = audio.load_wav(SPEECH)[2000:10000]
+    return (wave.numpy() * 32767).astype(np.int16).tobytes()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _call(target: str, fn):
+    async with grpc.aio.insecure_channel(target) as channel:
+        return await fn(pb_grpc.LipSyncStub(channel), mono_grpc.MonolithicServiceStub(channel))
+
+
+def call(server, fn):
+    return run(_call(server.target, fn))
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)).numpy()
+
+
+def synth(pcm: bytes, **kw) -> pb.SynthesizeRequest:
+    return pb.SynthesizeRequest(model_id=kw.pop("model_id", "tiny"), audio=pcm, format=kw.pop("format", S16), **kw)
+
+
+@pytest.fixture(scope="module")
+def unary(server, pcm):
+    return call(server, lambda s, m: s.Synthesize(synth(pcm, start_frame=1)))
+
+
+# --------------------------------------------------------------------------- the API
+def test_synthesize_returns_all_frames(unary, pcm):
+    expected = audio.frame_count(len(pcm) // 2)
+    assert [f.index for f in unary.frames] == list(range(expected))
+    assert [f.avatar_frame for f in unary.frames[:7]] == [1, 2, 3, 4, 5, 4, 3]
+    assert unary.frames[3].pts_ms == pytest.approx(120.0)
+    for f in unary.frames:
+        assert decode(f.jpeg).shape == (3, 192, 256)
+    t = unary.timings
+    assert t.inference_ms > 0 and t.encode_ms > 0 and t.total_ms >= t.inference_ms and t.batch_size >= 1
+    assert unary.model_loaded and unary.model_load_ms > 0 and unary.device == "cpu"
+
+
+def test_second_request_does_not_load(server, pcm, unary):
+    again = call(server, lambda s, m: s.Synthesize(synth(pcm[:6400])))
+    assert not again.model_loaded and again.model_load_ms == 0
+
+
+async def _stream(stub, pcm: bytes, fmt: pb.AudioFormat, sizes: list[int], start_frame=1):
+    async def requests():
+        yield pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=fmt, start_frame=start_frame))
+        pos, i = 0, 0
+        while pos < len(pcm):
+            yield pb.StreamRequest(audio=pcm[pos:pos + sizes[i % len(sizes)]])
+            pos, i = pos + sizes[i % len(sizes)], i + 1
+        yield pb.StreamRequest(end_of_audio=True)
+    frames, ended = [], False
+    async for response in stub.Stream(requests()):
+        frames.extend(response.frames)
+        ended = ended or response.end_of_stream
+    assert ended
+    return frames
+
+
+def assert_same_frames(a, b):
+    assert [f.index for f in a] == [f.index for f in b]
+    assert [f.avatar_frame for f in a] == [f.avatar_frame for f in b]
+    for x, y in zip(a, b):
+        dx, dy = decode(x.jpeg).astype(int), decode(y.jpeg).astype(int)
+        assert np.abs(dx - dy).max() <= 2 and (dx != dy).mean() < 0.002
+
+
+def test_stream_equals_synthesize_with_random_chunks(server, pcm, unary):
+    rng = np.random.default_rng(0)
+    sizes = [int(n) * 2 for n in rng.integers(1, 3000, size=30)]  # whole s16 samples, random sizes
+    frames = call(server, lambda s, m: _stream(s, pcm, S16, sizes))
+    assert_same_frames(frames, unary.frames)
+
+
+def test_stream_resamples_stereo_float_at_44k(server):
+    wave = audio.load_wav(SPEECH)[2000:10000]
+    x44 = audio.AF.resample(wave, 16000, 44100).numpy().astype(np.float32)
+    stereo = np.stack([x44, x44], 1).tobytes()
+    fmt = pb.AudioFormat(encoding=pb.PCM_F32LE, sample_rate=44100, channels=2)
+    streamed = call(server, lambda s, m: _stream(s, stereo, fmt, [8 * 441, 8 * 1000 + 8]))
+    whole = call(server, lambda s, m: s.Synthesize(synth(stereo, format=fmt, start_frame=1)))
+    assert_same_frames(streamed, whole.frames)
+
+
+def test_concurrent_clients_get_the_sequential_frames(server, pcm, unary):
+    async def many(s, m):
+        return await asyncio.gather(*[s.Synthesize(synth(pcm, start_frame=1)) for _ in range(3)])
+    for response in call(server, many):
+        assert_same_frames(response.frames, unary.frames)
+
+
+def test_compatibility_service(server, pcm):
+    wave = np.frombuffer(pcm, np.int16).astype(np.float32) / 32768
+    req = mono.CompositeBatchRequest(model_id="tiny", raw_audio=wave[:640 * 4].tobytes(), batch_size=4,
+                                     start_frame_idx=2, sample_rate=16000)
+    out = call(server, lambda s, m: m.InferBatchComposite(req))
+    assert out.success and out.error == "" and len(out.composited_frames) == 4 and out.gpu_id == -1
+    assert all(decode(j).shape == (3, 192, 256) for j in out.composited_frames)
+    assert out.total_time_ms > 0 and out.inference_time_ms > 0
+    # client-supplied generator input replaces the avatar's own
+    visual = np.random.default_rng(1).random((4, 6, 320, 320), dtype=np.float32)
+    with_visual = call(server, lambda s, m: m.InferBatchComposite(
+        mono.CompositeBatchRequest(model_id="tiny", raw_audio=wave[:640 * 4].tobytes(), batch_size=4,
+                                   start_frame_idx=2, visual_frames=visual.tobytes())))
+    assert with_visual.success and len(with_visual.composited_frames) == 4
+    assert with_visual.composited_frames[0] != out.composited_frames[0]
+    feats = call(server, lambda s, m: m.InferBatchComposite(mono.CompositeBatchRequest(
+        model_id="tiny", audio_features=np.zeros(8192, np.float32).tobytes(), batch_size=2)))
+    assert feats.success and len(feats.composited_frames) == 2
+    models = call(server, lambda s, m: m.ListModels(mono.ListModelsRequest()))
+    tiny = next(x for x in models.models if x.model_id == "tiny")
+    assert tiny.loaded and tiny.memory_mb > 0 and tiny.request_count > 0
+    health = call(server, lambda s, m: m.Health(mono.HealthRequest()))
+    assert health.healthy and health.loaded_models >= 1
+    stats = call(server, lambda s, m: m.GetModelStats(mono.GetModelStatsRequest()))
+    assert any(x.model_id == "tiny" and x.total_inference_ms > 0 for x in stats.models)
+
+
+def test_compatibility_field_numbers_match_the_go_server():
+    def fields(message) -> dict[str, int]:
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}
+    assert fields(mono.CompositeBatchRequest) == {"model_id": 1, "visual_frames": 2, "raw_audio": 3,
+                                                  "audio_features": 4, "batch_size": 5, "start_frame_idx": 6,
+                                                  "sample_rate": 7}
+    assert fields(mono.CompositeBatchResponse) == {
+        "composited_frames": 1, "inference_time_ms": 2, "composite_time_ms": 3, "total_time_ms": 4,
+        "audio_processing_ms": 5, "model_loaded": 6, "model_load_time_ms": 7, "success": 8, "error": 9, "gpu_id": 10}
+    assert fields(mono.ModelInfo) == {"model_id": 1, "loaded": 2, "gpu_id": 3, "memory_mb": 4, "request_count": 5,
+                                      "avg_inference_ms": 6}
+    assert fields(mono.ModelStats) == {"model_id": 1, "loaded": 2, "gpu_id": 3, "memory_mb": 4, "request_count": 5,
+                                       "total_inference_ms": 6, "avg_inference_ms": 7, "last_used_timestamp": 8}
+    assert fields(mono.HealthResponse) == {"healthy": 1, "loaded_models": 2, "max_models": 3, "gpu_ids": 4,
+                                           "gpu_memory_used_gb": 5}
+    assert fields(mono.LoadModelRequest) == {"model_id": 1, "preferred_gpu": 2}
+    assert fields(mono.LoadModelResponse) == {"success": 1, "error": 2, "gpu_id": 3, "load_time_ms": 4}
+    assert mono.DESCRIPTOR.services_by_name["MonolithicService"].full_name == "monolithic.MonolithicService"
+
+
+def test_model_management_and_stats(server, unary):
+    listed = call(server, lambda s, m: s.ListModels(pb.ListModelsRequest()))
+    tiny = next(x for x in listed.models if x.model_id == "tiny")
+    assert tiny.loaded and tiny.memory_bytes > 40e6 and tiny.backend == "eager" and tiny.avatar_frames == 6
+    stats = call(server, lambda s, m: s.GetModelStats(pb.GetModelStatsRequest(model_id="tiny")))
+    stages = stats.models[0].stages
+    assert {"inference", "total", "queue"} <= set(stages) and stages["total"].p95_ms >= stages["total"].p50_ms > 0
+    health = call(server, lambda s, m: s.Health(pb.HealthRequest()))
+    assert health.healthy and health.devices[0].device == "cpu" and health.devices[0].memory_used_bytes > 0
+
+
+def test_standard_health_reflection_and_metrics(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def check(s, m):
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            status = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+            async def one():
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+            services = [r async for r in stub.ServerReflectionInfo(one())]
+            return status, [s.name for s in services[0].list_services_response.service]
+    status, names = call(server, check)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    assert {"lipsync.v1.LipSync", "monolithic.MonolithicService", "grpc.health.v1.Health"} <= set(names)
+    port = re.search(r"metrics on http://[\d.]+:(\d+)", server.logs()).group(1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'lipsync_requests_total{code="OK",method="Synthesize"}' in text
+    assert "lipsync_stage_ms_bucket" in text and 'lipsync_loaded_models{device="cpu"}' in text
+
+
+# --------------------------------------------------------------------------- bad input
+def _code(server, fn) -> tuple[grpc.StatusCode, str]:
+    try:
+        call(server, fn)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+I = grpc.StatusCode.INVALID_ARGUMENT
+BAD_UNARY = [
+    ("wrong encoding", dict(format=pb.AudioFormat(encoding=9)), I, "unknown audio encoding"),
+    ("odd byte count", dict(audio=b"\x00" * 801), I, "not a multiple of 2"),
+    ("NaN audio", dict(audio=np.full(4000, np.nan, np.float32).tobytes(),
+                       format=pb.AudioFormat(encoding=pb.PCM_F32LE)), I, "NaN"),
+    ("empty audio", dict(audio=b""), I, "empty"),
+    ("an hour of audio", dict(audio=bytes(2 * 8000 * 3600), format=pb.AudioFormat(encoding=pb.PCM_S16LE,
+                                                                                  sample_rate=8000)),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "limit per request is 60 s"),
+    ("quality too high", dict(jpeg_quality=101), I, "jpeg_quality 101"),
+    ("negative quality", dict(jpeg_quality=-5), I, "jpeg_quality -5"),
+    ("negative start frame", dict(start_frame=-1), I, "start_frame -1"),
+    ("unsupported rate", dict(format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=96000)), I, "96000"),
+    ("three channels", dict(format=pb.AudioFormat(encoding=pb.PCM_S16LE, channels=3)), I, "3 channels"),
+    ("unknown model", dict(model_id="nobody"), grpc.StatusCode.NOT_FOUND, "unknown model 'nobody'"),
+    ("no model id", dict(model_id=""), I, "model_id is required"),
+    ("missing checkpoint", dict(model_id="missing"), grpc.StatusCode.FAILED_PRECONDITION, "nope.pth"),
+    ("corrupt checkpoint", dict(model_id="corrupt"), grpc.StatusCode.FAILED_PRECONDITION, "corrupt.pth"),
+    ("garbage WAV", dict(audio=b"RIFF....WAVEjunk", format=pb.AudioFormat(encoding=pb.WAV)), I, "no fmt"),
+]
+
+
+@pytest.mark.parametrize("case,changes,code,text", BAD_UNARY, ids=[c[0] for c in BAD_UNARY])
+def test_bad_synthesize_requests(server, pcm, case, changes, code, text):
+    changes = dict(changes)
+    request = synth(changes.pop("audio", pcm[:8000]), **changes)
+    got, details = _code(server, lambda s, m: s.Synthesize(request))
+    assert got == code and text in details, (got, details)
+
+
+async def _raw_stream(stub, messages, cancel_after: int | None = None):
+    async def requests():
+        for msg in messages:
+            yield msg
+    call_ = stub.Stream(requests())
+    got = []
+    async for response in call_:
+        got.append(response)
+        if cancel_after is not None and len(got) >= cancel_after:
+            call_.cancel()
+            break
+    return got
+
+
+CONFIG = pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=S16))
+BAD_STREAMS = [
+    ("audio before config", [pb.StreamRequest(audio=b"\x00\x00")], "first stream message must be `config`"),
+    ("no messages at all", [], "closed before its config"),
+    ("config twice", [CONFIG, CONFIG], "config may only be sent once"),
+    ("audio after end", [CONFIG, pb.StreamRequest(audio=b"\x00" * 6400), pb.StreamRequest(end_of_audio=True),
+                         pb.StreamRequest(audio=b"\x00" * 64)], "after end_of_audio"),
+    ("odd chunk", [CONFIG, pb.StreamRequest(audio=b"\x00" * 3)], "not a multiple"),
+    ("look-ahead out of range", [pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", lookahead_frames=9))],
+     "lookahead_frames 9"),
+    ("WAV stream", [pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=pb.AudioFormat(
+        encoding=pb.WAV)))], "WAV is not accepted"),
+]
+
+
+@pytest.mark.parametrize("case,messages,text", BAD_STREAMS, ids=[c[0] for c in BAD_STREAMS])
+def test_bad_streams(server, case, messages, text):
+    got, details = _code(server, lambda s, m: _raw_stream(s, messages))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and text in details, (got, details)
+
+
+@pytest.mark.parametrize("changes,text", [
+    (dict(batch_size=0), "batch_size 0"), (dict(batch_size=33), "batch_size 33"),
+    (dict(visual_frames=b"\x00" * 12), "visual_frames has 12 bytes"), (dict(model_id="ghost"), "unknown model"),
+    (dict(raw_audio=b""), "raw_audio"), (dict(raw_audio=b"\x00\x00\xc0\x7f" * 100), "NaN"),
+])
+def test_bad_compat_requests_report_failure(server, changes, text):
+    request = mono.CompositeBatchRequest(model_id="tiny", raw_audio=np.zeros(2560, np.float32).tobytes(),
+                                         batch_size=2)
+    for key, value in changes.items():
+        setattr(request, key, value)
+    out = call(server, lambda s, m: m.InferBatchComposite(request))
+    assert not out.success and text in out.error
+
+
+def test_disconnect_and_deadline_free_the_session(server, pcm):
+    messages = [CONFIG] + [pb.StreamRequest(audio=pcm[i:i + 1280]) for i in range(0, len(pcm), 1280)]
+    got = call(server, lambda s, m: _raw_stream(s, messages + [pb.StreamRequest(audio=pcm)] * 4, cancel_after=1))
+    assert len(got) == 1
+    code, _ = _code(server, lambda s, m: s.Synthesize(synth(pcm), timeout=0.05))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        health = call(server, lambda s, m: s.Health(pb.HealthRequest()))
+        if health.active_streams == 0 and health.queued_frames == 0:
+            break
+        time.sleep(0.2)
+    assert health.active_streams == 0 and health.queued_frames == 0
+
+
+def test_server_still_serves_after_bad_input(server, pcm, unary):
+    """Runs after the bad-input tests (file order): the server is healthy and answers correctly."""
+    assert call(server, lambda s, m: s.Health(pb.HealthRequest())).healthy
+    again = call(server, lambda s, m: s.Synthesize(synth(pcm, start_frame=1)))
+    assert_same_frames(again.frames, unary.frames)
+    assert server.proc.poll() is None
+
+
+# --------------------------------------------------------------------------- registry and lifecycle
+def test_eviction_pinning_and_budget(weights, tiny_avatar, tmp_path):
+    srv = ServerProcess([model_override("a", weights, tiny_avatar), model_override("b", weights, tiny_avatar),
+                         model_override("p", weights, tiny_avatar, ",pinned:true"),
+                         "registry.memory_budget_mb=100"], tmp_path)
+    try:
+        def loaded():
+            listed = call(srv, lambda s, m: s.ListModels(pb.ListModelsRequest()))
+            return {x.model_id for x in listed.models if x.loaded}
+        call(srv, lambda s, m: s.LoadModel(pb.LoadModelRequest(model_id="a")))
+        assert loaded() == {"a"}
+        call(srv, lambda s, m: s.LoadModel(pb.LoadModelRequest(model_id="b")))
+        assert loaded() == {"b"}  # a was evicted: two do not fit in 100 MB
+        assert "unloading model a from cpu: LFU eviction to make room for b (memory budget)" in srv.logs()
+        assert call(srv, lambda s, m: s.UnloadModel(pb.UnloadModelRequest(model_id="b"))).was_loaded
+        call(srv, lambda s, m: s.LoadModel(pb.LoadModelRequest(model_id="p")))
+        code, details = _code(srv, lambda s, m: s.LoadModel(pb.LoadModelRequest(model_id="a")))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pinned or busy" in details
+        assert loaded() == {"p"}
+    finally:
+        assert srv.stop() == 0
+
+
+def test_graceful_shutdown_finishes_in_flight_work(weights, tiny_avatar, tmp_path, pcm):
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, ",preload:true")], tmp_path)
+
+    async def request_then_stop(s, m):
+        pending = asyncio.ensure_future(s.Synthesize(synth(pcm)))
+        await asyncio.sleep(0.5)
+        srv.proc.send_signal(signal.SIGTERM)
+        return await pending
+    response = call(srv, request_then_stop)
+    assert len(response.frames) == audio.frame_count(len(pcm) // 2)
+    assert srv.proc.wait(60) == 0
+    assert "shutting down" in srv.logs()
