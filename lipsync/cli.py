@@ -156,15 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_render(sub)
     add_avatar(sub)
-    for name, module in (("export", "export.cli"), ("serve", "lipsync.server"), ("client", "lipsync.client"),
-                         ("bench", "lipsync.bench")):
-        try:
-            mod = __import__(module, fromlist=["add_parser"])
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue
-            raise
-        mod.add_parser(sub)
+    from export.cli import add_parser as add_export
+
+    from .client import add_parser as add_client
+    from .server import add_parser as add_serve
+    add_export(sub)
+    add_serve(sub)
+    add_client(sub)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:

@@ -253,7 +253,8 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
             features = FeatureStream(entry.pipeline.encoder, entry.pipeline.device, lookahead)
             resampler = StreamResampler(fmt.sample_rate)
-            pending: asyncio.Queue = asyncio.Queue()  # render futures in frame order; None = end; or an error
+            # (render future, audio ms, arrival time) in frame order; None = end of audio; or an error
+            pending: asyncio.Queue = asyncio.Queue()
             reader_errors: list[Exception] = []
             received = 0
 
@@ -265,6 +266,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                         kind = message.WhichOneof("message")
                         if ended:
                             raise ValueError("audio received after end_of_audio")
+                        t0 = time.perf_counter()
                         if kind == "audio":
                             wave = audio.decode_pcm(message.audio, fmt, allow_empty=True)
                             received += wave.numel()
@@ -278,8 +280,9 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                             raise ValueError("config may only be sent once, as the first message")
                         first_index, feats = step
                         if feats.shape[0]:
-                            pending.put_nowait(asyncio.ensure_future(
-                                s.render(entry, feats, start, first_index, quality)))
+                            audio_ms = (time.perf_counter() - t0) * 1e3
+                            pending.put_nowait((asyncio.ensure_future(
+                                s.render(entry, feats, start, first_index, quality)), audio_ms, t0))
                         if ended:
                             pending.put_nowait(None)
                     if not ended:  # the client half-closed without end_of_audio: no more frames
@@ -305,7 +308,10 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                         break
                     if isinstance(item, BaseException):
                         raise item
-                    frames, timings = await item
+                    render, audio_ms, arrived = item
+                    frames, timings = await render
+                    timings["audio"] = audio_ms
+                    timings["total"] = (time.perf_counter() - arrived) * 1e3
                     frames_sent += len(frames)
                     entry.record(len(frames), timings)
                     metrics.observe(cfg.model_id, len(frames), timings)
@@ -317,8 +323,8 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                 reader.cancel()
                 while not pending.empty():
                     item = pending.get_nowait()
-                    if isinstance(item, asyncio.Future):
-                        item.cancel()
+                    if isinstance(item, tuple):
+                        item[0].cancel()
                 log.info(json.dumps({"event": "stream", "model": cfg.model_id, "frames": frames_sent,
                                      "audio_s": round(received / fmt.sample_rate, 3)}))
 
@@ -541,6 +547,20 @@ async def serve(cfg: Any) -> None:
     await server.stop(cfg.server.shutdown_grace_s)
     await state.registry.close()
     log.info("stopped")
+
+
+def spawn(overrides: list[str], cwd: str | None = None, log_file=None):
+    """Start `lipsync serve` in a child process on a free port; returns (process, port) once it is ready."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", "server.port=0",
+                             *overrides], stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=cwd)
+    match = re.match(r"READY port=(\d+)", proc.stdout.readline())
+    if not match:
+        raise RuntimeError(f"lipsync serve failed to start (exit {proc.wait()})")
+    return proc, int(match.group(1))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

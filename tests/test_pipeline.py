@@ -78,3 +78,18 @@ def test_engine_output_matches_plain_model(pipeline, weights):
     with torch.no_grad():
         ref = net(pipeline.avatar.model_inputs(ids), feats)
     torch.testing.assert_close(pipeline.infer(feats, ids), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pipeline_keeps_frames_on_the_device(weights, tiny_avatar, speech):
+    spec = ModelSpec.from_dict("t", {"checkpoint": weights["328"], "audio_encoder": weights["encoder"],
+                                     "avatar": tiny_avatar})
+    cuda = load_pipeline(spec, EngineConfig.from_dict({"backend": "eager"}), "cuda", micro_batch=32)
+    assert cuda.avatar.frames.is_cuda and cuda.avatar.templates.is_cuda
+    pcm = (speech[:8000].numpy() * 32767).astype(np.int16).tobytes()
+    wave = audio.decode_pcm(pcm, audio.AudioFormat("s16le", 16000, 1), device="cuda")
+    with HostCopyForbidden(), NoScalarSync():
+        result = cuda.synthesize(wave, quality=75)
+    assert len(result.frames) == audio.frame_count(8000)
+    for f in result.frames:
+        assert cv2.imdecode(np.frombuffer(f.jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (192, 256, 3)

@@ -1,0 +1,119 @@
+"""Engine latency and throughput: generator + audio encoder per backend × batch size × precision.
+
+    python benchmarks/bench_engines.py --backends eager,compile --batches 1,8,24,32 --out benchmarks/results/engines-cpu.json
+    python benchmarks/bench_engines.py --device cuda --backends eager,compile,compile+cudagraphs,tensorrt --precisions fp16
+    … --profile out/trace   # torch.profiler trace (open in Perfetto / chrome://tracing)
+
+Writes JSON and, next to it, a PNG plot of frames/s against batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from common import environment, sync, write
+from lipsync.engines import EngineConfig, EngineError, build_engine
+from lipsync.models import AudioEncoder, Generator
+from lipsync.pipeline import pick_device
+
+
+def time_engine(fn, inputs, device, repeats: int) -> float:
+    fn(*inputs)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn(*inputs)
+    sync(device)
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in sorted({r["engine"] for r in rows}):
+        pts = [(r["batch"], r["fps"]) for r in rows if r["engine"] == label]
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("batch size (frames)")
+    ax.set_ylabel("frames/s (generator + audio encoder)")
+    ax.set_title(f"lipsync engines on {rows[0]['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--backends", default="eager", help="comma list of eager, compile, compile+cudagraphs, "
+                                                            "tensorrt, eager-nchw")
+    parser.add_argument("--precisions", default="auto")
+    parser.add_argument("--batches", default="1,8,24,32")
+    parser.add_argument("--repeats", type=int, default=0, help="timed calls per point (default 3 CPU, 50 CUDA)")
+    parser.add_argument("--profile", help="write a torch.profiler trace of the largest batch here")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    device = pick_device(args.device)
+    batches = [int(b) for b in args.batches.split(",")]
+    repeats = args.repeats or (50 if device.type == "cuda" else 3)
+    torch.manual_seed(0)
+    rows = []
+    for backend in args.backends.split(","):
+        for precision in args.precisions.split(","):
+            settings = {"backend": backend.split("+")[0].replace("-nchw", ""), "precision": precision,
+                        "batch_buckets": batches, "max_batch": max(batches), "opt_batch": min(24, max(batches)),
+                        "cuda_graphs": backend.endswith("+cudagraphs"), "cache_dir": "out/engine_cache"}
+            if backend.endswith("-nchw"):
+                settings["channels_last"] = False
+            try:
+                config = EngineConfig.from_dict(settings)
+                gen = build_engine(Generator("328").eval(), [(6, 320, 320), (32, 16, 16)], config, device,
+                                   "generator", {"seed": 0}, progress=True)
+                enc = build_engine(AudioEncoder().eval(), [(1, 80, 16)], config, device, "audio_encoder",
+                                   {"seed": 0}, progress=True)
+            except (EngineError, ImportError, RuntimeError) as exc:
+                print(f"{backend}/{precision}: skipped ({exc})", flush=True)
+                rows.append({"engine": f"{backend} {precision}", "skipped": str(exc)})
+                continue
+            label = f"{backend} {gen.precision}"
+            for batch in batches:
+                visual = torch.rand(batch, 6, 320, 320, device=device)
+                feats = torch.rand(batch, 32, 16, 16, device=device)
+                mel = torch.rand(batch, 1, 80, 16, device=device)
+                gen_ms = time_engine(gen, (visual, feats), device, repeats)
+                enc_ms = time_engine(enc, (mel,), device, repeats)
+                rows.append({"engine": label, "device": str(device), "batch": batch,
+                             "generator_ms": round(gen_ms, 3), "encoder_ms": round(enc_ms, 3),
+                             "latency_ms": round(gen_ms + enc_ms, 3),
+                             "fps": round(batch / (gen_ms + enc_ms) * 1e3, 2),
+                             "max_error_vs_fp32": gen.max_error})
+                print(f"{label:24s} batch {batch:3d}: {gen_ms + enc_ms:9.2f} ms  {rows[-1]['fps']:9.2f} frames/s",
+                      flush=True)
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                with profile(activities=activities) as prof:
+                    gen(visual, feats)
+                    sync(device)
+                trace = Path(args.profile) / f"{backend}-{gen.precision}-b{batches[-1]}.json"
+                trace.parent.mkdir(parents=True, exist_ok=True)
+                prof.export_chrome_trace(str(trace))
+                print(f"trace: {trace}")
+    write({"benchmark": "engines", "environment": environment(device), "repeats": repeats, "results": rows},
+          args.out)
+    measured = [r for r in rows if "fps" in r]
+    if args.out and measured:
+        png = Path(args.out).with_suffix(".png")
+        plot(measured, png)
+        print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()

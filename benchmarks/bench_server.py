@@ -1,0 +1,125 @@
+"""Server load: N concurrent Stream sessions, real-time paced and flat out, against a `lipsync serve` child.
+
+    python benchmarks/bench_server.py --streams 1,4,8,16,32 --seconds 4 --out benchmarks/results/server-gpu.json
+
+Per point: aggregate frames/s, frame latency p50/p95/p99 (from the moment the audio a frame needs was sent),
+and, for paced runs, whether every stream kept up with real time (25 fps each). Also a 24-frame Synthesize
+p50. Writes JSON and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import assets, environment, write
+from lipsync import audio
+from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+from lipsync.client import channel, percentile, stream, summarize, synthesize
+from lipsync.pipeline import pick_device
+from lipsync.server import spawn
+
+SPEECH = Path(__file__).resolve().parent.parent / "assets" / "speech.wav"
+
+
+def speech_pcm(seconds: float) -> bytes:
+    wave = audio.load_wav(SPEECH)
+    reps = int(np.ceil(seconds * audio.SAMPLE_RATE / wave.numel()))
+    wave = wave.repeat(reps)[: int(seconds * audio.SAMPLE_RATE)]
+    return (wave.numpy() * 32767).astype(np.int16).tobytes()
+
+
+async def run_point(target: str, sessions: int, pcm: bytes, paced: bool, chunk_ms: float) -> dict:
+    fmt = audio.AudioFormat("s16le", audio.SAMPLE_RATE, 1)
+    async with channel(target) as ch:
+        stub = pb_grpc.LipSyncStub(ch)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[stream(stub, "bench", pcm, fmt, chunk_ms, paced) for _ in range(sessions)])
+        wall = time.perf_counter() - t0
+    summary = summarize(list(results), wall)
+    audio_s = len(pcm) / 2 / audio.SAMPLE_RATE
+    # a paced stream keeps up when its last frame arrives within a second of the end of its audio + look-ahead
+    summary["real_time_streams"] = sum(r.wall_s <= audio_s + 1.0 for r in results) if paced else None
+    summary["streams"], summary["paced"] = sessions, paced
+    return summary
+
+
+async def synthesize_p50(target: str, pcm24: bytes, repeats: int) -> float:
+    fmt = audio.AudioFormat("s16le", audio.SAMPLE_RATE, 1)
+    async with channel(target) as ch:
+        stub = pb_grpc.LipSyncStub(ch)
+        await synthesize(stub, "bench", pcm24, fmt)
+        times = [(await synthesize(stub, "bench", pcm24, fmt)).latencies_ms[0] for _ in range(repeats)]
+    return percentile(times, 50)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for paced in (False, True):
+        pts = [r for r in rows if r["paced"] == paced]
+        label = "real-time paced" if paced else "flat out"
+        a.plot([r["streams"] for r in pts], [r["fps"] for r in pts], marker="o", label=label)
+        b.plot([r["streams"] for r in pts], [r["latency_ms"]["p95"] for r in pts], marker="o", label=label)
+    a.set(xlabel="concurrent streams", ylabel="aggregate frames/s", title="throughput")
+    b.set(xlabel="concurrent streams", ylabel="frame latency p95 (ms)", title="latency", yscale="log")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default="1,4,8,16,32")
+    parser.add_argument("--seconds", type=float, default=4.0, help="audio per stream")
+    parser.add_argument("--chunk-ms", type=float, default=40.0)
+    parser.add_argument("--modes", default="flat,paced")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--out")
+    parser.add_argument("overrides", nargs="*", help="extra hydra overrides for the server")
+    args = parser.parse_args()
+
+    files = assets(args.width, args.height)
+    model = ",".join(f"{k}:{v}" for k, v in files.items())
+    device = pick_device(args.device)
+    proc, port = spawn([f"engine={args.engine}", "models=none", f"+models.bench={{{model},preload:true}}",
+                        f"device={device}", "server.metrics_port=-1", "server.max_audio_seconds=3600",
+                        *args.overrides])
+    target = f"127.0.0.1:{port}"
+    pcm = speech_pcm(args.seconds)
+    rows = []
+    try:
+        p50 = asyncio.run(synthesize_p50(target, speech_pcm(24 * 0.04)[: 640 * 24 * 2 - 2 * 640 * 2],
+                                         5 if device.type == "cpu" else 30))
+        for mode in args.modes.split(","):
+            for n in [int(s) for s in args.streams.split(",")]:
+                row = asyncio.run(run_point(target, n, pcm, mode == "paced", args.chunk_ms))
+                rows.append(row)
+                print(f"{mode:6s} {n:3d} streams: {row['fps']:8.1f} frames/s  p95 {row['latency_ms']['p95']:9.1f} ms"
+                      + (f"  real-time {row['real_time_streams']}/{n}" if row["paced"] else ""), flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    paced = [r for r in rows if r["paced"] and r["real_time_streams"] == r["streams"]]
+    write({"benchmark": "server", "environment": environment(device), "audio_s_per_stream": args.seconds,
+           "synthesize_24_frames_p50_ms": round(p50, 1),
+           "max_real_time_streams_sustained": max((r["streams"] for r in paced), default=0),
+           "results": rows}, args.out)
+    if args.out and rows:
+        plot(rows, Path(args.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Checkpoint → deployable artefacts: ONNX (onnxruntime, TensorRT's trtexec) and TensorRT ExportedPrograms."""

@@ -1,0 +1,40 @@
+"""`make demo`: start the server on the demo model, stream the demo speech through it with the client,
+write out/demo.mp4, print the timings, stop the server."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from .client import run as run_client
+from .demo import UNTRAINED_NOTICE
+from .server import spawn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    out = ROOT / "out" / "demo.mp4"
+    print(UNTRAINED_NOTICE)
+    print("starting `lipsync serve` on the demo model …", flush=True)
+    server, port = spawn(["server.metrics_port=-1", "+models.demo.preload=true"], cwd=str(ROOT))
+    try:
+        args = argparse.Namespace(server=f"127.0.0.1:{port}", model="demo",
+                                  audio=str(ROOT / "assets" / "speech.wav"), stream=True, realtime=False,
+                                  chunk_ms=200.0, batch=0, start_frame=0, quality=0, clients=1, timeout=None,
+                                  frames_out=None, out=str(out))
+        print("streaming assets/speech.wav through the Stream RPC …", flush=True)
+        summary = asyncio.run(run_client(args))
+        print(json.dumps(summary, indent=2))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(120)
+    print(f"server stopped (exit {code}); demo video: {out}")
+    return 0 if out.is_file() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
