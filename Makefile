@@ -2,26 +2,33 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+STUBS  := lipsync/_proto/__init__.py
 
-.PHONY: setup test demo protos bench clean
+.PHONY: setup test demo bench clean
 
-setup: $(STAMP)
+## setup: .venv with the pinned torch 2.11 family, lipsync editable with its dev extras, gRPC stubs (idempotent)
+setup: $(STAMP) $(STUBS)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m lipsync.protos
 	touch $(STAMP)
 
+$(STUBS): protos/lipsync/v1/lipsync.proto protos/monolithic.proto $(STAMP)
+	$(PY) -m lipsync.protos
+
+## test: the whole suite (CPU; CUDA/TensorRT tests skip with their reason)
 test: setup
 	$(PY) -m pytest -q
 
+## demo: serve the demo model, stream assets/speech.wav through it, write out/demo.mp4
 demo: setup
 	$(PY) -m lipsync.demo_run
 
+## bench: this machine's pipeline figures into benchmarks/results/
 bench: setup
-	$(PY) benchmarks/bench_pipeline.py --out benchmarks/results/pipeline-cpu.json
+	$(PY) benchmarks/bench_pipeline.py --out benchmarks/results/pipeline-$$($(PY) -c 'import torch;print("cuda" if torch.cuda.is_available() else "cpu")').json
 
 clean:
 	rm -rf out .pytest_cache

@@ -149,6 +149,29 @@ def run_avatar(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+BENCHMARKS = ("pipeline", "engines", "server")
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (pipeline, engines, server)")
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/bench_NAME.py (see its --help)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.name}.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"benchmark script not found: {script} (benchmarks/ ships with the source tree)")
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.")
@@ -156,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_render(sub)
     add_avatar(sub)
+    add_bench(sub)
     from export.cli import add_parser as add_export
 
     from .client import add_parser as add_client
