@@ -9,7 +9,7 @@ import torch
 from lipsync.demo import make_avatar, make_weights
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = ROOT.parent / "shared" / "spec"
+SPEC = ROOT / "tests" / "data" / "spec"  # the key lists of SPEC §4/§6
 SPEECH = ROOT / "assets" / "speech.wav"
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
