@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
@@ -22,3 +23,13 @@ def load_config(overrides: list[str] | None = None, name: str = "config") -> Dic
         cfg = compose(config_name=name, overrides=list(overrides or []))
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def settings(cfg: Any, allowed: Any, what: str) -> dict[str, Any]:
+    """A config section as a plain dict, refusing keys that `allowed` (names or a dataclass) does not have."""
+    values = dict(cfg or {})
+    names = set(getattr(allowed, "__dataclass_fields__", allowed))
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {what} settings: {sorted(unknown)}; known: {sorted(names)}")
+    return values

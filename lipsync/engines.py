@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .config import settings
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "compile", "eager")
@@ -48,10 +50,7 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "EngineConfig":
-        values = dict(cfg or {})
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown engine settings: {sorted(unknown)}")
+        values = settings(cfg, cls, "engine")
         if "tolerance" in values:
             values["tolerance"] = {**cls().tolerance, **dict(values["tolerance"])}
         if "batch_buckets" in values:

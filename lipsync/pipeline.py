@@ -4,6 +4,7 @@ Between decoded PCM and JPEG bytes every tensor stays on the model's device.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from . import audio, compose, jpeg
 from .avatar import Avatar, load_avatar
+from .config import settings
 from .engines import Engine, EngineConfig, build_engine, file_digest
 from .models import AUDIO_FEATURE_SHAPE, INPUT_SIZE, load_audio_encoder, load_generator
 
@@ -81,10 +83,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, name: str, cfg: Any) -> "ModelSpec":
-        values = dict(cfg)
-        unknown = set(values) - set(cls.__dataclass_fields__) - {"pinned", "device", "preload", "synthetic"}
-        if unknown:
-            raise ValueError(f"model {name!r}: unknown settings {sorted(unknown)}")
+        values = settings(cfg, (set(cls.__dataclass_fields__) | {"pinned", "device", "preload", "synthetic"}) - {"name"},
+                          f"model {name!r}")
         for key in ("checkpoint", "audio_encoder", "avatar"):
             if not values.get(key):
                 raise ValueError(f"model {name!r}: `{key}` is required")
@@ -167,6 +167,11 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
                   micro_batch: int | None = None, progress: bool = False) -> Pipeline:
     """Load checkpoints and avatar, build engines (compile + warm-up happen here), return a ready Pipeline."""
     device = torch.device(device)
+    micro_batch = micro_batch or engine_config.max_batch
+    if micro_batch < engine_config.max_batch:  # the engines never see more: do not compile/warm larger batches
+        engine_config = dataclasses.replace(engine_config, max_batch=micro_batch,
+                                            opt_batch=min(engine_config.opt_batch, micro_batch),
+                                            min_batch=min(engine_config.min_batch, micro_batch))
     t0 = time.perf_counter()
     generator_net = load_generator(spec.checkpoint, spec.variant, spec.asr)
     encoder_net = load_audio_encoder(spec.audio_encoder)
@@ -179,7 +184,7 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
                              device, f"{spec.name}/generator", key, spec.engine_file, progress)
     encoder = build_engine(encoder_net, [(1, 80, 16)], engine_config, device, f"{spec.name}/audio_encoder",
                            {"checkpoint": file_digest(spec.audio_encoder)}, None, progress)
-    pipeline = Pipeline(generator, encoder, avatar, device, micro_batch or engine_config.max_batch, spec.name,
+    pipeline = Pipeline(generator, encoder, avatar, device, micro_batch, spec.name,
                         weights)
     log.info("model %s loaded on %s in %.1f s (%d avatar frames %dx%d)", spec.name, device,
              time.perf_counter() - t0, avatar.frame_count, avatar.frames.shape[3], avatar.frames.shape[2])

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .avatar import AvatarError
+from .config import settings
 from .demo import make_demo_model
 from .engines import EngineConfig, EngineError
 from .models import CheckpointError
@@ -53,11 +54,7 @@ class RegistryConfig:
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "RegistryConfig":
-        values = dict(cfg or {})
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown registry settings: {sorted(unknown)}")
-        config = cls(**values)
+        config = cls(**settings(cfg, cls, "registry"))
         if config.eviction not in ("lfu", "lru"):
             raise ValueError(f"registry.eviction must be lfu or lru, not {config.eviction!r}")
         return config

@@ -107,6 +107,12 @@ def decode_request_audio(data: bytes, fmt: AudioFormat, limits: Limits) -> torch
     return audio.resample(audio.decode_pcm(data, fmt), fmt.sample_rate)
 
 
+def log_request(event: str, model: str, frames: int, timings: dict[str, float]) -> None:
+    """One structured log line per request: stage timings in ms and the batch size."""
+    stages = {(k if k == "batch_size" else f"{k}_ms"): round(v, 2) for k, v in timings.items()}
+    log.info(json.dumps({"event": event, "model": model, "frames": frames, **stages}))
+
+
 def _timings(t: dict[str, float]) -> pb.StageTimings:
     return pb.StageTimings(audio_ms=t.get("audio", 0), queue_ms=t.get("queue", 0), inference_ms=t.get("inference", 0),
                            composite_ms=t.get("composite", 0), encode_ms=t.get("encode", 0),
@@ -203,8 +209,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         timings["total"] = (time.perf_counter() - started) * 1e3
         entry.record(len(frames), timings)
         metrics.observe(request.model_id, len(frames), timings)
-        log.info(json.dumps({"event": "synthesize", "model": request.model_id, "frames": len(frames),
-                             **{f"{k}_ms" if k != "batch_size" else k: round(v, 2) for k, v in timings.items()}}))
+        log_request("synthesize", request.model_id, len(frames), timings)
         return pb.SynthesizeResponse(frames=frames, timings=_timings(timings), model_loaded=loaded_now,
                                      model_load_ms=load_ms if loaded_now else 0, model_id=request.model_id,
                                      device=entry.device)
@@ -442,6 +447,7 @@ class MonolithicService(mono_grpc.MonolithicServiceServicer):
         timings["total"] = (time.perf_counter() - started) * 1e3
         entry.record(len(frames), timings)
         metrics.observe(request.model_id, len(frames), timings)
+        log_request("infer_batch_composite", request.model_id, len(frames), timings)
         return mono.CompositeBatchResponse(
             composited_frames=[f.jpeg for f in frames], inference_time_ms=timings["inference"],
             composite_time_ms=timings["composite"] + timings["encode"], total_time_ms=timings["total"],
