@@ -105,9 +105,10 @@ class Engine:
 
     def _prepare(self, x: Tensor) -> Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)
+        # A fixed memory layout: compiled graphs are specialised on strides, and views (unfold, transpose) vary.
         if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
 
     @torch.inference_mode()
     def __call__(self, *inputs: Tensor) -> Tensor:
