@@ -10,7 +10,6 @@ import time
 import torch
 
 from common import assets, environment, sync, write
-from lipsync import audio
 from lipsync.engines import EngineConfig
 from lipsync.pipeline import ModelSpec, StageClock, load_pipeline, pick_device
 

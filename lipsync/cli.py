@@ -38,7 +38,6 @@ def add_render(sub: argparse._SubParsersAction) -> None:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from .audio import load_wav

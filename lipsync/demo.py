@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import write_jpeg, write_png
+from torchvision.io import write_jpeg
 
 from .models import AudioEncoder, Generator
 
@@ -99,6 +99,3 @@ def make_demo_model(out_dir: str | Path, variant: str = "328", frames: int = 24,
         gen, enc = make_weights(out, variant)
     return {"checkpoint": gen, "audio_encoder": enc, "avatar": avatar}
 
-
-def save_png(frame: torch.Tensor, path: Path) -> None:
-    write_png(frame.cpu(), str(path))

@@ -7,10 +7,8 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from lipsync.avatar import AvatarError, avatar_frame, find_source, load_avatar
-from lipsync.demo import make_avatar
 
 
 def pingpong_reference(start: int, count: int, frames: int) -> list[int]:

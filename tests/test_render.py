@@ -9,7 +9,6 @@ import av
 import cv2
 import numpy as np
 import pytest
-import torch
 from torchvision.io import decode_image
 
 from lipsync import audio
