@@ -257,7 +257,7 @@ class FeatureStream:
     `finish` applies the end-of-audio rules and returns the rest. Frame indices are global for the stream.
     """
 
-    def __init__(self, encoder: Encoder, device: str | torch.device = "cpu", lookahead: int = LOOKAHEAD):
+    def __init__(self, encoder: Encoder | None, device: str | torch.device = "cpu", lookahead: int = LOOKAHEAD):
         if not 0 <= lookahead <= LOOKAHEAD:
             raise ValueError(f"look-ahead must be 0..{LOOKAHEAD} frames, got {lookahead}")
         self.encoder, self.lookahead = encoder, lookahead
@@ -275,6 +275,7 @@ class FeatureStream:
         self.windows_done = 0
         self.frames_done = 0
         self.finished = False
+        self.awaiting = False  # windows handed out whose embeddings have not come back yet
 
     # -- stages
     def _append_audio(self, wave: Tensor) -> None:
@@ -297,21 +298,20 @@ class FeatureStream:
         keep = self.mel_done * HOP - self.signal_start  # next frame starts here
         self.signal, self.signal_start = self.signal[keep:], self.signal_start + keep
 
-    def _encode_windows(self, stop: int, mel_frames: int | None) -> None:
-        """Encode windows [windows_done, stop); `mel_frames` (end of audio only) enables the end clamp of §3."""
+    def _take_windows(self, stop: int, mel_frames: int | None) -> Tensor:
+        """Mel windows [windows_done, stop) as [n,1,80,16]; `mel_frames` (end of audio only) enables the end
+        clamp of §3."""
         if stop <= self.windows_done:
-            return
+            return torch.zeros(0, 1, N_MELS, WINDOW_STEPS, device=self.device)
         limit = (mel_frames if mel_frames is not None else 1 << 62) - WINDOW_STEPS
         starts = [min(window_start(v), limit) - self.mel_start for v in range(self.windows_done, stop)]
         idx = torch.tensor(starts, device=self.device)[:, None] + torch.arange(WINDOW_STEPS, device=self.device)
-        embeddings = self.encoder(self.mel[idx].transpose(1, 2).unsqueeze(1)).float()
-        if self.windows_done == 0:  # P[0] = e0 (front padding row)
-            embeddings = torch.cat([embeddings[:1], embeddings])
-        self.rows = torch.cat([self.rows, embeddings])
+        windows = self.mel[idx].transpose(1, 2).unsqueeze(1)
         self.windows_done = stop
-        # A later window starts at or after the last one encoded (the end clamp never goes further back).
+        # A later window starts at or after the last one taken (the end clamp never goes further back).
         drop = window_start(stop - 1) - self.mel_start
         self.mel, self.mel_start = self.mel[drop:], self.mel_start + drop
+        return windows
 
     def _emit(self, stop: int) -> tuple[int, Tensor]:
         """Features for frames [frames_done, stop); P rows before 0 or past the last row are zeros."""
@@ -327,37 +327,71 @@ class FeatureStream:
         self.rows, self.rows_start = self.rows[drop:], self.rows_start + drop
         return first, features_from_rows(block)
 
-    # -- public
-    @torch.no_grad()
-    def push(self, wave: Tensor) -> tuple[int, Tensor]:
-        """Add 16 kHz mono samples; return (first frame index, features of the newly final frames)."""
+    # -- public: two phases, so that a scheduler can batch the encoder across streams
+    def windows(self, wave: Tensor) -> Tensor:
+        """Add 16 kHz mono samples; return the mel windows [n,1,80,16] that became final (encode them, then
+        pass the embeddings to `accept`)."""
         if self.finished:
             raise RuntimeError("audio pushed after end of audio")
+        if self.awaiting:
+            raise RuntimeError("accept() the embeddings of the previous windows first")
         self._append_audio(wave)
         padded_len = self.signal_start + self.signal.shape[0]
         self._compute_mel(max(0, (padded_len - N_FFT) // HOP + 1))
         # Window v is final (no end clamp possible) once mel frames s_v..s_v+15 are final.
-        self._encode_windows(final_windows(self.mel_done), None)
-        # Frame i needs P[i+7] = e_{i+6}: final once window i+6 is encoded. A smaller look-ahead emits earlier
-        # and treats the embeddings not yet heard as zeros (lower latency, no longer equal to the whole utterance).
-        return self._emit(max(0, self.windows_done - self.lookahead))
+        self.awaiting = True
+        return self._take_windows(final_windows(self.mel_done), None)
 
-    @torch.no_grad()
-    def finish(self) -> tuple[int, Tensor]:
-        """End of audio: pad short audio to 3000 samples, apply the end rules, return the remaining frames."""
+    def end_windows(self, wave: Tensor | None = None) -> Tensor:
+        """End of audio (after the optional last samples `wave`): pad short audio to 3000 samples, apply the end
+        rules, return every window not yet returned."""
         if self.finished:
             raise RuntimeError("end of audio signalled twice")
-        self.finished = True
+        if self.awaiting:
+            raise RuntimeError("accept() the embeddings of the previous windows first")
+        self.finished = self.awaiting = True
+        if wave is not None:
+            self._append_audio(wave)
         if self.samples < MIN_SAMPLES:
             self._append_audio(torch.zeros(MIN_SAMPLES - self.samples, device=self.device))
         self.signal = torch.cat([self.signal, self.signal.new_zeros(N_FFT // 2)])
         mel_frames = 1 + self.samples // HOP
         self._compute_mel(mel_frames)
-        windows = window_count(mel_frames)
-        self._encode_windows(windows, mel_frames)
-        last = self.rows[-1:]
-        self.rows = torch.cat([self.rows, last])  # P[D+1] = e_{D-1}
-        return self._emit(windows + 2)
+        return self._take_windows(window_count(mel_frames), mel_frames)
+
+    def accept(self, embeddings: Tensor) -> tuple[int, Tensor]:
+        """Embeddings [n,512] of the windows just returned → (first frame index, features [k,32,16,16] of the
+        frames that became final)."""
+        if not self.awaiting:
+            raise RuntimeError("accept() without windows to encode")
+        self.awaiting = False
+        embeddings = embeddings.to(self.device, torch.float32)
+        if self.rows_start == 0 and self.rows.shape[0] == 0 and embeddings.shape[0]:
+            embeddings = torch.cat([embeddings[:1], embeddings])  # P[0] = e0 (front padding row)
+        self.rows = torch.cat([self.rows, embeddings])
+        if self.finished:
+            self.rows = torch.cat([self.rows, self.rows[-1:]])  # P[D+1] = e_{D-1}
+            return self._emit(self.windows_done + 2)
+        # Frame i needs P[i+7] = e_{i+6}: final once window i+6 is encoded. A smaller look-ahead emits earlier
+        # and treats the embeddings not yet heard as zeros (lower latency, no longer equal to the whole utterance).
+        return self._emit(max(0, self.windows_done - self.lookahead))
+
+    def _encode(self, windows: Tensor) -> Tensor:
+        if windows.shape[0] == 0:
+            return torch.zeros(0, 512, device=self.device)
+        if self.encoder is None:
+            raise RuntimeError("this FeatureStream has no encoder: use windows()/accept()")
+        return self.encoder(windows)
+
+    @torch.no_grad()
+    def push(self, wave: Tensor) -> tuple[int, Tensor]:
+        """Add 16 kHz mono samples; return (first frame index, features of the newly final frames)."""
+        return self.accept(self._encode(self.windows(wave)))
+
+    @torch.no_grad()
+    def finish(self, wave: Tensor | None = None) -> tuple[int, Tensor]:
+        """End of audio (after the optional last samples): (first frame index, features of all remaining frames)."""
+        return self.accept(self._encode(self.end_windows(wave)))
 
     @property
     def frames_emitted(self) -> int:
@@ -366,7 +400,4 @@ class FeatureStream:
 
 def frame_features(wave: Tensor, encoder: Encoder) -> Tensor:
     """16 kHz mono waveform → per-frame generator audio input [D+2,32,16,16] (SPEC §3–§5), on its device."""
-    stream = FeatureStream(encoder, wave.device)
-    _, head = stream.push(wave)
-    _, tail = stream.finish()
-    return torch.cat([head, tail])
+    return FeatureStream(encoder, wave.device).finish(wave)[1]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import jpeg
+from .audio import FeatureStream
 from .pipeline import Pipeline, StageClock
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,18 @@ class BatchSlice:
 
 
 class ModelScheduler:
+    """Batches the audio encoder (mel windows from every session) and the generator (frames) for one model."""
+
     def __init__(self, pipeline: Pipeline, workers: DeviceWorkers, max_batch: int = 32, max_delay_ms: float = 2.0,
-                 max_queue_frames: int = 4096, max_encodes_in_flight: int = 2):
+                 max_queue_frames: int = 4096, max_encodes_in_flight: int = 2, max_encoder_batch: int = 1024):
         self.pipeline = pipeline
         self.infer_pool, self.encode_pool = workers.get(pipeline.device)
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
         self.max_queue_frames = max_queue_frames
         self.jobs: deque[Job] = deque()
         self.queued_frames = 0
+        self.windows: deque[tuple[Tensor, asyncio.Future]] = deque()  # audio-encoder work from all sessions
+        self.max_encoder_batch = max_encoder_batch
         self._wakeup = asyncio.Event()
         self._encodes = asyncio.Semaphore(max_encodes_in_flight)
         self._task: asyncio.Task | None = None
@@ -106,16 +111,62 @@ class ModelScheduler:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        for job in self.jobs:
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("model unloaded"))
+        for future in [job.future for job in self.jobs] + [f for _, f in self.windows]:
+            if not future.done():
+                future.set_exception(RuntimeError("model unloaded"))
         self.jobs.clear()
+        self.windows.clear()
         self.queued_frames = 0
 
     # -- work that runs on the device threads
     async def run_on_device(self, fn, *args):
-        """Run device work (feature extraction) on this device's inference thread, in order with batches."""
+        """Run device work (mel spectrogram, windows) on this device's inference thread, in order with batches."""
         return await asyncio.get_running_loop().run_in_executor(self.infer_pool, fn, *args)
+
+    async def features(self, stream: FeatureStream, wave: Tensor | None, end: bool) -> tuple[int, Tensor]:
+        """One step of a session's audio: new samples (and/or end of audio) → (first frame index, features of
+        the frames that became final). The encoder call is shared with every other session of the model."""
+        windows = await self.run_on_device(stream.end_windows if end else stream.windows, wave)
+        embeddings = await self.encode(windows)
+        return await self.run_on_device(stream.accept, embeddings)
+
+    def encode(self, windows: Tensor) -> asyncio.Future:
+        """Queue mel windows [n,1,80,16] for the audio encoder; resolves to embeddings [n,512]. Windows from
+        all sessions waiting at the same time go through the encoder in one call."""
+        future = asyncio.get_running_loop().create_future()
+        if windows.shape[0] == 0:
+            future.set_result(windows.new_zeros(0, 512))
+            return future
+        self.windows.append((windows, future))
+        self._wakeup.set()
+        return future
+
+    def _run_encoder(self, work: list[tuple[Tensor, asyncio.Future]]) -> list[Tensor]:
+        embeddings = self.pipeline.encoder(torch.cat([w for w, _ in work]))
+        return list(embeddings.split([w.shape[0] for w, _ in work]))
+
+    async def _encode_pending(self) -> None:
+        work, size = [], 0
+        while self.windows and size < self.max_encoder_batch:
+            windows, future = self.windows.popleft()
+            if not future.done():
+                work.append((windows, future))
+                size += windows.shape[0]
+        if not work:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.infer_pool, self._run_encoder, work)
+        except Exception as exc:
+            log.error("audio encoder batch for %s failed: %s", self.pipeline.name, exc)
+            results = [exc] * len(work)
+        for (_, future), result in zip(work, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     def submit(self, features: Tensor, frame_ids: list[int], quality: int, visual: Tensor | None = None
                ) -> asyncio.Future:
@@ -155,11 +206,13 @@ class ModelScheduler:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.jobs:
+            if not self.jobs and not self.windows:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self.queued_frames < self.max_batch and self.max_delay > 0:
                 await asyncio.sleep(self.max_delay)  # let concurrent requests join this batch
+            if self.windows:  # audio first: it gates the frames of every session
+                await self._encode_pending()
             batch = self._take_batch()
             if not batch:
                 continue

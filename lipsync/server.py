@@ -202,7 +202,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         wave = await asyncio.to_thread(decode_request_audio, request.audio, fmt, limits)
         async with self.s.model(request.model_id) as (entry, loaded_now, load_ms):
             t0 = time.perf_counter()
-            features = await entry.scheduler.run_on_device(entry.pipeline.features, wave)
+            _, features = await entry.scheduler.features(FeatureStream(None, entry.pipeline.device), wave, end=True)
             audio_ms = (time.perf_counter() - t0) * 1e3
             frames, timings = await self.s.render(entry, features, start, 0, quality)
         timings["audio"] = audio_ms
@@ -256,7 +256,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
             raise ValueError(f"lookahead_frames {cfg.lookahead_frames} is outside 0..{audio.LOOKAHEAD}")
         s.registry.entry(cfg.model_id)
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
-            features = FeatureStream(entry.pipeline.encoder, entry.pipeline.device, lookahead)
+            features = FeatureStream(None, entry.pipeline.device, lookahead)
             resampler = StreamResampler(fmt.sample_rate)
             # (render future, audio ms, arrival time) in frame order; None = end of audio; or an error
             pending: asyncio.Queue = asyncio.Queue()
@@ -273,14 +273,13 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                             raise ValueError("audio received after end_of_audio")
                         t0 = time.perf_counter()
                         if kind == "audio":
-                            wave = audio.decode_pcm(message.audio, fmt, allow_empty=True)
-                            received += wave.numel()
+                            received += len(message.audio) // fmt.frame_bytes
                             limits.check_duration(received, fmt.sample_rate)
-                            step = await entry.scheduler.run_on_device(
-                                lambda w=wave: features.push(resampler.push(w)))
+                            wave = await asyncio.to_thread(_decode_chunk, message.audio, fmt, resampler)
+                            step = await entry.scheduler.features(features, wave, end=False)
                         elif kind == "end_of_audio":
                             ended = True
-                            step = await entry.scheduler.run_on_device(lambda: _finish(features, resampler))
+                            step = await entry.scheduler.features(features, resampler.finish(), end=True)
                         else:
                             raise ValueError("config may only be sent once, as the first message")
                         first_index, feats = step
@@ -366,10 +365,9 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                  queued_frames=r.queued_frames)
 
 
-def _finish(features: FeatureStream, resampler: StreamResampler) -> tuple[int, torch.Tensor]:
-    first, head = features.push(resampler.finish())
-    _, tail = features.finish()
-    return first, torch.cat([head, tail])
+def _decode_chunk(data: bytes, fmt: AudioFormat, resampler: StreamResampler) -> torch.Tensor:
+    """One stream chunk → 16 kHz samples (CPU work, kept off the event loop)."""
+    return resampler.push(audio.decode_pcm(data, fmt, allow_empty=True))
 
 
 def _gpu_id(device: str) -> int:
@@ -436,7 +434,8 @@ class MonolithicService(mono_grpc.MonolithicServiceServicer):
                 raise ValueError("visual_frames are 6x320x320 and need a 328-variant model")
             t0 = time.perf_counter()
             if wave is not None:
-                features = (await entry.scheduler.run_on_device(entry.pipeline.features, wave))[:n]
+                stream = FeatureStream(None, entry.pipeline.device)
+                features = (await entry.scheduler.features(stream, wave, end=True))[1][:n]
             else:
                 features = fixed.expand(n, -1, -1, -1).to(entry.pipeline.device)
             audio_ms = (time.perf_counter() - t0) * 1e3
