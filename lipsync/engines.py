@@ -196,6 +196,13 @@ def _compiled(net: nn.Module, config: EngineConfig, device: torch.device, dtype:
     mode = "reduce-overhead" if (config.cuda_graphs and device.type == "cuda") else None
     BUILDS["compile"] += 1
     compiled = torch.compile(net, mode=mode, dynamic=False, fullgraph=True)
+    if mode == "reduce-overhead":
+        graphed = compiled
+
+        def compiled(*inputs: Tensor) -> Tensor:
+            # A CUDA-graph replay reuses its output buffer: start a new step and hand out a copy.
+            torch.compiler.cudagraph_mark_step_begin()
+            return graphed(*inputs).clone()
     return _bucketed(compiled, [b for b in config.batch_buckets if b <= config.max_batch] or [config.max_batch])
 
 

@@ -109,9 +109,6 @@ class Pipeline:
         """16 kHz waveform on the device → per-frame audio features [D+2,32,16,16]."""
         return audio.frame_features(wave, self.encoder)
 
-    def feature_stream(self) -> audio.FeatureStream:
-        return audio.FeatureStream(self.encoder, self.device)
-
     def infer(self, features: Tensor, frame_ids: list[int], visual: Tensor | None = None) -> Tensor:
         """Generator predictions [B,3,S,S] (BGR, 0..1); `visual` overrides the avatar's own inputs."""
         if visual is None:

@@ -126,6 +126,7 @@ class Server:
         self.registry, self.limits = registry, limits
         self.active_streams = 0
         self.accepting = True
+        self.health: health.aio.HealthServicer | None = None  # grpc.health.v1, set once serving
 
     @asynccontextmanager
     async def model(self, model_id: str) -> AsyncIterator[tuple[ModelEntry, bool, float]]:

@@ -7,6 +7,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from lipsync.avatar import AvatarError, avatar_frame, find_source, load_avatar
 
@@ -136,3 +137,14 @@ def test_video_source(tiny_avatar, tmp_path):
     assert avatar.frame_count == 6 and avatar.frames.shape[1:] == (3, 192, 256)
     reference = load_avatar(tiny_avatar)
     assert (avatar.frames.int() - reference.frames.int()).abs().float().mean() < 3
+
+
+def test_avatar_import_cli_converts_a_dataset(synctalk_dataset, tmp_path):
+    from lipsync.cli import main
+
+    out = tmp_path / "imported"
+    assert main(["avatar", "import", str(synctalk_dataset), str(out)]) == 0
+    imported, original = load_avatar(out), load_avatar(synctalk_dataset)
+    assert imported.rects == original.rects
+    assert torch.equal(imported.frames, original.frames)
+    assert main(["avatar", "info", str(out)]) == 0
