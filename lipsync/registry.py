@@ -286,10 +286,11 @@ class Registry:
         if not entry.loaded:
             return
         log.info("unloading model %s from %s: %s", entry.spec.name, entry.device, reason)
-        if entry.scheduler:
-            await entry.scheduler.stop()
-        device = entry.device
+        # Mark it unloaded before awaiting anything, so a request arriving meanwhile loads it afresh.
+        scheduler, device = entry.scheduler, entry.device
         entry.pipeline, entry.scheduler, entry.device, entry.uses = None, None, "", 0
+        if scheduler:
+            await scheduler.stop()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         if self.on_evict and reason != "shutdown":
