@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common import environment, sync, write
+from common import environment, figure, save_figure, sync, write
 from lipsync.engines import EngineConfig, EngineError, build_engine
 from lipsync.models import AudioEncoder, Generator
 from lipsync.pipeline import pick_device
@@ -31,21 +31,13 @@ def time_engine(fn, inputs, device, repeats: int) -> float:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax,) = figure()
     for label in sorted({r["engine"] for r in rows}):
         pts = [(r["batch"], r["fps"]) for r in rows if r["engine"] == label]
         ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xlabel("batch size (frames)")
-    ax.set_ylabel("frames/s (generator + audio encoder)")
-    ax.set_title(f"lipsync engines on {rows[0]['device']}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set(xlabel="batch size (frames)", ylabel="frames/s (generator + audio encoder)",
+           title=f"lipsync engines on {rows[0]['device']}")
+    save_figure(fig, [ax], path)
 
 
 def main() -> None:
@@ -110,9 +102,7 @@ def main() -> None:
           args.out)
     measured = [r for r in rows if "fps" in r]
     if args.out and measured:
-        png = Path(args.out).with_suffix(".png")
-        plot(measured, png)
-        print(f"plot: {png}")
+        plot(measured, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

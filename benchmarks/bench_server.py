@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import assets, environment, write
+from common import assets, environment, figure, save_figure, write
 from lipsync import audio
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync.client import channel, percentile, stream, summarize, synthesize
@@ -58,11 +58,7 @@ async def synthesize_p50(target: str, pcm24: bytes, repeats: int) -> float:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = figure(2, (11, 4.2))
     for paced in (False, True):
         pts = [r for r in rows if r["paced"] == paced]
         label = "real-time paced" if paced else "flat out"
@@ -70,11 +66,7 @@ def plot(rows: list[dict], path: Path) -> None:
         b.plot([r["streams"] for r in pts], [r["latency_ms"]["p95"] for r in pts], marker="o", label=label)
     a.set(xlabel="concurrent streams", ylabel="aggregate frames/s", title="throughput")
     b.set(xlabel="concurrent streams", ylabel="frame latency p95 (ms)", title="latency", yscale="log")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, [a, b], path)
 
 
 def main() -> None:

@@ -49,3 +49,22 @@ def write(result: dict, out: str | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
         print(f"wrote {path.resolve()}", file=sys.stderr)
+
+
+def figure(columns: int = 1, size: tuple[float, float] = (7, 4.5)):
+    """A matplotlib figure (headless backend) with `columns` axes side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, columns, figsize=size, squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, axes, path: Path) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}", file=sys.stderr)
