@@ -96,7 +96,8 @@ class ModelScheduler:
         self._wakeup = asyncio.Event()
         self._encodes = asyncio.Semaphore(max_encodes_in_flight)
         self._task: asyncio.Task | None = None
-        self.batches = 0
+        self.batches = 0  # generator calls
+        self.encoder_calls = 0
         self.on_batch = None  # optional callback(batch_size) for metrics
 
     def start(self) -> None:
@@ -142,6 +143,7 @@ class ModelScheduler:
         return future
 
     def _run_encoder(self, work: list[tuple[Tensor, asyncio.Future]]) -> list[Tensor]:
+        self.encoder_calls += 1
         embeddings = self.pipeline.encoder(torch.cat([w for w, _ in work]))
         return list(embeddings.split([w.shape[0] for w, _ in work]))
 
