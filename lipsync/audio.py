@@ -327,14 +327,17 @@ class FeatureStream:
         self.rows, self.rows_start = self.rows[drop:], self.rows_start + drop
         return first, features_from_rows(block)
 
+    def _begin_step(self, after_end: str) -> None:
+        if self.finished:
+            raise RuntimeError(after_end)
+        if self.awaiting:
+            raise RuntimeError("accept() the embeddings of the previous windows first")
+
     # -- public: two phases, so that a scheduler can batch the encoder across streams
     def windows(self, wave: Tensor) -> Tensor:
         """Add 16 kHz mono samples; return the mel windows [n,1,80,16] that became final (encode them, then
         pass the embeddings to `accept`)."""
-        if self.finished:
-            raise RuntimeError("audio pushed after end of audio")
-        if self.awaiting:
-            raise RuntimeError("accept() the embeddings of the previous windows first")
+        self._begin_step("audio pushed after end of audio")
         self._append_audio(wave)
         padded_len = self.signal_start + self.signal.shape[0]
         self._compute_mel(max(0, (padded_len - N_FFT) // HOP + 1))
@@ -345,10 +348,7 @@ class FeatureStream:
     def end_windows(self, wave: Tensor | None = None) -> Tensor:
         """End of audio (after the optional last samples `wave`): pad short audio to 3000 samples, apply the end
         rules, return every window not yet returned."""
-        if self.finished:
-            raise RuntimeError("end of audio signalled twice")
-        if self.awaiting:
-            raise RuntimeError("accept() the embeddings of the previous windows first")
+        self._begin_step("end of audio signalled twice")
         self.finished = self.awaiting = True
         if wave is not None:
             self._append_audio(wave)

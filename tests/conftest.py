@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from lipsync.demo import make_avatar, make_weights
+from lipsync.engines import EngineConfig
+from lipsync.pipeline import ModelSpec, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "tests" / "data" / "spec"  # the key lists of SPEC §4/§6
@@ -39,3 +41,16 @@ def synctalk_dataset(tmp_path_factory) -> Path:
 def speech() -> torch.Tensor:
     from lipsync.audio import load_wav
     return load_wav(SPEECH)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(weights, tiny_avatar) -> ModelSpec:
+    """The seeded 328 model on the tiny avatar."""
+    return ModelSpec.from_dict("t", {"checkpoint": weights["328"], "audio_encoder": weights["encoder"],
+                                     "avatar": tiny_avatar})
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_spec):
+    """`tiny_spec` loaded on the CPU with the eager engine and 4-frame micro-batches."""
+    return load_pipeline(tiny_spec, EngineConfig.from_dict({"backend": "eager"}), "cpu", micro_batch=4)

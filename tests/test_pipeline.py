@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lipsync import audio
 from lipsync.engines import EngineConfig
-from lipsync.pipeline import ModelSpec, load_pipeline
+from lipsync.pipeline import load_pipeline
 
 
 class HostCopyForbidden(TorchFunctionMode):
@@ -37,13 +37,6 @@ class NoScalarSync(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             raise AssertionError("tensor → Python scalar inside the pipeline")
         return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture(scope="module")
-def pipeline(weights, tiny_avatar):
-    spec = ModelSpec.from_dict("t", {"checkpoint": weights["328"], "audio_encoder": weights["encoder"],
-                                     "avatar": tiny_avatar})
-    return load_pipeline(spec, EngineConfig.from_dict({"backend": "eager"}), "cpu", micro_batch=4)
 
 
 def test_synthesize_returns_every_frame(pipeline, speech):
@@ -81,10 +74,8 @@ def test_engine_output_matches_plain_model(pipeline, weights):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_pipeline_keeps_frames_on_the_device(weights, tiny_avatar, speech):
-    spec = ModelSpec.from_dict("t", {"checkpoint": weights["328"], "audio_encoder": weights["encoder"],
-                                     "avatar": tiny_avatar})
-    cuda = load_pipeline(spec, EngineConfig.from_dict({"backend": "eager"}), "cuda", micro_batch=32)
+def test_cuda_pipeline_keeps_frames_on_the_device(tiny_spec, speech):
+    cuda = load_pipeline(tiny_spec, EngineConfig.from_dict({"backend": "eager"}), "cuda", micro_batch=32)
     assert cuda.avatar.frames.is_cuda and cuda.avatar.templates.is_cuda
     pcm = (speech[:8000].numpy() * 32767).astype(np.int16).tobytes()
     wave = audio.decode_pcm(pcm, audio.AudioFormat("s16le", 16000, 1), device="cuda")

@@ -8,16 +8,7 @@ import pytest
 import torch
 
 from lipsync import audio
-from lipsync.engines import EngineConfig
-from lipsync.pipeline import ModelSpec, load_pipeline
 from lipsync.scheduler import DeviceWorkers, ModelScheduler, QueueFull
-
-
-@pytest.fixture(scope="module")
-def pipeline(weights, tiny_avatar):
-    spec = ModelSpec.from_dict("t", {"checkpoint": weights["328"], "audio_encoder": weights["encoder"],
-                                     "avatar": tiny_avatar})
-    return load_pipeline(spec, EngineConfig.from_dict({"backend": "eager"}), "cpu", micro_batch=4)
 
 
 def test_sessions_share_encoder_and_generator_calls(pipeline, speech):
