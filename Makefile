@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := lipsync/_proto/__init__.py
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 ## setup: .venv with the pinned torch 2.11 family, lipsync editable with its dev extras, gRPC stubs (idempotent)
 setup: $(STAMP) $(STUBS)
@@ -29,6 +29,12 @@ demo: setup
 ## bench: this machine's pipeline figures into benchmarks/results/
 bench: setup
 	$(PY) benchmarks/bench_pipeline.py --out benchmarks/results/pipeline-$$($(PY) -c 'import torch;print("cuda" if torch.cuda.is_available() else "cpu")').json
+
+## gpu-check: on a CUDA machine, the CUDA tests + every benchmark → benchmarks/results/*-cuda-<gpu>.json
+##   (NO_SETUP=1 PY=python3 uses an existing environment instead of .venv; STEPS=tests,engines picks steps)
+STEPS ?= tests,engines,pipeline,server,live
+gpu-check: $(if $(NO_SETUP),,setup)
+	$(PY) benchmarks/gpu_check.py --steps $(STEPS)
 
 clean:
 	rm -rf out .pytest_cache

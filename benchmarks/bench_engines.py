@@ -44,7 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backends", default="eager", help="comma list of eager, compile, compile+cudagraphs, "
-                                                            "tensorrt, eager-nchw")
+                                                            "tensorrt, eager-nchw; BACKEND:PRECISION fixes the "
+                                                            "precision of one entry")
     parser.add_argument("--precisions", default="auto")
     parser.add_argument("--batches", default="1,8,24,32")
     parser.add_argument("--repeats", type=int, default=0, help="timed calls per point (default 3 CPU, 50 CUDA)")
@@ -57,8 +58,10 @@ def main() -> None:
     repeats = args.repeats or (50 if device.type == "cuda" else 3)
     torch.manual_seed(0)
     rows = []
-    for backend in args.backends.split(","):
-        for precision in args.precisions.split(","):
+    plan = [(b.split(":")[0], [b.split(":")[1]] if ":" in b else args.precisions.split(","))
+            for b in args.backends.split(",")]
+    for backend, precisions in plan:
+        for precision in precisions:
             settings = {"backend": backend.split("+")[0].replace("-nchw", ""), "precision": precision,
                         "batch_buckets": batches, "max_batch": max(batches), "opt_batch": min(24, max(batches)),
                         "cuda_graphs": backend.endswith("+cudagraphs"), "cache_dir": "out/engine_cache"}

@@ -143,6 +143,7 @@ def test_engine_cache_hits_and_rebuilds_corrupt_entries(tmp_path, caplog):
     assert len(builds) == 3
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not TRT_OK, reason=f"TensorRT path needs torch_tensorrt and CUDA: {TRT_WHY}")
 def test_tensorrt_fp16_engine_is_cached(tmp_path, weights):
     config = EngineConfig.from_dict({"backend": "tensorrt", "cache_dir": str(tmp_path), "opt_batch": 4,
@@ -156,6 +157,7 @@ def test_tensorrt_fp16_engine_is_cached(tmp_path, weights):
     assert BUILDS["tensorrt"] == before + 1  # second load hit the cache
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend,extra", [("eager", {}), ("compile", {}), ("compile", {"cuda_graphs": True})])
 def test_cuda_backends_match_eager(weights, backend, extra):

@@ -73,6 +73,7 @@ def test_engine_output_matches_plain_model(pipeline, weights):
     torch.testing.assert_close(pipeline.infer(feats, ids), ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_pipeline_keeps_frames_on_the_device(tiny_spec, speech):
     cuda = load_pipeline(tiny_spec, EngineConfig.from_dict({"backend": "eager"}), "cuda", micro_batch=32)
