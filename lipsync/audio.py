@@ -125,39 +125,90 @@ def load_wav(path: str | Path, device: str | torch.device = "cpu") -> Tensor:
     return resample(decode_pcm(data, fmt, device), fmt.sample_rate)
 
 
-def resample(wave: Tensor, sample_rate: int) -> Tensor:
-    """Resample a mono waveform to 16 kHz with torchaudio, on its device."""
-    if sample_rate == SAMPLE_RATE:
+LOWPASS_WIDTH, ROLLOFF = 6, 0.99  # torchaudio.functional.resample's defaults (sinc, Hann window)
+MAX_KERNEL = 1 << 20  # torchaudio's polyphase kernel has new/g × (orig/g + 2·width) taps: above this, resample directly
+DIRECT_CHUNK = 1 << 15  # output samples per step of the direct resampler (bounds its memory)
+
+
+def _reduced(orig: int, new: int) -> tuple[int, int, int]:
+    """(orig/g, new/g, width) of torchaudio's polyphase filter for orig → new Hz."""
+    g = math.gcd(orig, new)
+    o, n = orig // g, new // g
+    return o, n, math.ceil(LOWPASS_WIDTH * o / (ROLLOFF * min(o, n)))
+
+
+def uses_polyphase(orig: int, new: int) -> bool:
+    """Whether torchaudio's polyphase kernel for orig → new Hz is small enough to build (common rates)."""
+    o, n, width = _reduced(orig, new)
+    return n * (o + 2 * width) <= MAX_KERNEL
+
+
+def resample(wave: Tensor, sample_rate: int, new_rate: int = SAMPLE_RATE) -> Tensor:
+    """Resample a mono waveform (default: to 16 kHz) on its device. Common rates use torchaudio's polyphase
+    filter; rates whose kernel would be huge (e.g. 8001 Hz) evaluate the same windowed sinc directly, in
+    bounded memory."""
+    if sample_rate == new_rate:
         return wave
-    return AF.resample(wave, sample_rate, SAMPLE_RATE)
+    if uses_polyphase(sample_rate, new_rate):
+        return AF.resample(wave, sample_rate, new_rate)
+    resampler = StreamResampler(sample_rate, new_rate)
+    return torch.cat([resampler.push(wave), resampler.finish()])
+
+
+def _direct_resample(signal: Tensor, first_input: int, outputs: range, orig: int, new: int) -> Tensor:
+    """Output samples `outputs` of orig → new Hz resampling, from input samples signal = x[first_input:…]
+    (zero outside): y[m] = Σ_n x[n]·h((n/orig − m/new)·min_rate·rolloff), h = torchaudio's Hann-windowed sinc."""
+    o, n, width = _reduced(orig, new)
+    base = min(o, n) * ROLLOFF
+    taps = torch.arange(-width, width + 2, device=signal.device)
+    pieces = []
+    for lo in range(outputs.start, outputs.stop, DIRECT_CHUNK):
+        m = torch.arange(lo, min(lo + DIRECT_CHUNK, outputs.stop), device=signal.device, dtype=torch.int64)
+        anchor = m * o // n  # input sample at or before output m (in reduced units both are exact integers)
+        frac = (m * o - anchor * n).double() / n
+        t = ((taps[None] - frac[:, None]) * (base / o)).clamp_(-LOWPASS_WIDTH, LOWPASS_WIDTH)
+        window = torch.cos(t * (math.pi / LOWPASS_WIDTH / 2)) ** 2
+        t = t * math.pi
+        kernel = torch.where(t == 0, torch.ones_like(t), t.sin() / t) * window * (base / o)
+        index = anchor[:, None] + taps[None] - first_input
+        valid = (index >= 0) & (index < signal.numel())
+        values = signal[index.clamp(0, max(signal.numel() - 1, 0))] * valid if signal.numel() else \
+            torch.zeros_like(kernel, dtype=signal.dtype)
+        pieces.append((values.double() * kernel).sum(1).to(signal.dtype))
+    return torch.cat(pieces) if pieces else signal.new_zeros(0)
 
 
 class StreamResampler:
-    """Chunked resampling to 16 kHz whose output equals `resample` of the concatenated input.
+    """Chunked resampling (default: to 16 kHz) whose output equals `resample` of the concatenated input.
 
-    torchaudio's polyphase filter maps each block of `orig` input samples to `new` output samples using input
-    within `width` samples either side. We keep a block-aligned tail of the input and resample it with
-    enough left context, keeping only output blocks whose support is complete.
+    Common rates: torchaudio's polyphase filter maps each block of `orig` input samples to `new` output samples
+    using input within `width` samples either side; we keep a block-aligned tail of the input and resample it
+    with enough left context, keeping only output blocks whose support is complete. Other rates: the windowed
+    sinc is evaluated directly per output sample, keeping only the input tail the next outputs need.
     """
 
-    def __init__(self, sample_rate: int):
-        self.rate = sample_rate
-        g = math.gcd(sample_rate, SAMPLE_RATE)
-        self.orig, self.new = sample_rate // g, SAMPLE_RATE // g
-        width = math.ceil(6 * self.orig / (0.99 * min(self.orig, self.new)))  # torchaudio's filter half-width
-        self.context_blocks = math.ceil(width / self.orig) + 1
-        self.tail: Tensor | None = None  # input from global block `tail_block` on
+    def __init__(self, sample_rate: int, new_rate: int = SAMPLE_RATE):
+        self.rate, self.new_rate = sample_rate, new_rate
+        self.orig, self.new, self.width = _reduced(sample_rate, new_rate)
+        self.polyphase = uses_polyphase(sample_rate, new_rate)
+        self.context_blocks = math.ceil(self.width / self.orig) + 1
+        self.tail: Tensor | None = None  # input from global block `tail_block` (polyphase) or sample `tail_start`
         self.tail_block = 0
-        self.done_blocks = 0  # output blocks already emitted
+        self.tail_start = 0
+        self.done_blocks = 0  # output blocks (polyphase) or samples (direct) already emitted
         self.total_in = 0
         self.device = torch.device("cpu")
 
     def push(self, wave: Tensor) -> Tensor:
         self.device = wave.device
-        if self.rate == SAMPLE_RATE:
+        if self.rate == self.new_rate:
             return wave
         self.total_in += wave.numel()
         self.tail = wave if self.tail is None else torch.cat([self.tail, wave])
+        if not self.polyphase:
+            # output m needs input up to anchor(m) + width + 1
+            ready = max(0, ((self.total_in - self.width - 2) * self.new + self.new - 1) // self.orig)
+            return self._emit_direct(ready)
         start_in = self.tail_block * self.orig
         available = start_in + self.tail.numel()
         # Output block j needs input up to j*orig + orig + width; keep a margin of one context.
@@ -165,18 +216,31 @@ class StreamResampler:
         return self._emit(final_blocks)
 
     def finish(self) -> Tensor:
-        if self.rate == SAMPLE_RATE or self.tail is None:
+        if self.rate == self.new_rate or self.tail is None:
             return torch.zeros(0, device=self.device)
+        if not self.polyphase:
+            return self._emit_direct(math.ceil(self.new_rate * self.total_in / self.rate))
         return self._emit(None)
+
+    def _emit_direct(self, stop: int) -> Tensor:
+        assert self.tail is not None
+        if stop <= self.done_blocks:
+            return self.tail.new_zeros(0)
+        out = _direct_resample(self.tail, self.tail_start, range(self.done_blocks, stop), self.rate, self.new_rate)
+        self.done_blocks = stop
+        keep_from = max(self.tail_start, stop * self.orig // self.new - self.width - 1)
+        self.tail = self.tail[keep_from - self.tail_start:]
+        self.tail_start = keep_from
+        return out
 
     def _emit(self, final_blocks: int | None) -> Tensor:
         assert self.tail is not None
         if final_blocks is not None and final_blocks <= self.done_blocks:
             return self.tail.new_zeros(0)
-        out = AF.resample(self.tail, self.rate, SAMPLE_RATE)
+        out = AF.resample(self.tail, self.rate, self.new_rate)
         first = (self.done_blocks - self.tail_block) * self.new
         if final_blocks is None:
-            total_out = math.ceil(SAMPLE_RATE * self.total_in / self.rate)
+            total_out = math.ceil(self.new_rate * self.total_in / self.rate)
             stop = total_out - self.tail_block * self.new
             self.done_blocks = math.ceil(total_out / self.new)
         else:

@@ -1,5 +1,6 @@
 """`lipsync client`: drive a lipsync server with a WAV by Synthesize or Stream, alone or as N concurrent
-sessions; save JPEG frames and/or an MP4, print per-stage timings, fps and latency percentiles."""
+sessions, or play a conversation script through a live session (Converse); save JPEG frames and/or an MP4,
+print per-stage timings, fps and latency percentiles (or the conversation's latencies and late frames)."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +114,159 @@ async def stream(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: audio.A
     return result
 
 
+# --------------------------------------------------------------------------- live sessions
+@dataclass
+class Say:
+    """One utterance of a conversation: its audio, when it is sent (seconds from the session's start), and
+    optionally when the client barges in on it."""
+    pcm: bytes
+    fmt: audio.AudioFormat
+    at: float = 0.0
+    interrupt_at: float | None = None
+    id: str = ""
+    barge_in: bool = False  # start with interrupt=true (drops whatever is still playing)
+
+
+@dataclass
+class ConverseResult:
+    session: pb.SessionInfo
+    frames: list[pb.LiveFrame] = field(default_factory=list)
+    received_s: list[float] = field(default_factory=list)  # arrival of each frame, seconds after the session info
+    events: list[tuple[int, pb.ConverseEvent]] = field(default_factory=list)  # (frame index, event)
+
+    def summary(self) -> dict:
+        """Per-utterance latency/interruption, late frames and pacing, as a JSON-able dict."""
+        kinds = {name: sum(f.kind == value for f in self.frames)
+                 for name, value in (("idle", pb.IDLE), ("speech", pb.SPEECH), ("held", pb.HELD))}
+        interval = self.session.frame_interval_ms / 1e3
+        offsets = [(t - self.received_s[0]) - (f.index - self.frames[0].index) * interval
+                   for f, t in zip(self.frames, self.received_s)] if self.frames else []
+        utterances: dict[str, dict] = {}
+        for index, event in self.events:
+            kind = event.WhichOneof("event")
+            body = getattr(event, kind)
+            if kind == "started":
+                utterances.setdefault(body.utterance_id, {}).update(
+                    first_frame=body.first_frame, first_frame_latency_ms=round(body.latency_ms, 1))
+            elif kind == "finished":
+                utterances.setdefault(body.utterance_id, {}).update(
+                    last_frame=body.last_frame, interrupted=body.interrupted, frames_played=body.frames_played,
+                    frames_total=body.frames_total, played_ms=body.played_ms, late_frames=body.late_frames)
+        return {"frames": len(self.frames), **kinds, "late_frames": kinds["held"],
+                "frame_interval_ms": round(self.session.frame_interval_ms, 3),
+                "pacing_ms": {"max_late": round(max(offsets, default=0) * 1e3, 1),
+                              "max_early": round(-min(offsets, default=0) * 1e3, 1)},
+                "utterances": utterances}
+
+
+async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say], duration_s: float,
+                   start_frame: int = 0, quality: int = 0, output_rate: int = 0, realtime: bool = False,
+                   chunk_ms: float = 40.0, timeout: float | None = None, metadata=None) -> ConverseResult:
+    """Run one live session for `duration_s` media seconds, sending each utterance at its time (all at once, as
+    a TTS faster than real time would, or paced in real time), and collect every frame and event."""
+    if not utterances:
+        fmt = audio.AudioFormat("s16le", audio.SAMPLE_RATE, 1)
+    else:
+        fmt = utterances[0].fmt
+        if any(u.fmt != fmt for u in utterances):
+            raise ValueError("every utterance of a session must have the same audio format")
+    ready = asyncio.Event()
+    scale = [1.0]
+
+    def plan() -> list[tuple[float, pb.ConverseRequest]]:
+        """Every message with its send time (media seconds), in order; an utterance stops at its barge-in."""
+        timed = []
+        chunk = max(fmt.frame_bytes, int(fmt.sample_rate * chunk_ms / 1000) * fmt.frame_bytes)
+        for k, u in enumerate(utterances):
+            stop = u.interrupt_at if u.interrupt_at is not None else float("inf")
+            timed.append((u.at, 3 * k, pb.ConverseRequest(start_utterance=pb.UtteranceStart(
+                utterance_id=u.id, interrupt=u.barge_in))))
+            t = u.at
+            for lo in range(0, len(u.pcm), chunk):
+                t = u.at + lo / fmt.frame_bytes / fmt.sample_rate if realtime else u.at
+                if t >= stop:
+                    break
+                timed.append((t, 3 * k + 1, pb.ConverseRequest(audio=u.pcm[lo:lo + chunk])))
+            else:
+                timed.append((t, 3 * k + 1, pb.ConverseRequest(end_utterance=True)))
+            if u.interrupt_at is not None:
+                timed.append((u.interrupt_at, 3 * k + 2, pb.ConverseRequest(interrupt=True)))
+        return [(t, m) for t, _, m in sorted(timed, key=lambda x: (x[0], x[1]))]
+
+    async def requests():
+        yield pb.ConverseRequest(config=pb.ConverseConfig(
+            model_id=model, start_frame=start_frame, jpeg_quality=quality, output_sample_rate=output_rate,
+            format=pb.AudioFormat(encoding=ENCODINGS[fmt.encoding], sample_rate=fmt.sample_rate,
+                                  channels=fmt.channels)))
+        await ready.wait()
+        origin = time.perf_counter()
+        for t, message in plan() + [(duration_s, None)]:
+            await asyncio.sleep(max(0.0, origin + t * scale[0] - time.perf_counter()))
+            if message is None:
+                return  # half-close: the session ends
+            yield message
+
+    result: ConverseResult | None = None
+    origin = 0.0
+    async for response in stub.Converse(requests(), timeout=timeout, metadata=metadata):
+        now = time.perf_counter()
+        if response.HasField("session"):
+            result, origin = ConverseResult(response.session), now
+            scale[0] = response.session.frame_interval_ms / 1e3 * audio.FPS
+            ready.set()
+            continue
+        assert result is not None, "the first Converse response carries the session info"
+        result.frames.append(response.frame)
+        result.received_s.append(now - origin)
+        result.events.extend((response.frame.index, e) for e in response.events)
+    if result is None:
+        raise RuntimeError("the live session ended before it started")
+    return result
+
+
+def load_script(path: str | Path) -> tuple[list[Say], float]:
+    """A conversation script (YAML): `duration` (seconds) and `utterances`, each `{audio: WAV path relative to
+    the script, at: seconds, interrupt_at: optional seconds, id: optional, barge_in: optional}`."""
+    from omegaconf import OmegaConf
+
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise FileNotFoundError(f"conversation script not found: {file}")
+    script = OmegaConf.to_container(OmegaConf.load(file))
+    if not isinstance(script, dict) or "duration" not in script:
+        raise ValueError(f"{file}: a conversation script needs `duration` and `utterances`")
+    says = []
+    for k, item in enumerate(script.get("utterances") or []):
+        unknown = set(item) - {"audio", "at", "interrupt_at", "id", "barge_in"}
+        if unknown or "audio" not in item:
+            raise ValueError(f"{file}: utterance {k} needs `audio` and may have at, interrupt_at, id, barge_in "
+                             f"(unknown: {sorted(unknown)})")
+        pcm, fmt = audio.read_wav(file.parent / str(item["audio"]))
+        interrupt_at = item.get("interrupt_at")
+        says.append(Say(pcm, fmt, float(item.get("at", 0.0)), None if interrupt_at is None else float(interrupt_at),
+                        str(item.get("id", f"u{k}")), bool(item.get("barge_in", False))))
+    return says, float(script["duration"])
+
+
+def save_conversation(result: ConverseResult, out: str) -> Path:
+    """The continuous video with the audio the frames carried, as MP4."""
+    import numpy as np
+    import torch
+    from torchvision.io import decode_jpeg
+
+    from .video import Mp4Writer
+
+    def image(data: bytes):
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    first = image(result.frames[0].jpeg)
+    writer = Mp4Writer(out, first.shape[2], first.shape[1], sample_rate=result.session.output_sample_rate)
+    for f in result.frames:
+        writer.write(image(f.jpeg)[None])
+    pcm = b"".join(f.audio for f in result.frames)
+    wave = torch.from_numpy(np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0)
+    return writer.close(wave)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else 0.0
@@ -152,7 +306,28 @@ def save_outputs(result: SessionResult, wave_16k, frames_out: str | None, out: s
         print(f"video: {writer.close(wave_16k)}")
 
 
+async def run_converse(args: argparse.Namespace) -> dict:
+    says, duration = load_script(args.converse)
+    async with channel(args.server) as ch:
+        result = await converse(pb_grpc.LipSyncStub(ch), args.model, says, duration, args.start_frame,
+                                args.quality, args.output_rate, args.realtime, args.chunk_ms, args.timeout)
+    summary = {"mode": "converse", **result.summary()}
+    if args.out and result.frames:
+        print(f"video: {save_conversation(result, args.out)}")
+    if args.frames_out:
+        folder = Path(args.frames_out).expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in result.frames:
+            (folder / f"{f.index:06d}.jpg").write_bytes(f.jpeg)
+        print(f"frames: {folder}")
+    return summary
+
+
 async def run(args: argparse.Namespace) -> dict:
+    if args.converse:
+        return await run_converse(args)
+    if not args.audio:
+        raise ValueError("client: give --audio WAV (or --converse SCRIPT.yaml)")
     data, fmt = audio.read_wav(args.audio)
     async with channel(args.server) as ch:
         stub = pb_grpc.LipSyncStub(ch)
@@ -178,12 +353,19 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("client", help="send a WAV to a lipsync server (Synthesize or Stream)")
+    p = sub.add_parser("client", help="send a WAV to a lipsync server (Synthesize or Stream), or play a "
+                                      "conversation script through a live session (--converse)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--server", default="127.0.0.1:50051")
     p.add_argument("--model", default="demo")
-    p.add_argument("--audio", required=True, help="WAV file (16-bit PCM or float)")
+    p.add_argument("--audio", help="WAV file (16-bit PCM or float)")
     p.add_argument("--stream", action="store_true", help="use the Stream RPC instead of Synthesize")
-    p.add_argument("--realtime", action="store_true", help="pace the stream at the audio's real-time rate")
+    p.add_argument("--converse", metavar="SCRIPT.yaml", help="play a conversation script (duration, utterances "
+                   "with audio/at/interrupt_at) through a live session; --out writes the continuous video")
+    p.add_argument("--output-rate", type=int, default=0, help="--converse: sample rate of the audio carried with "
+                   "the frames (0 = the input's)")
+    p.add_argument("--realtime", action="store_true", help="pace the stream (or each utterance) at the audio's "
+                   "real-time rate")
     p.add_argument("--chunk-ms", type=float, default=40.0, help="stream chunk size")
     p.add_argument("--batch", type=int, default=0, help="Synthesize: frames per request (0 = whole audio)")
     p.add_argument("--start-frame", type=int, default=0)
@@ -201,5 +383,8 @@ def run_client(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         print(f"lipsync client: {exc.code().name}: {exc.details()}")
         return 1
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"lipsync client: error: {exc}")
+        return 2
     print(json.dumps(summary, indent=2))
     return 0

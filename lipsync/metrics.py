@@ -14,6 +14,11 @@ STAGE_MS = Histogram("lipsync_stage_ms", "Per-request stage latency in ms", ["mo
 BATCH_SIZE = Histogram("lipsync_batch_size", "Largest generator batch each request joined", ["model"],
                        buckets=(1, 2, 4, 8, 16, 24, 32, 64))
 ACTIVE_STREAMS = Gauge("lipsync_active_streams", "Open Stream RPCs")
+LIVE_SESSIONS = Gauge("lipsync_live_sessions", "Open live sessions (Converse)")
+LATE_FRAMES = Counter("lipsync_late_frames", "Live frame slots shown HELD because the speech frame was not ready",
+                      ["model"])
+FIRST_FRAME_MS = Histogram("lipsync_first_frame_ms", "Live utterances: first audio to first frame sent, ms",
+                           ["model"], buckets=MS_BUCKETS)
 EVICTIONS = Counter("lipsync_evictions", "Models unloaded to make room or after idling", ["model"])
 
 

@@ -99,10 +99,11 @@ class Pipeline:
     """A loaded model on one device. Thread-compatible: callers serialise `infer`/`finish` per device."""
 
     def __init__(self, generator: Engine, encoder: Engine, avatar: Avatar, device: torch.device,
-                 micro_batch: int = 32, name: str = "model", weight_bytes: int = 0):
+                 micro_batch: int = 32, name: str = "model", weight_bytes: int = 0, asr: str = "ave"):
         self.generator, self.encoder, self.avatar, self.device = generator, encoder, avatar, device
         self.micro_batch, self.name, self.weight_bytes = micro_batch, name, weight_bytes
         self.size = avatar.size
+        self.generator_audio_shape = AUDIO_FEATURE_SHAPE[asr]  # per-frame audio input of the generator
 
     # -- stages
     def features(self, wave: Tensor) -> Tensor:
@@ -181,8 +182,7 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
                              device, f"{spec.name}/generator", key, spec.engine_file, progress)
     encoder = build_engine(encoder_net, [(1, 80, 16)], engine_config, device, f"{spec.name}/audio_encoder",
                            {"checkpoint": file_digest(spec.audio_encoder)}, None, progress)
-    pipeline = Pipeline(generator, encoder, avatar, device, micro_batch, spec.name,
-                        weights)
+    pipeline = Pipeline(generator, encoder, avatar, device, micro_batch, spec.name, weights, spec.asr)
     log.info("model %s loaded on %s in %.1f s (%d avatar frames %dx%d)", spec.name, device,
              time.perf_counter() - t0, avatar.frame_count, avatar.frames.shape[3], avatar.frames.shape[2])
     return pipeline

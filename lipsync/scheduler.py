@@ -1,9 +1,12 @@
 """Cross-request batching for one loaded model (SPEC §10).
 
-Requests and streams submit frames (audio features + avatar frames). One batching task per model packs frames
-from all of them into generator batches of up to `max_batch`, waiting at most `max_delay_ms` for a batch to
-fill. Inference runs on the device's inference thread; compositing and JPEG run on its encode thread, so
-batch k+1 infers while batch k encodes. The queue is bounded in frames.
+Requests, streams and live sessions submit frames (audio features + avatar frames). One batching task per model
+packs frames from all of them into generator batches of up to `max_batch`, waiting at most `max_delay_ms` for a
+batch to fill. Frames are served by deadline: live slots first, then Stream, then Synthesize; within a class the
+earliest deadline first, where a request's frame k is due k × 40 ms after it arrived (so jobs of the same class
+share the generator fairly instead of the first one draining). Inference runs on the device's inference thread;
+compositing and JPEG run on its encode thread, so batch k+1 infers while batch k encodes. The queue is bounded in
+frames. A failing batch fails exactly the requests in it; the batcher keeps serving.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -26,6 +31,25 @@ log = logging.getLogger(__name__)
 
 class QueueFull(RuntimeError):
     """The model's frame queue is at its bound."""
+
+
+class Priority(IntEnum):
+    """Service classes, most urgent first."""
+    LIVE = 0       # a live session's frame slots
+    STREAM = 1     # Stream RPCs
+    BATCH = 2      # Synthesize and the compatibility service
+
+
+FRAME_S = 0.04  # a frame's share of real time: the virtual deadline step of non-live jobs
+
+
+def _device_call(fn: Callable, *args: Any) -> Any:
+    """Run on a device thread. StopIteration cannot cross into an asyncio future (it would never resolve):
+    turn it, like any escape, into an ordinary error."""
+    try:
+        return fn(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} raised StopIteration") from exc
 
 
 class DeviceWorkers:
@@ -47,7 +71,7 @@ class DeviceWorkers:
             encode.shutdown(wait=False, cancel_futures=True)
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """Frames of one request (or one stream step) waiting for the generator."""
     features: Tensor
@@ -63,6 +87,13 @@ class Job:
                                                                "encode": 0.0})
     batch_size: int = 0
     started: float | None = None
+    priority: Priority = Priority.BATCH
+    deadline: float = 0.0  # when frame 0 is due (perf_counter clock); frame k is due deadline + k * step
+    step: float = FRAME_S
+    on_frames: Callable[[int, int, list[bytes]], None] | None = None  # per delivered slice: (lo, hi, jpegs)
+
+    def due(self, k: int) -> tuple[int, float]:
+        return self.priority, self.deadline + k * self.step
 
     @property
     def size(self) -> int:
@@ -99,6 +130,11 @@ class ModelScheduler:
         self.batches = 0  # generator calls
         self.encoder_calls = 0
         self.on_batch = None  # optional callback(batch_size) for metrics
+        # Measured service: seconds from a batch leaving the queue to its JPEGs (EWMA), and frames/s at full batches.
+        self.batch_latency_s: float | None = None
+        self.capacity_fps: float | None = None
+        self._idle_jpegs: dict[int, list[bytes]] = {}
+        self.live_sessions: set[Any] = set()  # open live sessions of this model (admission control)
 
     def start(self) -> None:
         if self._task is None:
@@ -119,10 +155,51 @@ class ModelScheduler:
         self.windows.clear()
         self.queued_frames = 0
 
+    # -- measured service rate
+    def _measured(self, frames: int, seconds: float, weight: float = 0.2) -> None:
+        if seconds <= 0:
+            return
+        self.batch_latency_s = seconds if self.batch_latency_s is None else \
+            (1 - weight) * self.batch_latency_s + weight * seconds
+        if frames >= self.max_batch:  # throughput is only meaningful for full batches
+            rate = frames / seconds
+            self.capacity_fps = rate if self.capacity_fps is None else (1 - weight) * self.capacity_fps + weight * rate
+        elif self.capacity_fps is None:
+            self.capacity_fps = frames / seconds  # a first, pessimistic figure
+
+    async def calibrate(self) -> float:
+        """Measure frames/s of one full batch through generator, compositing and JPEG (once per model)."""
+        if self.capacity_fps is None:
+            n = self.max_batch
+            ids = self.pipeline.avatar.frames_for(0, 0, n)
+            features = torch.zeros(n, *self.pipeline.generator_audio_shape, device=self.pipeline.device)
+            for _ in range(2):  # the first call may still pay one-time costs
+                t0 = time.perf_counter()
+                await self.submit(features, ids, 75)
+                seconds = time.perf_counter() - t0
+            self.batch_latency_s = self.capacity_fps = None
+            self._measured(n, seconds, weight=1.0)
+            log.info("model %s: measured %.1f frames/s at batch %d (%.0f ms per batch)", self.pipeline.name,
+                     self.capacity_fps, n, seconds * 1e3)
+        assert self.capacity_fps is not None
+        return self.capacity_fps
+
+    async def idle_jpegs(self, quality: int) -> list[bytes]:
+        """The avatar's own frames as JPEG at `quality`, encoded once (on the encode thread) and cached."""
+        if quality not in self._idle_jpegs:
+            frames = self.pipeline.avatar.frames
+
+            def encode() -> list[bytes]:
+                return [j for lo in range(0, frames.shape[0], self.max_batch)
+                        for j in jpeg.encode_frames(frames[lo:lo + self.max_batch], quality)]
+            self._idle_jpegs[quality] = await asyncio.get_running_loop().run_in_executor(
+                self.encode_pool, _device_call, encode)
+        return self._idle_jpegs[quality]
+
     # -- work that runs on the device threads
     async def run_on_device(self, fn, *args):
         """Run device work (mel spectrogram, windows) on this device's inference thread, in order with batches."""
-        return await asyncio.get_running_loop().run_in_executor(self.infer_pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.infer_pool, _device_call, fn, *args)
 
     async def features(self, stream: FeatureStream, wave: Tensor | None, end: bool) -> tuple[int, Tensor]:
         """One step of a session's audio: new samples (and/or end of audio) → (first frame index, features of
@@ -158,7 +235,7 @@ class ModelScheduler:
             return
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self.infer_pool, self._run_encoder, work)
+            results = await loop.run_in_executor(self.infer_pool, _device_call, self._run_encoder, work)
         except Exception as exc:
             log.error("audio encoder batch for %s failed: %s", self.pipeline.name, exc)
             results = [exc] * len(work)
@@ -170,9 +247,12 @@ class ModelScheduler:
             else:
                 future.set_result(result)
 
-    def submit(self, features: Tensor, frame_ids: list[int], quality: int, visual: Tensor | None = None
-               ) -> asyncio.Future:
-        """Queue frames; the future resolves to (list of JPEG bytes, timings dict)."""
+    def submit(self, features: Tensor, frame_ids: list[int], quality: int, visual: Tensor | None = None,
+               priority: Priority = Priority.BATCH, deadline: float | None = None, step: float = FRAME_S,
+               on_frames: Callable[[int, int, list[bytes]], None] | None = None) -> asyncio.Future:
+        """Queue frames; the future resolves to (list of JPEG bytes, timings dict). Frame k is due at
+        `deadline + k*step` (default: now + k × 40 ms); `on_frames(lo, hi, jpegs)` sees each slice as soon as it
+        is encoded. Cancelling the future drops the frames not yet in a batch."""
         n = len(frame_ids)
         future = asyncio.get_running_loop().create_future()
         if n == 0:
@@ -182,59 +262,81 @@ class ModelScheduler:
         if self.queued_frames + n > self.max_queue_frames:
             raise QueueFull(f"model {self.pipeline.name}: queue holds {self.queued_frames} frames; "
                             f"{n} more would exceed its bound of {self.max_queue_frames}")
-        job = Job(features, frame_ids, quality, visual, future, results=[None] * n)
+        job = Job(features, frame_ids, quality, visual, future, results=[None] * n, priority=priority,
+                  deadline=time.perf_counter() if deadline is None else deadline, step=step, on_frames=on_frames)
         self.jobs.append(job)
         self.queued_frames += n
         self._wakeup.set()
         return future
 
     def _take_batch(self) -> list[BatchSlice]:
+        """Up to max_batch frames, earliest (class, deadline) first; runs of one job stay together."""
+        for job in [j for j in self.jobs if j.cancelled]:
+            self.jobs.remove(job)
+            self.queued_frames -= job.size - job.next
         batch, room = [], self.max_batch
-        while self.jobs and room:
-            job = self.jobs[0]
-            if job.cancelled:
-                self.jobs.popleft()
-                self.queued_frames -= job.size - job.next
-                continue
-            take = min(room, job.size - job.next)
-            batch.append(BatchSlice(job, job.next, job.next + take))
-            job.next += take
+        while room and self.jobs:
+            ranked = sorted(self.jobs, key=lambda j: j.due(j.next))
+            best, runner_up = ranked[0], (ranked[1].due(ranked[1].next) if len(ranked) > 1 else None)
+            take = 1
+            while take < min(room, best.size - best.next) and (
+                    runner_up is None or best.due(best.next + take) <= runner_up):
+                take += 1
+            if batch and batch[-1].job is best and batch[-1].hi == best.next:
+                batch[-1].hi += take
+            else:
+                batch.append(BatchSlice(best, best.next, best.next + take))
+            best.next += take
             room -= take
             self.queued_frames -= take
-            if job.next == job.size:
-                self.jobs.popleft()
+            if best.next == best.size:
+                self.jobs.remove(best)
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self.jobs and not self.windows:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.queued_frames < self.max_batch and self.max_delay > 0:
+            if self.queued_frames < self.max_batch and self.max_delay > 0 and not self._live_due():
                 await asyncio.sleep(self.max_delay)  # let concurrent requests join this batch
-            if self.windows:  # audio first: it gates the frames of every session
-                await self._encode_pending()
-            batch = self._take_batch()
-            if not batch:
-                continue
-            now = time.perf_counter()
-            for s in batch:
-                if s.job.started is None:
-                    s.job.started = now
-                    s.job.timings["queue"] = (now - s.job.submitted) * 1e3
-            await self._encodes.acquire()
+            batch: list[BatchSlice] = []
             try:
-                clock, predictions, ids = await loop.run_in_executor(self.infer_pool, self._infer, batch)
-            except Exception as exc:
-                self._encodes.release()
+                if self.windows:  # audio first: it gates the frames of every session
+                    await self._encode_pending()
+                batch = self._take_batch()
+                if batch:
+                    await self._dispatch(batch)
+            except asyncio.CancelledError:
+                self._fail(batch, RuntimeError("model unloaded"))
+                raise
+            except Exception as exc:  # a bug in one batch fails that batch, never the batcher
+                log.exception("batcher of %s: batch failed", self.pipeline.name)
                 self._fail(batch, exc)
-                continue
-            self.batches += 1
-            if self.on_batch:
-                self.on_batch(len(ids))
-            encode = loop.run_in_executor(self.encode_pool, self._finish, batch, clock, predictions, ids)
-            encode.add_done_callback(lambda f, b=batch, n=len(ids): self._deliver(f, b, n))
+
+    def _live_due(self) -> bool:
+        """A live frame is waiting: do not hold the batch back for company."""
+        return any(j.priority == Priority.LIVE for j in self.jobs)
+
+    async def _dispatch(self, batch: list[BatchSlice]) -> None:
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        for s in batch:
+            if s.job.started is None:
+                s.job.started = now
+                s.job.timings["queue"] = (now - s.job.submitted) * 1e3
+        await self._encodes.acquire()  # released by _deliver, or here if the batch never reaches the encoder
+        try:
+            clock, predictions, ids = await loop.run_in_executor(self.infer_pool, _device_call, self._infer, batch)
+            encode = loop.run_in_executor(self.encode_pool, _device_call, self._finish, batch, clock, predictions,
+                                          ids)
+        except BaseException:
+            self._encodes.release()
+            raise
+        encode.add_done_callback(lambda f, b=batch, n=len(ids), t=now: self._deliver(f, b, n, t))
+        self.batches += 1
+        if self.on_batch:
+            self.on_batch(len(ids))
 
     def _infer(self, batch: list[BatchSlice]) -> tuple[StageClock, Tensor, list[int]]:
         clock = StageClock(self.pipeline.device)
@@ -263,18 +365,24 @@ class ModelScheduler:
                     jpegs[row] = data
         return jpegs, clock.result()
 
-    def _deliver(self, done: asyncio.Future, batch: list[BatchSlice], batch_size: int) -> None:
+    def _deliver(self, done: asyncio.Future, batch: list[BatchSlice], batch_size: int, started: float) -> None:
         self._encodes.release()
         if done.cancelled() or done.exception() is not None:
             self._fail(batch, done.exception() or RuntimeError("encode cancelled"))
             return
         jpegs, timings = done.result()
+        self._measured(batch_size, time.perf_counter() - started)
         offset = 0
         for s in batch:
             job = s.job
             n = s.hi - s.lo
             job.results[s.lo:s.hi] = jpegs[offset:offset + n]
             offset += n
+            if job.on_frames is not None and not job.cancelled:
+                try:
+                    job.on_frames(s.lo, s.hi, jpegs[offset - n:offset])
+                except Exception:
+                    log.exception("frame callback of %s failed", self.pipeline.name)
             for stage in ("inference", "composite", "encode"):
                 job.timings[stage] += timings.get(stage, 0.0)
             job.batch_size = max(job.batch_size, batch_size)

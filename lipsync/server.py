@@ -25,8 +25,9 @@ from ._proto import monolithic_pb2 as mono
 from ._proto import monolithic_pb2_grpc as mono_grpc
 from .audio import AudioFormat, AudioFormatError, FeatureStream, StreamResampler
 from .jpeg import MAX_QUALITY, MIN_QUALITY
+from .live import LiveConfig, LiveSession, admit
 from .registry import CapacityError, ModelBusy, ModelEntry, ModelFilesError, Registry, UnknownModel
-from .scheduler import QueueFull
+from .scheduler import Priority, QueueFull
 
 log = logging.getLogger(__name__)
 FRAME_MS = 1000.0 / audio.FPS
@@ -62,6 +63,7 @@ class Limits:
     """Request limits from `server` config."""
 
     def __init__(self, cfg: Any):
+        self.live = LiveConfig.from_dict(cfg.get("live"))
         self.max_audio_s = float(cfg.max_audio_seconds)
         self.max_streams = int(cfg.max_streams)
         self.default_quality = int(cfg.jpeg_quality)
@@ -125,6 +127,7 @@ class Server:
     def __init__(self, registry: Registry, limits: Limits):
         self.registry, self.limits = registry, limits
         self.active_streams = 0
+        self.live_sessions = 0
         self.accepting = True
         self.health: health.aio.HealthServicer | None = None  # grpc.health.v1, set once serving
 
@@ -139,11 +142,12 @@ class Server:
             self.registry.release(acquired[0])
 
     async def render(self, entry: ModelEntry, features: torch.Tensor, start_frame: int, first_index: int,
-                     quality: int, visual: torch.Tensor | None = None) -> tuple[list[pb.Frame], dict[str, float]]:
+                     quality: int, visual: torch.Tensor | None = None, priority: Priority = Priority.BATCH
+                     ) -> tuple[list[pb.Frame], dict[str, float]]:
         assert entry.pipeline is not None and entry.scheduler is not None
         count = features.shape[0]
         ids = entry.pipeline.avatar.frames_for(start_frame, first_index, count)
-        jpegs, timings = await entry.scheduler.submit(features, ids, quality, visual)
+        jpegs, timings = await entry.scheduler.submit(features, ids, quality, visual, priority)
         frames = [pb.Frame(index=first_index + k, avatar_frame=f, jpeg=j, pts_ms=(first_index + k) * FRAME_MS)
                   for k, (f, j) in enumerate(zip(ids, jpegs))]
         return frames, timings
@@ -287,7 +291,8 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                         if feats.shape[0]:
                             audio_ms = (time.perf_counter() - t0) * 1e3
                             pending.put_nowait((asyncio.ensure_future(
-                                s.render(entry, feats, start, first_index, quality)), audio_ms, t0))
+                                s.render(entry, feats, start, first_index, quality, priority=Priority.STREAM)),
+                                audio_ms, t0))
                         if ended:
                             pending.put_nowait(None)
                     if not ended:  # the client half-closed without end_of_audio: no more frames
@@ -333,6 +338,102 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                 log.info(json.dumps({"event": "stream", "model": cfg.model_id, "frames": frames_sent,
                                      "audio_s": round(received / fmt.sample_rate, 3)}))
 
+    async def Converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:
+        s = self.s
+        status = "OK"
+        if s.live_sessions >= s.limits.live.max_sessions:
+            metrics.REQUESTS.labels("Converse", "RESOURCE_EXHAUSTED").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{s.live_sessions} live sessions are open; "
+                                f"the limit is server.live.max_sessions={s.limits.live.max_sessions}")
+        s.live_sessions += 1
+        metrics.LIVE_SESSIONS.inc()
+        try:
+            async for response in self._converse(request_iterator):
+                yield response
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            status = code.name
+            log.info("Converse failed: %s %s", code.name, message, exc_info=code == grpc.StatusCode.INTERNAL)
+            await context.abort(code, message)
+        finally:
+            s.live_sessions -= 1
+            metrics.LIVE_SESSIONS.dec()
+            metrics.REQUESTS.labels("Converse", status).inc()
+
+    async def _converse(self, request_iterator) -> AsyncIterator[pb.ConverseResponse]:
+        s, limits = self.s, self.s.limits
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            raise ValueError("live session closed before its config message") from None
+        if first.WhichOneof("message") != "config":
+            raise ValueError("the first Converse message must be `config`")
+        cfg = first.config
+        quality, start = limits.quality(cfg.jpeg_quality), limits.start_frame(cfg.start_frame)
+        fmt = limits.audio_format(cfg.format, allow_wav=False)
+        s.registry.entry(cfg.model_id)
+        async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
+            scheduler = entry.scheduler
+            await scheduler.calibrate()
+            ok, why = admit(scheduler, limits.live)
+            if not ok:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+            session = LiveSession(scheduler, limits.live, fmt, cfg.output_sample_rate or fmt.sample_rate, start,
+                                  quality, await scheduler.idle_jpegs(quality))
+            log.info(json.dumps({"event": "live_session_open", "session": session.id, "model": cfg.model_id,
+                                 "admitted": why}))
+            yield pb.ConverseResponse(session=pb.SessionInfo(
+                session_id=session.id, fps=audio.FPS, frame_interval_ms=session.interval * 1e3,
+                output_sample_rate=session.out_rate, samples_per_frame=session.samples_per_frame,
+                avatar_frames=session.avatar.frame_count, device=entry.device, model_loaded=loaded_now,
+                model_load_ms=load_ms if loaded_now else 0))
+            reader_error: list[BaseException] = []
+
+            async def read() -> None:
+                try:
+                    async for message in requests:
+                        kind = message.WhichOneof("message")
+                        if kind == "audio":
+                            session.audio(message.audio)
+                        elif kind == "start_utterance":
+                            session.start_utterance(message.start_utterance.utterance_id[:256],
+                                                    message.start_utterance.interrupt)
+                        elif kind == "end_utterance":
+                            session.end_utterance()
+                        elif kind == "interrupt":
+                            session.interrupt()
+                        elif kind == "config":
+                            raise ValueError("config may only be sent once, as the first message")
+                        else:
+                            raise ValueError("empty Converse message")
+                except Exception as exc:
+                    reader_error.append(exc)
+                finally:
+                    session.close()
+
+            reader = asyncio.ensure_future(read())
+            late_total = 0
+            try:
+                async for frame, events in session.frames():
+                    late_total += sum(e.kind == "late" for e in events)
+                    yield pb.ConverseResponse(frame=pb.LiveFrame(
+                        index=frame.index, pts_ms=frame.index * FRAME_MS, avatar_position=frame.avatar_position,
+                        avatar_frame=frame.avatar_frame, jpeg=frame.jpeg, audio=frame.audio,
+                        kind=_FRAME_KINDS[frame.kind], utterance_id=frame.utterance_id,
+                        utterance_frame=max(frame.utterance_frame, 0)), events=[_event(e) for e in events])
+                    if events:
+                        _record_live_events(cfg.model_id, events)
+                if reader_error:
+                    raise reader_error[0]
+            finally:
+                reader.cancel()
+                log.info(json.dumps({"event": "live_session_close", "session": session.id, "model": cfg.model_id,
+                                     **session.stats, "late": late_total}))
+
     @_guard
     async def ListModels(self, request, context, started) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[self.s.model_info(e) for e in self.s.registry.entries.values()])
@@ -364,6 +465,25 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                  max_models=r.config.max_models * len(r.devices), devices=self.s.devices(),
                                  version=__version__, active_streams=self.s.active_streams,
                                  queued_frames=r.queued_frames)
+
+
+_FRAME_KINDS = {"idle": pb.IDLE, "speech": pb.SPEECH, "held": pb.HELD}
+
+
+def _event(event) -> pb.ConverseEvent:
+    if event.kind == "started":
+        return pb.ConverseEvent(started=pb.UtteranceStarted(**event.fields))
+    if event.kind == "finished":
+        return pb.ConverseEvent(finished=pb.UtteranceFinished(**event.fields))
+    return pb.ConverseEvent(late=pb.LateFrame(**event.fields))
+
+
+def _record_live_events(model: str, events) -> None:
+    for e in events:
+        if e.kind == "late":
+            metrics.LATE_FRAMES.labels(model).inc()
+        elif e.kind == "started":
+            metrics.FIRST_FRAME_MS.labels(model).observe(e.fields["latency_ms"])
 
 
 def _decode_chunk(data: bytes, fmt: AudioFormat, resampler: StreamResampler) -> torch.Tensor:

@@ -12,9 +12,10 @@ from .audio import FPS, SAMPLE_RATE
 
 
 class Mp4Writer:
-    """Append uint8 RGB frames [N,3,H,W] (any device); `close` muxes the 16 kHz waveform."""
+    """Append uint8 RGB frames [N,3,H,W] (any device); `close` muxes the waveform (mono, `sample_rate` Hz)."""
 
-    def __init__(self, path: str | Path, width: int, height: int, with_audio: bool = True, crf: int = 20):
+    def __init__(self, path: str | Path, width: int, height: int, with_audio: bool = True, crf: int = 20,
+                 sample_rate: int = SAMPLE_RATE):
         self.path = Path(path).expanduser().resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(self.path), mode="w")
@@ -24,8 +25,9 @@ class Mp4Writer:
         self.video.options = {"crf": str(crf)}
         self.frames = 0
         self.audio = None
+        self.sample_rate = sample_rate
         if with_audio:  # streams must exist before the first packet is muxed
-            self.audio = self.container.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+            self.audio = self.container.add_stream("aac", rate=sample_rate, layout="mono")
 
     def write(self, frames: torch.Tensor) -> None:
         w, h = self.video.width, self.video.height
@@ -45,7 +47,7 @@ class Mp4Writer:
             for pts in range(0, len(samples), step):
                 chunk = samples[pts:pts + step]
                 frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
-                frame.sample_rate, frame.pts, frame.time_base = SAMPLE_RATE, pts, Fraction(1, SAMPLE_RATE)
+                frame.sample_rate, frame.pts, frame.time_base = self.sample_rate, pts, Fraction(1, self.sample_rate)
                 for packet in self.audio.encode(frame):
                     self.container.mux(packet)
             for packet in self.audio.encode(None):

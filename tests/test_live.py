@@ -1,0 +1,308 @@
+"""Live sessions (Converse) against a real `lipsync serve` on 127.0.0.1, and the session clock in process.
+
+The CPU cannot render 25 fps, so the server runs its pacing clock at `server.live.time_scale=3` (one frame every
+120 ms of wall time); the pacing code under test is the real one.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from torchvision.io import decode_jpeg
+
+from lipsync import audio, jpeg
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+from lipsync.avatar import load_avatar
+from lipsync.client import Say, channel, converse
+from lipsync.live import LiveConfig, LiveSession
+from lipsync.scheduler import DeviceWorkers, ModelScheduler, Priority
+
+from test_server import ServerProcess, model_override
+
+TIME_SCALE = 3.0
+QUALITY = 80
+OUT_RATE = 22050
+S16 = audio.AudioFormat("s16le", 16000, 1)
+
+
+def pcm_of(wave: torch.Tensor) -> bytes:
+    return (wave.numpy() * 32767).astype(np.int16).tobytes()
+
+
+def decoded(data: bytes) -> torch.Tensor:
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).float()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def live_server(weights, tiny_avatar, tmp_path_factory):
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar), f"server.live.time_scale={TIME_SCALE}"],
+                        tmp_path_factory.mktemp("live"))
+    yield srv
+    srv.stop()
+
+
+def run_session(server, says: list[Say], duration: float, **kw):
+    async def main():
+        async with channel(server.target) as ch:
+            return await converse(pb_grpc.LipSyncStub(ch), "tiny", says, duration, quality=QUALITY, **kw)
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def conversation(live_server, speech):
+    """12 s: utterance `a` (1.5 s) at 0.3 s, a pause, utterance `b` (4 s) at 5 s, interrupted at 9.5 s."""
+    a, b = pcm_of(speech[:24000]), pcm_of(speech[4000:68000])
+    says = [Say(a, S16, at=0.3, id="a"), Say(b, S16, at=5.0, interrupt_at=9.5, id="b")]
+    sent = time.perf_counter()
+    result = run_session(live_server, says, 12.0, output_rate=OUT_RATE)
+    return result, {"a": a, "b": b}, sent
+
+
+def events_of(result, kind: str) -> dict[str, object]:
+    return {getattr(e, kind).utterance_id: getattr(e, kind) for _, e in result.events if e.WhichOneof("event") == kind}
+
+
+def test_session_is_paced_continuous_video(conversation):
+    result, _, _ = conversation
+    frames = result.frames
+    assert abs(len(frames) - 300) <= 1
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert all(f.pts_ms == pytest.approx(40.0 * f.index) for f in frames)
+    interval = result.session.frame_interval_ms / 1e3
+    assert interval == pytest.approx(0.04 * TIME_SCALE)
+    # every frame leaves within one frame interval of its slot (measured from frame 0's arrival)
+    offsets = [t - result.received_s[0] - f.index * interval for f, t in zip(frames, result.received_s)]
+    assert max(abs(o) for o in offsets) < interval, max(offsets, key=abs)
+    # the avatar position never jumps: it advances by one per slot, or holds on a HELD slot
+    for before, after in zip(frames, frames[1:]):
+        step = after.avatar_position - before.avatar_position
+        assert step == (0 if after.kind == pb.HELD else 1)
+    # every frame carries exactly 40 ms of audio at the output rate
+    assert all(len(f.audio) == 2 * OUT_RATE // 25 for f in frames)
+
+
+def test_idle_frames_are_the_cached_avatar_jpegs(conversation, tiny_avatar):
+    result, _, _ = conversation
+    avatar = load_avatar(tiny_avatar)
+    cached = jpeg.encode_frames(avatar.frames, QUALITY)
+    idle = [f for f in result.frames if f.kind == pb.IDLE]
+    assert len(idle) > 100
+    for f in idle:
+        assert f.jpeg == cached[f.avatar_frame] and f.avatar_frame == avatar.frame_for(f.avatar_position)
+        assert f.audio == bytes(len(f.audio)) or f.utterance_id  # silent unless it carries an utterance's tail
+
+
+def test_speech_frames_equal_synthesize_at_the_same_position(conversation, live_server):
+    result, pcms, _ = conversation
+    started = events_of(result, "started")["a"]
+    finished = events_of(result, "finished")["a"]
+    speech = [f for f in result.frames if f.kind == pb.SPEECH and f.utterance_id == "a"]
+    assert not finished.interrupted and finished.frames_played == finished.frames_total == len(speech)
+    assert len(speech) == audio.frame_count(len(pcms["a"]) // 2)
+    assert speech[0].index == started.first_frame and speech[0].avatar_position == started.avatar_position
+    assert [f.utterance_frame for f in speech] == list(range(len(speech)))
+
+    async def synthesize():
+        async with channel(live_server.target) as ch:
+            return await pb_grpc.LipSyncStub(ch).Synthesize(pb.SynthesizeRequest(
+                model_id="tiny", audio=pcms["a"], format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000),
+                start_frame=started.avatar_position, jpeg_quality=QUALITY))
+    unary = asyncio.run(synthesize())
+    assert [f.avatar_frame for f in speech] == [f.avatar_frame for f in unary.frames]
+    worst = min(psnr(decoded(a.jpeg), decoded(b.jpeg)) for a, b in zip(speech, unary.frames))
+    assert worst >= 40.0, f"live speech vs Synthesize: worst PSNR {worst:.1f} dB"
+
+
+def test_speech_frames_carry_the_utterance_audio(conversation):
+    result, pcms, _ = conversation
+    frames = [f for f in result.frames if f.utterance_id == "a" and f.kind != pb.HELD]  # SPEECH, then the tail
+    assert [f.utterance_frame for f in frames] == list(range(len(frames)))
+    assert all(f.kind == pb.IDLE for f in frames[audio.frame_count(len(pcms["a"]) // 2):])
+    carried = np.frombuffer(b"".join(f.audio for f in frames), dtype=np.int16)
+    wave = audio.decode_pcm(pcms["a"], S16)
+    expected = (audio.resample(wave, 16000, OUT_RATE) * 32768.0).round().clamp(-32768, 32767).to(torch.int16)
+    assert len(carried) >= len(expected)
+    np.testing.assert_array_equal(carried[:len(expected)], expected.numpy())
+    assert not carried[len(expected):].any()  # the frames past the end of the audio carry silence
+
+
+def test_interrupt_stops_the_utterance(conversation):
+    result, _, _ = conversation
+    finished = events_of(result, "finished")["b"]
+    assert finished.interrupted
+    b_frames = [f for f in result.frames if f.utterance_id == "b"]
+    assert finished.frames_played == sum(f.kind == pb.SPEECH for f in b_frames)
+    assert finished.played_ms == pytest.approx(40.0 * finished.frames_played)
+    # the interrupt was sent at media time 9.5 s: nothing of `b` is shown after the next slot or two
+    interval = result.session.frame_interval_ms / 1e3
+    cutoff = 9.5 * TIME_SCALE + 2 * interval
+    after = [f for f, t in zip(result.frames, result.received_s) if f.utterance_id == "b" and t > cutoff]
+    assert not after, [f.index for f in after]
+    # and the session returned to idle, continuing from the position where `b` stopped
+    last_b = max(f.index for f in b_frames) if b_frames else None
+    if last_b is not None:
+        nxt = result.frames[last_b + 1]
+        assert nxt.kind == pb.IDLE and nxt.avatar_position == result.frames[last_b].avatar_position + 1
+
+
+def test_events_report_latency_and_played_time(conversation):
+    result, _, _ = conversation
+    started = events_of(result, "started")
+    assert started["a"].latency_ms > 0
+    summary = result.summary()
+    assert summary["utterances"]["a"]["first_frame_latency_ms"] == pytest.approx(started["a"].latency_ms, abs=0.1)
+    assert summary["late_frames"] == sum(f.kind == pb.HELD for f in result.frames)
+
+
+def test_admission_refuses_sessions_beyond_measured_capacity(live_server):
+    """The tiny CPU model renders a few frames/s: at a 50 % duty cycle it cannot sustain many sessions."""
+    async def main():
+        async with channel(live_server.target) as ch:
+            stub = pb_grpc.LipSyncStub(ch)
+            open_calls, refused = [], None
+            for _ in range(20):
+                call = stub.Converse()
+                await call.write(pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny")))
+                try:
+                    first = await call.read()
+                    assert first.HasField("session")
+                    open_calls.append(call)
+                except grpc.aio.AioRpcError as exc:
+                    refused = exc
+                    break
+            for call in open_calls:
+                call.cancel()
+            return len(open_calls), refused
+    admitted, refused = asyncio.run(main())
+    assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "cannot sustain" in refused.details() and admitted >= 1
+
+
+@pytest.mark.parametrize("messages,text", [
+    ([pb.ConverseRequest(audio=b"\x00\x00")], "first Converse message must be `config`"),
+    ([pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", output_sample_rate=22051))], "multiple of 25"),
+    ([pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny")), pb.ConverseRequest(audio=b"\x00")],
+     "not a multiple of 2"),
+    ([pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny")), pb.ConverseRequest(end_utterance=True)],
+     "without an open utterance"),
+    ([pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny")),
+      pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny"))], "only be sent once"),
+    ([pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", format=pb.AudioFormat(encoding=pb.WAV)))],
+     "WAV is not accepted"),
+])
+def test_bad_live_sessions(live_server, messages, text):
+    async def main():
+        async with channel(live_server.target) as ch:
+            call = pb_grpc.LipSyncStub(ch).Converse(iter(messages))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in call:
+                    pass
+            return info.value
+    error = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and text in error.details()
+
+
+def test_unknown_model_is_not_found(live_server):
+    async def main():
+        async with channel(live_server.target) as ch:
+            call = pb_grpc.LipSyncStub(ch).Converse(iter([pb.ConverseRequest(config=pb.ConverseConfig(
+                model_id="nobody"))]))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in call:
+                    pass
+            return info.value
+    assert asyncio.run(main()).code() == grpc.StatusCode.NOT_FOUND
+
+
+# --------------------------------------------------------------------------- in process
+def test_live_frames_are_served_before_batch_work(pipeline):
+    """Deadline-aware batching: a live job submitted behind a long Synthesize is served in the next batch, and a
+    second Synthesize shares the generator with the first instead of waiting for it to drain."""
+    order: list[str] = []
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4, max_delay_ms=0)
+        scheduler.start()
+        feats = torch.zeros(16, 32, 16, 16)
+        ids = pipeline.avatar.frames_for(0, 0, 16)
+
+        def record(name):
+            return lambda lo, hi, jpegs: order.extend([name] * (hi - lo))
+        long = scheduler.submit(feats, ids, 75, on_frames=record("long"))
+        await asyncio.sleep(0.05)  # the first batch of `long` is in flight
+        short = scheduler.submit(feats[:4], ids[:4], 75, on_frames=record("short"))
+        live = scheduler.submit(feats[:4], ids[:4], 75, priority=Priority.LIVE, deadline=time.perf_counter() + 10,
+                                on_frames=record("live"))
+        await asyncio.gather(long, short, live)
+        await scheduler.stop()
+    asyncio.run(main())
+    assert order[4:8] == ["live"] * 4  # right after the batch that was in flight
+    assert order.index("short") < len(order) - 4  # not after the whole long job
+    assert order[-1] == "long"
+
+
+def test_session_clock_does_not_drift(pipeline):
+    """Thousands of frames: frame n still leaves within one interval of start + n·interval."""
+    interval_scale = 0.25  # 10 ms per frame
+    count = 2500
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers())
+        scheduler.start()
+        idle = await scheduler.idle_jpegs(75)
+        session = LiveSession(scheduler, LiveConfig(time_scale=interval_scale), S16, 16000, 0, 75, idle)
+        loop = asyncio.get_running_loop()
+        lateness = []
+        t0 = None
+        async for frame, _ in session.frames():
+            now = loop.time()
+            t0 = now if t0 is None else t0
+            lateness.append(now - t0 - frame.index * session.interval)
+            if frame.index + 1 == count:
+                session.close()
+        await scheduler.stop()
+        return lateness, session.interval
+    lateness, interval = asyncio.run(main())
+    assert len(lateness) == count
+    assert max(lateness) < interval and min(lateness) > -interval
+    assert abs(np.mean(lateness[-200:]) - np.mean(lateness[:200])) < interval / 2  # no drift
+
+
+def test_in_process_session_passes_input_audio_through(pipeline, speech):
+    """Output rate = input rate: the carried audio is the client's own samples, byte for byte."""
+    pcm = pcm_of(speech[:5000])
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4)
+        scheduler.start()
+        session = LiveSession(scheduler, LiveConfig(time_scale=2.0), S16, 16000, 3, 75,
+                              await scheduler.idle_jpegs(75))
+        frames = []
+        async for frame, events in session.frames():
+            frames.append(frame)
+            if frame.index == 0:
+                session.start_utterance("x")
+                session.audio(pcm[:3000])
+                session.audio(pcm[3000:])
+                session.end_utterance()
+            if any(e.kind == "finished" for e in events):
+                session.close()
+            assert frame.index < 400, "the utterance never finished"
+        await scheduler.stop()
+        return frames
+    frames = asyncio.run(main())
+    speech_frames = [f for f in frames if f.kind == "speech"]
+    assert len(speech_frames) == audio.frame_count(len(pcm) // 2)
+    carried = b"".join(f.audio for f in frames if f.utterance_id == "x" and f.kind != "held")
+    assert carried[:len(pcm)] == pcm and not any(carried[len(pcm):])
+    assert frames[0].avatar_position == 3
