@@ -96,6 +96,7 @@ def main() -> int:
     parser.add_argument("--logs", default=str(ROOT / "out" / "gpu-check"), help="each step's full output")
     parser.add_argument("--step-timeout", type=float, default=900, help="seconds per step")
     parser.add_argument("--streams", default="1,8,16,32,48", help="bench_server stream counts")
+    parser.add_argument("--sessions", default="1,4,8,16,32,48", help="bench_live session counts")
     args = parser.parse_args()
 
     facts = device_facts()
@@ -118,7 +119,8 @@ def main() -> int:
                      "--out", str(results / f"pipeline-cuda-{tag}.json")],
         "server": [py, str(BENCH / "bench_server.py"), "--device", "cuda", "--streams", args.streams,
                    "--out", str(results / f"server-cuda-{tag}.json")],
-        "live": [py, str(BENCH / "bench_live.py"), "--device", "cuda", "--out", str(results / f"live-cuda-{tag}.json")],
+        "live": [py, str(BENCH / "bench_live.py"), "--device", "cuda", "--sessions", args.sessions, "--seconds", "20",
+                 "--out", str(results / f"live-cuda-{tag}.json")],
     }
     steps = []
     for name in args.steps.split(","):

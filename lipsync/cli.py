@@ -149,11 +149,11 @@ def run_avatar(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- bench
-BENCHMARKS = ("pipeline", "engines", "server")
+BENCHMARKS = ("pipeline", "engines", "server", "live")
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (pipeline, engines, server)")
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (pipeline, engines, server, live)")
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/bench_NAME.py (see its --help)")
     p.set_defaults(func=run_bench)

@@ -25,7 +25,7 @@ def main() -> int:
         args = argparse.Namespace(server=f"127.0.0.1:{port}", model="demo",
                                   audio=str(ROOT / "assets" / "speech.wav"), stream=True, realtime=False,
                                   chunk_ms=200.0, batch=0, start_frame=0, quality=0, clients=1, timeout=None,
-                                  frames_out=None, out=str(out))
+                                  frames_out=None, out=str(out), converse=None, output_rate=0)
         print("streaming assets/speech.wav through the Stream RPC …", flush=True)
         summary = asyncio.run(run_client(args))
         print(json.dumps(summary, indent=2))
