@@ -1,3 +1,5 @@
+"""`python -m export …` from a source checkout: the same as `lipsync export …` (checkpoint → ONNX or TensorRT).
+The code lives in `lipsync.export`; this folder holds no installed package."""
 import sys
 
 from lipsync.cli import main

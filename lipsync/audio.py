@@ -16,6 +16,8 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
+from .errors import InvalidRequest
+
 SAMPLE_RATE = 16_000
 FPS = 25
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
@@ -32,7 +34,7 @@ MIN_RATE, MAX_RATE = 8_000, 48_000
 Encoder = Callable[[Tensor], Tensor]  # [B,1,80,16] → [B,512]
 
 
-class AudioFormatError(ValueError):
+class AudioFormatError(InvalidRequest):
     """Audio that cannot be decoded as declared."""
 
 
@@ -115,6 +117,10 @@ def parse_wav(blob: bytes, file: str = "WAV data") -> tuple[bytes, AudioFormat]:
         raise AudioFormatError(f"{file}: WAV format tag {tag} with {bits} bits is not supported "
                                "(use 16-bit PCM or 32-bit float)")
     audio_format = AudioFormat(encoding, rate, channels)
+    try:
+        audio_format.validate()
+    except AudioFormatError as exc:
+        raise AudioFormatError(f"{file}: {exc}") from None
     data = data[:len(data) - len(data) % (bits // 8 * channels)]
     return data, audio_format
 
@@ -122,6 +128,39 @@ def parse_wav(blob: bytes, file: str = "WAV data") -> tuple[bytes, AudioFormat]:
 def load_wav(path: str | Path, device: str | torch.device = "cpu") -> Tensor:
     """WAV file → mono 16 kHz float32 waveform on `device`."""
     data, fmt = read_wav(path)
+    return resample(decode_pcm(data, fmt, device), fmt.sample_rate)
+
+
+def read_audio(path: str | Path) -> tuple[bytes, AudioFormat]:
+    """Any audio file → PCM bytes and format: WAV is read as is; anything else PyAV decodes (mp3, ogg, m4a,
+    flac …) becomes mono float32 at its own rate (brought within 8–48 kHz)."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise AudioFormatError(f"audio file not found: {file}")
+    with open(file, "rb") as fh:
+        if fh.read(12)[8:12] == b"WAVE":
+            return read_wav(file)
+    import av
+    import numpy as np
+
+    try:
+        with av.open(str(file)) as container:
+            if not container.streams.audio:
+                raise AudioFormatError(f"{file} has no audio stream")
+            stream = container.streams.audio[0]
+            rate = min(max(stream.rate or SAMPLE_RATE, MIN_RATE), MAX_RATE)
+            converter = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream) for f in converter.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in converter.resample(None)]
+    except av.error.FFmpegError as exc:
+        raise AudioFormatError(f"{file}: not a readable audio file ({exc})") from None
+    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    return samples.tobytes(), AudioFormat("f32le", rate, 1)
+
+
+def load_audio(path: str | Path, device: str | torch.device = "cpu") -> Tensor:
+    """Any audio file (see read_audio) → mono 16 kHz float32 waveform on `device`."""
+    data, fmt = read_audio(path)
     return resample(decode_pcm(data, fmt, device), fmt.sample_rate)
 
 

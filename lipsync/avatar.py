@@ -195,10 +195,17 @@ class Avatar:
         """Avatar frames of output frames first..first+count-1 for a request starting at `start_frame`."""
         return [self.frame_for(start_frame + i) for i in range(first, first + count)]
 
+    def index(self, frame_ids: list[int]) -> Tensor:
+        """Frame ids as an index tensor on the avatar's device (from pinned memory, without a host sync)."""
+        ids = torch.tensor(frame_ids, dtype=torch.long)
+        if self.device.type == "cuda":
+            return ids.pin_memory().to(self.device, non_blocking=True)
+        return ids
+
     def model_inputs(self, frame_ids: list[int]) -> Tensor:
         """Generator visual input [B,6,S,S] float BGR in [0,1]: the ROI and the ROI with the mouth blanked."""
         b, s = TEMPLATE_BORDER, self.size
-        roi = self.templates[frame_ids, :, b:b + s, b:b + s].flip(1)
+        roi = self.templates[self.index(frame_ids), :, b:b + s, b:b + s].flip(1)
         masked = roi.clone()
         rows, cols = MASK_SLICES[self.variant]
         masked[:, :, rows, cols] = 0

@@ -16,11 +16,13 @@ def _setup_logging(level: str = "INFO") -> None:
 
 # --------------------------------------------------------------------------- render
 def add_render(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("render", help="render a WAV with a SyncTalk_2D model to MP4 and/or numbered frames")
+    p = sub.add_parser("render", help="render speech with a SyncTalk_2D model to MP4 and/or numbered frames",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="generator checkpoint (.pth)")
     p.add_argument("--audio-encoder", required=True, help="audio encoder checkpoint (audio_visual_encoder.pth)")
     p.add_argument("--avatar", required=True, help="avatar directory or SyncTalk_2D dataset directory")
-    p.add_argument("--audio", required=True, help="speech WAV (16-bit PCM or float, 8–48 kHz, mono/stereo)")
+    p.add_argument("--audio", required=True, help="speech: WAV (16-bit PCM or float) or any audio file PyAV "
+                                                  "decodes (mp3, ogg, m4a, flac …)")
     p.add_argument("--variant", default="328", choices=["328", "160"])
     p.add_argument("--asr", default="ave", choices=["ave"], help="audio branch of the generator")
     p.add_argument("--start-frame", type=int, default=0, help="avatar position of output frame 0 (1 = SyncTalk_2D)")
@@ -38,20 +40,25 @@ def add_render(sub: argparse._SubParsersAction) -> None:
 
 
 def run_render(args: argparse.Namespace) -> int:
+    import asyncio
+
     from tqdm import tqdm
 
-    from .audio import load_wav
+    from .audio import load_audio
     from .config import load_config
     from .demo import UNTRAINED_NOTICE
     from .engines import EngineConfig
     from .jpeg import encode_frames
-    from .pipeline import ModelSpec, StageClock, load_pipeline, pick_device
+    from .pipeline import ModelSpec, load_pipeline, pick_device
+    from .render import render_wave
+    from .scheduler import DeviceWorkers, ModelScheduler
     from .video import Mp4Writer
 
     if not args.out and not args.frames_out:
         raise SystemExit("render: give --out FILE.mp4 and/or --frames-out DIR")
     cfg = load_config([f"engine={args.backend}", *args.overrides], "render")
     device = pick_device(args.device)
+    wave = load_audio(args.audio)  # checked before the (slow) model load
     spec = ModelSpec.from_dict("render", {"checkpoint": args.checkpoint, "audio_encoder": args.audio_encoder,
                                           "avatar": args.avatar, "variant": args.variant, "asr": args.asr,
                                           "sequence": args.sequence, "feather": args.feather,
@@ -62,35 +69,46 @@ def run_render(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(spec, engine_cfg, device, micro_batch, progress=True)
     if "demo_model" in str(spec.checkpoint):
         print(UNTRAINED_NOTICE, file=sys.stderr)
-    wave = load_wav(args.audio, device)
-    clock = StageClock(device)
-    t0 = time.perf_counter()
-    with clock.stage("audio"):
-        features = pipeline.features(wave)
-    total = features.shape[0]
     frames_dir = Path(args.frames_out).expanduser().resolve() if args.frames_out else None
     if frames_dir:
         frames_dir.mkdir(parents=True, exist_ok=True)
     height, width = pipeline.avatar.frames.shape[2:]
     writer = Mp4Writer(args.out, width, height, with_audio=True) if args.out else None
-    with tqdm(total=total, desc="rendering", unit="frame") as bar:
-        for lo in range(0, total, micro_batch):
-            frames = pipeline.render_frames(features[lo:lo + micro_batch], args.start_frame, lo, clock)
+    jpeg_only = frames_dir is not None and args.format == "jpeg" and writer is None
+    bar = tqdm(desc="rendering", unit="frame")
+
+    def write(first: int, ids: list[int], outputs: list) -> None:
+        import torch
+        from torchvision.io import write_png
+        if jpeg_only:
+            for k, data in enumerate(outputs):
+                (frames_dir / f"{first + k:06d}.jpg").write_bytes(data)
+        else:
+            frames = torch.stack(outputs)
             if frames_dir and args.format == "jpeg":
-                with clock.stage("encode"):
-                    for k, data in enumerate(encode_frames(frames, quality)):
-                        (frames_dir / f"{lo + k:06d}.jpg").write_bytes(data)
+                for k, data in enumerate(encode_frames(frames, quality)):
+                    (frames_dir / f"{first + k:06d}.jpg").write_bytes(data)
             elif frames_dir:
-                from torchvision.io import write_png
-                for k, frame in enumerate(frames.cpu()):
-                    write_png(frame, str(frames_dir / f"{lo + k:06d}.png"))
+                for k, frame in enumerate(frames):
+                    write_png(frame, str(frames_dir / f"{first + k:06d}.png"))
             if writer:
                 writer.write(frames)
-            bar.update(frames.shape[0])
+        bar.update(len(outputs))
+
+    async def main() -> dict[str, float]:
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=micro_batch, max_delay_ms=0)
+        scheduler.start()
+        try:
+            return await render_wave(scheduler, wave, args.start_frame, quality if jpeg_only else None, write)
+        finally:
+            await scheduler.stop()
+    t0 = time.perf_counter()
+    timings = asyncio.run(main())
     elapsed = time.perf_counter() - t0
+    bar.close()
     if writer:
         writer.close(wave)
-    timings = clock.result()
+    total = bar.n
     print(f"rendered {total} frames in {elapsed:.2f} s ({total / elapsed:.1f} frames/s) on {device}; "
           + ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items()))
     if writer:
@@ -102,14 +120,16 @@ def run_render(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- avatar
 def add_avatar(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("avatar", help="inspect, import or synthesise avatars")
+    p = sub.add_parser("avatar", help="inspect, import or synthesise avatars",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     asub = p.add_subparsers(dest="avatar_cmd", required=True)
     info = asub.add_parser("info", help="validate an avatar or SyncTalk_2D dataset and describe it")
     info.add_argument("path")
     imp = asub.add_parser("import", help="convert a SyncTalk_2D dataset into an avatar directory")
     imp.add_argument("dataset")
     imp.add_argument("out")
-    synth = asub.add_parser("synth", help="write a synthetic avatar (for tests and the demo)")
+    synth = asub.add_parser("synth", help="write a synthetic avatar (for tests and the demo)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     synth.add_argument("out")
     synth.add_argument("--frames", type=int, default=24)
     synth.add_argument("--width", type=int, default=640)
@@ -153,7 +173,8 @@ BENCHMARKS = ("pipeline", "engines", "server", "live")
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (pipeline, engines, server, live)")
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (pipeline, engines, server, live)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/bench_NAME.py (see its --help)")
     p.set_defaults(func=run_bench)
@@ -173,13 +194,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.")
+    parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     add_render(sub)
     add_avatar(sub)
     add_bench(sub)
-    from export.cli import add_parser as add_export
+    from .export.cli import add_parser as add_export
 
     from .client import add_parser as add_client
     from .server import add_parser as add_serve
@@ -193,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         from .audio import AudioFormatError
         from .avatar import AvatarError
+        from .config import ConfigError
         from .engines import EngineError
         from .models import CheckpointError
-        if isinstance(exc, (AudioFormatError, AvatarError, CheckpointError, EngineError, FileNotFoundError)):
+        from .pipeline import ModelFileError
+        if isinstance(exc, (AudioFormatError, AvatarError, CheckpointError, EngineError, FileNotFoundError,
+                            ModelFileError, ConfigError)):
             print(f"lipsync {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise

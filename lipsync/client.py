@@ -10,6 +10,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -68,7 +69,7 @@ async def synthesize(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: aud
 
 async def stream(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: audio.AudioFormat, chunk_ms: float = 40,
                  realtime: bool = False, start_frame: int = 0, quality: int = 0, timeout: float | None = None,
-                 send_end: bool = True) -> SessionResult:
+                 send_end: bool = True, progress: Callable[[int], None] | None = None) -> SessionResult:
     """Stream the audio in `chunk_ms` chunks (paced in real time if asked); frame latency is measured from
     the moment the audio a frame needs (its 450 ms look-ahead) was sent."""
     result, t0 = SessionResult(), time.perf_counter()
@@ -105,6 +106,8 @@ async def stream(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: audio.A
         for f in response.frames:
             result.frames.append(f)
             result.latencies_ms.append((now - needed_at(f.index)) * 1e3)
+        if progress and response.frames:
+            progress(len(response.frames))
         if response.frames:
             _add(result.stage_ms, response.timings)
         result.model_load_ms += response.model_load_ms
@@ -161,7 +164,8 @@ class ConverseResult:
 
 async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say], duration_s: float,
                    start_frame: int = 0, quality: int = 0, output_rate: int = 0, realtime: bool = False,
-                   chunk_ms: float = 40.0, timeout: float | None = None, metadata=None) -> ConverseResult:
+                   chunk_ms: float = 40.0, timeout: float | None = None, metadata=None,
+                   progress: Callable[[int], None] | None = None) -> ConverseResult:
     """Run one live session for `duration_s` media seconds, sending each utterance at its time (all at once, as
     a TTS faster than real time would, or paced in real time), and collect every frame and event."""
     if not utterances:
@@ -218,6 +222,8 @@ async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say],
         assert result is not None, "the first Converse response carries the session info"
         result.frames.append(response.frame)
         result.received_s.append(now - origin)
+        if progress:
+            progress(1)
         result.events.extend((response.frame.index, e) for e in response.events)
     if result is None:
         raise RuntimeError("the live session ended before it started")
@@ -241,7 +247,7 @@ def load_script(path: str | Path) -> tuple[list[Say], float]:
         if unknown or "audio" not in item:
             raise ValueError(f"{file}: utterance {k} needs `audio` and may have at, interrupt_at, id, barge_in "
                              f"(unknown: {sorted(unknown)})")
-        pcm, fmt = audio.read_wav(file.parent / str(item["audio"]))
+        pcm, fmt = audio.read_audio(file.parent / str(item["audio"]))
         interrupt_at = item.get("interrupt_at")
         says.append(Say(pcm, fmt, float(item.get("at", 0.0)), None if interrupt_at is None else float(interrupt_at),
                         str(item.get("id", f"u{k}")), bool(item.get("barge_in", False))))
@@ -307,10 +313,14 @@ def save_outputs(result: SessionResult, wave_16k, frames_out: str | None, out: s
 
 
 async def run_converse(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
     says, duration = load_script(args.converse)
-    async with channel(args.server) as ch:
-        result = await converse(pb_grpc.LipSyncStub(ch), args.model, says, duration, args.start_frame,
-                                args.quality, args.output_rate, args.realtime, args.chunk_ms, args.timeout)
+    with tqdm(total=round(duration * audio.FPS), desc="live session", unit="frame") as bar:
+        async with channel(args.server) as ch:
+            result = await converse(pb_grpc.LipSyncStub(ch), args.model, says, duration, args.start_frame,
+                                    args.quality, args.output_rate, args.realtime, args.chunk_ms, args.timeout,
+                                    progress=bar.update)
     summary = {"mode": "converse", **result.summary()}
     if args.out and result.frames:
         print(f"video: {save_conversation(result, args.out)}")
@@ -328,20 +338,26 @@ async def run(args: argparse.Namespace) -> dict:
         return await run_converse(args)
     if not args.audio:
         raise ValueError("client: give --audio WAV (or --converse SCRIPT.yaml)")
-    data, fmt = audio.read_wav(args.audio)
+    from tqdm import tqdm
+
+    data, fmt = audio.read_audio(args.audio)
     async with channel(args.server) as ch:
         stub = pb_grpc.LipSyncStub(ch)
+
+        bar = tqdm(total=audio.frame_count(len(data) // fmt.frame_bytes * audio.SAMPLE_RATE // fmt.sample_rate)
+                   * args.clients, desc="frames", unit="frame", disable=not args.stream)
 
         async def one(k: int) -> SessionResult:
             if args.stream:
                 return await stream(stub, args.model, data, fmt, args.chunk_ms, args.realtime, args.start_frame,
-                                    args.quality, args.timeout)
+                                    args.quality, args.timeout, progress=bar.update)
             return await synthesize(stub, args.model, data, fmt, args.batch, args.start_frame, args.quality,
                                     args.timeout)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*[one(k) for k in range(args.clients)])
         wall = time.perf_counter() - t0
+        bar.close()
     summary = summarize(list(results), wall)
     summary["mode"] = "stream" + (" (real-time)" if args.realtime else "") if args.stream else "synthesize"
     if results[0].model_load_ms:
@@ -358,7 +374,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--server", default="127.0.0.1:50051")
     p.add_argument("--model", default="demo")
-    p.add_argument("--audio", help="WAV file (16-bit PCM or float)")
+    p.add_argument("--audio", help="speech: WAV, or any audio file PyAV decodes (mp3, ogg, m4a, flac …)")
     p.add_argument("--stream", action="store_true", help="use the Stream RPC instead of Synthesize")
     p.add_argument("--converse", metavar="SCRIPT.yaml", help="play a conversation script (duration, utterances "
                    "with audio/at/interrupt_at) through a live session; --out writes the continuous video")

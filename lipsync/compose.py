@@ -30,9 +30,10 @@ def predictions_to_rgb8(predictions: Tensor) -> Tensor:
 def composite(avatar: Avatar, predictions: Tensor, frame_ids: list[int]) -> Tensor:
     """Paste each prediction into its avatar frame: [B,3,S,S] BGR float → frames [B,3,H,W] uint8 RGB."""
     side, border = avatar.size, TEMPLATE_BORDER
-    templates = avatar.templates[frame_ids].clone()
+    index = avatar.index(frame_ids)
+    templates = avatar.templates[index]  # advanced indexing: already a copy
     templates[:, :, border:border + side, border:border + side] = predictions_to_rgb8(predictions)
-    out = avatar.frames[frame_ids].clone()
+    out = avatar.frames[index]
     # Frames whose rectangles have the same size are resized in one call.
     groups: dict[tuple[int, int], list[int]] = {}
     for b, f in enumerate(frame_ids):

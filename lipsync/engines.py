@@ -123,11 +123,19 @@ class Engine:
         return f"Engine({self.name}: {self.backend} {self.precision} on {self.device})"
 
 
+def compile_buckets(config: EngineConfig) -> list[int]:
+    """The batch shapes a compiled engine is built for: the configured buckets below max_batch, and max_batch
+    itself, so every batch the engine is given (at most max_batch) has a bucket."""
+    return sorted({b for b in config.batch_buckets if b < config.max_batch} | {config.max_batch})
+
+
 def _bucketed(fn: Callable[..., Tensor], buckets: list[int]) -> Callable[..., Tensor]:
     """Pad the batch to the next bucket so a compiled graph only ever sees bucket shapes."""
     def run(*inputs: Tensor) -> Tensor:
         n = inputs[0].shape[0]
-        bucket = next(b for b in buckets if b >= n)
+        bucket = next((b for b in buckets if b >= n), None)
+        if bucket is None:
+            raise EngineError(f"batch of {n} exceeds the largest compiled batch {buckets[-1]}")
         if bucket != n:
             inputs = tuple(torch.cat([x, x[-1:].expand(bucket - n, *x.shape[1:])]) for x in inputs)
         return fn(*inputs)[:n]
@@ -203,7 +211,42 @@ def _compiled(net: nn.Module, config: EngineConfig, device: torch.device, dtype:
             # A CUDA-graph replay reuses its output buffer: start a new step and hand out a copy.
             torch.compiler.cudagraph_mark_step_begin()
             return graphed(*inputs).clone()
-    return _bucketed(compiled, [b for b in config.batch_buckets if b <= config.max_batch] or [config.max_batch])
+    return _bucketed(compiled, compile_buckets(config))
+
+
+def compile_tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig,
+                     device: torch.device, dtype: torch.dtype) -> tuple[Any, list[Any]]:
+    """The one TensorRT build (engine cache and `lipsync export` alike): torch.export with the inputs' shared batch
+    dimension declared explicitly, then torch_tensorrt's dynamo compile with explicit typing and the batch profile
+    min/opt/max. Returns (compiled program, its torch_tensorrt.Input specs)."""
+    import torch_tensorrt
+
+    net = net.to(device=device, dtype=dtype).eval()
+    inputs = [torch_tensorrt.Input(min_shape=(config.min_batch, *s), opt_shape=(config.opt_batch, *s),
+                                   max_shape=(config.max_batch, *s), dtype=dtype) for s in sample_shapes]
+    example = tuple(torch.rand(config.opt_batch, *s, device=device).to(dtype) for s in sample_shapes)
+    dynamic = None
+    if config.min_batch < config.max_batch:
+        batch = torch.export.Dim("batch", min=config.min_batch, max=config.max_batch)
+        dynamic = tuple({0: batch} for _ in sample_shapes)  # one dimension, shared by every input
+    exported = torch.export.export(net, example, dynamic_shapes=dynamic)
+    program = torch_tensorrt.dynamo.compile(exported, arg_inputs=inputs, use_explicit_typing=True, device=device)
+    return program, inputs
+
+
+def check_artefact(run: Callable[..., Tensor], sample_shapes: list[tuple[int, ...]], config: EngineConfig,
+                   device: torch.device, dtype: torch.dtype, source: str) -> None:
+    """A prebuilt engine must take this model's inputs (shapes, dtype) over the whole batch profile."""
+    for batch in sorted({config.min_batch, config.max_batch}):
+        try:
+            with torch.inference_mode():
+                out = run(*[torch.zeros(batch, *s, device=device, dtype=dtype) for s in sample_shapes])
+            if out.shape[0] != batch:
+                raise ValueError(f"it returned a batch of {out.shape[0]}")
+        except Exception as exc:
+            raise EngineError(f"{source} does not accept this model's inputs {sample_shapes} as {dtype} at batch "
+                              f"{batch} (engine profile {config.min_batch}/{config.opt_batch}/{config.max_batch}): "
+                              f"{exc}") from None
 
 
 def _tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, device: torch.device,
@@ -211,9 +254,8 @@ def _tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
     import tensorrt
     import torch_tensorrt
 
+    specs: list[Any] = []
     net = net.to(device=device, dtype=dtype).eval()
-    inputs = [torch_tensorrt.Input(min_shape=(config.min_batch, *s), opt_shape=(config.opt_batch, *s),
-                                   max_shape=(config.max_batch, *s), dtype=dtype) for s in sample_shapes]
     props = torch.cuda.get_device_properties(device)
     parts = {**key_parts, "gpu": props.name, "capability": f"{props.major}.{props.minor}",
              "torch": torch.__version__, "torch_tensorrt": torch_tensorrt.__version__,
@@ -225,11 +267,12 @@ def _tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
         BUILDS["tensorrt"] += 1
         log.info("compiling %s with TensorRT (batch %d/%d/%d, %s); this takes a few minutes the first time",
                  name, config.min_batch, config.opt_batch, config.max_batch, dtype)
-        return torch_tensorrt.compile(net, ir="dynamo", arg_inputs=inputs, use_explicit_typing=True,
-                                      device=device)
+        program, inputs = compile_tensorrt(net, sample_shapes, config, device, dtype)
+        specs[:] = inputs
+        return program
 
     def save(program, path: Path) -> None:
-        torch_tensorrt.save(program, str(path), arg_inputs=inputs, output_format="exported_program")
+        torch_tensorrt.save(program, str(path), arg_inputs=specs, output_format="exported_program")
 
     def load(path: Path):
         return torch_tensorrt.load(str(path)).module()
@@ -283,12 +326,13 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
         run = _compiled(working, config, device, dtype, channels_last)
     elif artefact is not None:
         run = load_tensorrt_artefact(artefact)
+        check_artefact(run, sample_shapes, config, device, dtype, f"TensorRT engine file {artefact}")
     else:
         run = _tensorrt(working, sample_shapes, config, device, dtype, name, key_parts or {})
     engine = Engine(name, backend, precision, device, config.max_batch, run, dtype,
                     channels_last and backend != "tensorrt")
     if config.warmup and backend != "eager":
-        buckets = [b for b in config.batch_buckets if b <= config.max_batch] if backend == "compile" \
+        buckets = compile_buckets(config) if backend == "compile" \
             else sorted({config.min_batch, config.opt_batch, config.max_batch})
         for b in tqdm(buckets, desc=f"{name}: warming up {backend}", unit="batch", disable=not progress):
             engine(*[torch.zeros(b, *s, device=device) for s in sample_shapes])

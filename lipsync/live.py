@@ -32,6 +32,7 @@ import torch
 
 from . import audio
 from .audio import AudioFormat, FeatureStream, StreamResampler
+from .errors import InvalidRequest
 from .scheduler import ModelScheduler, Priority
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 IDLE, SPEECH, HELD = "idle", "speech", "held"
 
 
-class SessionError(ValueError):
+class SessionError(InvalidRequest):
     """A live-session message that breaks the protocol (reported to the client as INVALID_ARGUMENT)."""
 
 

@@ -1,7 +1,9 @@
 """Prometheus metrics, served over HTTP by `lipsync serve` (server.metrics_port)."""
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import concurrent.futures
+from typing import Any, Callable
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -32,27 +34,45 @@ def observe(model: str, frames: int, timings: dict[str, float]) -> None:
 
 
 class _StateCollector:
-    """Gauges read from the live server state at scrape time: queue depth, loaded models, device memory."""
+    """Gauges read at scrape time: queue depth, loaded models, device memory. The scrape runs on the HTTP
+    server's thread; the numbers are taken on the event loop's thread (`snapshot`), never read from under it."""
 
-    def __init__(self, state: Any):
-        self.state = state
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], loop: asyncio.AbstractEventLoop):
+        self.snapshot, self.loop = snapshot, loop
+
+    def _take(self) -> dict[str, Any] | None:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                done.set_result(self.snapshot())
+            except Exception as exc:  # reported as a failed scrape, never on the loop
+                done.set_exception(exc)
+        try:
+            self.loop.call_soon_threadsafe(take)
+            return done.result(timeout=5)
+        except Exception:
+            return None
 
     def collect(self):
-        registry = self.state.registry
+        state = self._take()
+        if state is None:
+            return
         queue = GaugeMetricFamily("lipsync_queue_frames", "Frames waiting for the generator", labels=["model"])
         loaded = GaugeMetricFamily("lipsync_loaded_models", "Loaded models", labels=["device"])
         memory = GaugeMetricFamily("lipsync_device_memory_bytes", "Memory measured for loaded models",
                                    labels=["device"])
-        for name, entry in registry.entries.items():
-            queue.add_metric([name], entry.scheduler.queued_frames if entry.scheduler else 0)
-        for device in registry.devices:
-            loaded.add_metric([device], len(registry.loaded_on(device)))
-            memory.add_metric([device], registry.used_bytes(device))
+        for name, frames in state["queue"].items():
+            queue.add_metric([name], frames)
+        for device, count in state["loaded"].items():
+            loaded.add_metric([device], count)
+        for device, used in state["memory"].items():
+            memory.add_metric([device], used)
         yield from (queue, loaded, memory)
 
 
-def start(port: int, host: str, state: Any) -> int:
-    """Serve /metrics on `port` (0 = any free port); returns the bound port."""
-    REGISTRY.register(_StateCollector(state))
+def start(port: int, host: str, snapshot: Callable[[], dict[str, Any]]) -> int:
+    """Serve /metrics on `port` (0 = any free port); returns the bound port. Call from the event loop."""
     server, _ = start_http_server(port, addr=host)
+    REGISTRY.register(_StateCollector(snapshot, asyncio.get_running_loop()))
     return server.server_port

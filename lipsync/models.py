@@ -1,6 +1,7 @@
 """SyncTalk_2D networks (SPEC §4, §6) and strict checkpoint loading."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -243,8 +244,14 @@ def load_generator(path: str | Path, variant: str = "328", asr: str = "ave", dev
     found = _read_state_dict(path)
     expected = net.state_dict()
     if expected.keys() != found.keys() or any(expected[k].shape != found[k].shape for k in expected):
-        raise CheckpointError(_describe_mismatch(str(Path(path).expanduser().resolve()), expected, found,
-                                                 f"{variant}/{asr} generator", _guess_generator(found)))
+        guess = _guess_generator(found)
+        detail = _describe_mismatch(str(Path(path).expanduser().resolve()), expected, found,
+                                    f"{variant}/{asr} generator", guess)
+        other = re.match(r"It looks like the (\d+) variant", guess)
+        if other and other.group(1) != variant:  # the common mistake first, in words a user can act on
+            detail = f"this looks like the {other.group(1)} variant: pass --variant {other.group(1)} " \
+                     f"(variant: \"{other.group(1)}\" in a model config). {detail}"
+        raise CheckpointError(detail)
     net.load_state_dict(found, strict=True)
     return net.to(device).eval()
 

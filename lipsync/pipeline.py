@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from . import audio, compose, jpeg
-from .avatar import Avatar, load_avatar
+from .avatar import Avatar, AvatarError, find_source, load_avatar
 from .config import settings
-from .engines import Engine, EngineConfig, build_engine, file_digest
-from .models import AUDIO_FEATURE_SHAPE, INPUT_SIZE, load_audio_encoder, load_generator
+from .engines import Engine, EngineConfig, EngineError, build_engine, file_digest
+from .models import AUDIO_FEATURE_SHAPE, INPUT_SIZE, CheckpointError, load_audio_encoder, load_generator
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,39 @@ class StageClock:
         return dict(self.ms)
 
 
-@dataclass
-class RenderedFrame:
-    index: int  # global output frame index
-    avatar_frame: int
-    jpeg: bytes
+class ModelFileError(RuntimeError):
+    """One of a model's files cannot be used. `role` names the file for clients (who never see its path);
+    `detail` is the full explanation for the server log."""
+
+    ROLES = {"checkpoint": "checkpoint", "audio_encoder": "audio encoder", "avatar": "avatar",
+             "engine_file": "TensorRT engine file"}
+
+    def __init__(self, role: str, cause: BaseException):
+        self.role, self.cause = self.ROLES[role], cause
+        self.reason = "missing" if isinstance(cause, FileNotFoundError) or "not found" in str(cause) \
+            else "unreadable or not what the model needs"
+        super().__init__(f"{self.role}: {cause}")
 
 
-@dataclass
-class RenderResult:
-    frames: list[RenderedFrame]
-    timings_ms: dict[str, float] = field(default_factory=dict)
+@contextmanager
+def _role(role: str) -> Iterator[None]:
+    try:
+        yield
+    except (CheckpointError, AvatarError, EngineError, FileNotFoundError, OSError) as exc:
+        raise ModelFileError(role, exc) from exc
+
+
+def check_model_files(spec: "ModelSpec") -> None:
+    """Validate a model's files on the CPU (weights against the variant's key list, avatar layout), putting
+    nothing on a device; raises ModelFileError naming the file's role."""
+    with _role("checkpoint"):
+        load_generator(spec.checkpoint, spec.variant, spec.asr)
+    with _role("audio_encoder"):
+        load_audio_encoder(spec.audio_encoder)
+    with _role("avatar"):
+        find_source(spec.avatar)
+    if spec.engine_file is not None and not spec.engine_file.is_file():
+        raise ModelFileError("engine_file", FileNotFoundError(f"TensorRT engine not found: {spec.engine_file}"))
 
 
 @dataclass
@@ -96,7 +118,8 @@ class ModelSpec:
 
 
 class Pipeline:
-    """A loaded model on one device. Thread-compatible: callers serialise `infer`/`finish` per device."""
+    """A loaded model on one device: its engines, avatar and stages. Requests run through a
+    `scheduler.ModelScheduler` (the server, `lipsync render`, the benchmarks and `render.synthesize` alike)."""
 
     def __init__(self, generator: Engine, encoder: Engine, avatar: Avatar, device: torch.device,
                  micro_batch: int = 32, name: str = "model", weight_bytes: int = 0, asr: str = "ave"):
@@ -119,42 +142,6 @@ class Pipeline:
     def compose(self, predictions: Tensor, frame_ids: list[int]) -> Tensor:
         return compose.composite(self.avatar, predictions, frame_ids)
 
-    # -- whole requests
-    def render_frames(self, features: Tensor, start_frame: int = 0, first_index: int = 0,
-                      clock: StageClock | None = None, visual: Tensor | None = None) -> Tensor:
-        """Features of output frames first_index.. → composited uint8 RGB frames [N,3,H,W] on the device."""
-        clock = clock or StageClock(self.device)
-        out = []
-        for lo in range(0, features.shape[0], self.micro_batch):
-            chunk = features[lo:lo + self.micro_batch]
-            ids = self.avatar.frames_for(start_frame, first_index + lo, chunk.shape[0])
-            vis = None if visual is None else visual[lo:lo + self.micro_batch]
-            with clock.stage("inference"):
-                predictions = self.infer(chunk, ids, vis)
-            with clock.stage("composite"):
-                out.append(self.compose(predictions, ids))
-        return torch.cat(out) if out else torch.zeros(0, 3, *self.avatar.frames.shape[2:], dtype=torch.uint8)
-
-    def render(self, features: Tensor, start_frame: int = 0, first_index: int = 0, quality: int = 75,
-               clock: StageClock | None = None, visual: Tensor | None = None) -> RenderResult:
-        clock = clock or StageClock(self.device)
-        t0 = time.perf_counter()
-        frames = self.render_frames(features, start_frame, first_index, clock, visual)
-        with clock.stage("encode"):
-            jpegs = jpeg.encode_frames(frames, quality)
-        timings = clock.result()
-        timings["total"] = (time.perf_counter() - t0) * 1e3 + timings.get("audio", 0.0)
-        ids = self.avatar.frames_for(start_frame, first_index, len(jpegs))
-        return RenderResult([RenderedFrame(first_index + k, f, j) for k, (f, j) in enumerate(zip(ids, jpegs))],
-                            timings)
-
-    def synthesize(self, wave: Tensor, start_frame: int = 0, quality: int = 75) -> RenderResult:
-        """Whole utterance (16 kHz mono waveform on any device) → all D+2 JPEG frames."""
-        clock = StageClock(self.device)
-        with clock.stage("audio"):
-            features = self.features(wave.to(self.device))
-        return self.render(features, start_frame, 0, quality, clock)
-
     @property
     def memory_bytes(self) -> int:
         """Bytes held on the device by this model's tensors (weights and avatar)."""
@@ -171,13 +158,19 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
                                             opt_batch=min(engine_config.opt_batch, micro_batch),
                                             min_batch=min(engine_config.min_batch, micro_batch))
     t0 = time.perf_counter()
-    generator_net = load_generator(spec.checkpoint, spec.variant, spec.asr)
-    encoder_net = load_audio_encoder(spec.audio_encoder)
+    with _role("checkpoint"):
+        generator_net = load_generator(spec.checkpoint, spec.variant, spec.asr)
+    with _role("audio_encoder"):
+        encoder_net = load_audio_encoder(spec.audio_encoder)
     weights = sum(t.numel() * t.element_size() for net in (generator_net, encoder_net)
                   for t in list(net.parameters()) + list(net.buffers()))
-    avatar = load_avatar(spec.avatar, spec.variant, spec.sequence, device, spec.feather, progress)
+    with _role("avatar"):
+        avatar = load_avatar(spec.avatar, spec.variant, spec.sequence, device, spec.feather, progress)
     size = INPUT_SIZE[spec.variant]
     key = {"checkpoint": file_digest(spec.checkpoint), "variant": spec.variant, "asr": spec.asr}
+    with _role("engine_file" if spec.engine_file else "checkpoint"):
+        if spec.engine_file is not None and not spec.engine_file.is_file():
+            raise FileNotFoundError(f"TensorRT engine not found: {spec.engine_file}")
     generator = build_engine(generator_net, [(6, size, size), AUDIO_FEATURE_SHAPE[spec.asr]], engine_config,
                              device, f"{spec.name}/generator", key, spec.engine_file, progress)
     encoder = build_engine(encoder_net, [(1, 80, 16)], engine_config, device, f"{spec.name}/audio_encoder",

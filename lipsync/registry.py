@@ -12,32 +12,30 @@ from typing import Any
 
 import torch
 
-from .avatar import AvatarError
 from .config import settings
 from .demo import make_demo_model
 from .engines import EngineConfig, EngineError
-from .models import CheckpointError
-from .pipeline import ModelSpec, Pipeline, load_pipeline, pick_device
+from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, clip
+from .pipeline import ModelFileError, ModelSpec, Pipeline, check_model_files, load_pipeline, pick_device
 from .scheduler import DeviceWorkers, ModelScheduler
 
 log = logging.getLogger(__name__)
 LATENCY_WINDOW = 1000  # recent requests kept per stage for percentiles
 
 
-class UnknownModel(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class UnknownModel(NotFound):
+    """A model id that is not declared."""
 
 
-class ModelFilesError(RuntimeError):
+class ModelFilesError(FailedPrecondition):
     """A declared model whose files are missing or corrupt."""
 
 
-class CapacityError(RuntimeError):
+class CapacityError(ResourceExhausted):
     """No room for the model within the configured limits."""
 
 
-class ModelBusy(RuntimeError):
+class ModelBusy(FailedPrecondition):
     """The model has requests in flight."""
 
 
@@ -78,6 +76,8 @@ class ModelEntry:
     uses: int = 0
     last_used: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    loading: asyncio.Task | None = None  # the one load in progress, shared by every caller
+    loading_device: str = ""
     latencies: dict[str, deque] = field(default_factory=dict)
 
     @property
@@ -112,6 +112,7 @@ class Registry:
                                             device_pref=cfg.get("device"), synthetic=bool(cfg.get("synthetic")))
         self.devices = self._devices(config.devices, default_device)
         self.workers = DeviceWorkers()
+        self._load_lock = asyncio.Lock()
         self._reaper: asyncio.Task | None = None
         self.on_evict = None  # optional callback(model_id, reason)
         log.info("registry: %d declared models on devices %s (max %d models, budget %s per device, %s eviction)",
@@ -154,9 +155,9 @@ class Registry:
     # -- queries
     def entry(self, model_id: str) -> ModelEntry:
         if not model_id:
-            raise ValueError("model_id is required")
+            raise InvalidRequest("model_id is required")
         if model_id not in self.entries:
-            raise UnknownModel(f"unknown model {model_id!r}; declared models: {sorted(self.entries)}")
+            raise UnknownModel(f"unknown model {clip(model_id)} (ListModels lists the models of this server)")
         return self.entries[model_id]
 
     def used_bytes(self, device: str) -> int:
@@ -191,29 +192,64 @@ class Registry:
         entry.last_used = time.monotonic()
 
     async def load(self, model_id: str, device: str | None = None) -> tuple[ModelEntry, bool, float]:
-        """Load a model (one load at a time per model; concurrent callers share it): (entry, already, ms)."""
+        """Load a model: (entry, already, ms). Every caller shares one load task per model, which runs to its end
+        even if the callers go away (a cancelled request never leaves a half-load that the next one repeats)."""
         entry = self.entry(model_id)
-        async with entry.lock:
+        if device:
+            self._check_device(device)
+        if entry.loaded:
+            return entry, True, entry.load_ms
+        if entry.loading is None:
+            entry.loading = asyncio.ensure_future(self._load(entry, device))
+            entry.loading.add_done_callback(lambda task, e=entry: self._loaded(e, task))
+        await asyncio.shield(entry.loading)
+        return entry, False, entry.load_ms
+
+    @staticmethod
+    def _loaded(entry: ModelEntry, task: asyncio.Task) -> None:
+        entry.loading = None
+        if not task.cancelled():
+            task.exception()  # retrieved here; the waiters got it too
+
+    async def _load(self, entry: ModelEntry, device: str | None) -> None:
+        # Loads run one at a time: each is counted against the limits before it starts, and the memory it
+        # measures is its own.
+        async with self._load_lock, entry.lock:
             if entry.loaded:
-                return entry, True, entry.load_ms
+                return
             target = self._place(entry, device)
-            await self._make_room(target, entry)
-            started = time.perf_counter()
-            before = torch.cuda.memory_allocated(target) if target.startswith("cuda") else 0
-            log.info("loading model %s on %s", model_id, target)
+            entry.loading_device = target
             try:
-                pipeline = await asyncio.to_thread(self._load_pipeline, entry, target)
-            except (CheckpointError, AvatarError, FileNotFoundError, EngineError) as exc:
-                raise ModelFilesError(f"model {model_id!r} cannot be loaded: {exc}") from exc
-            entry.memory_bytes = (torch.cuda.memory_allocated(target) - before if target.startswith("cuda")
-                                  else pipeline.memory_bytes)
+                await self._make_room(target, entry)
+                started = time.perf_counter()
+                if target.startswith("cuda"):
+                    torch.cuda.synchronize(target)
+                before = torch.cuda.memory_allocated(target) if target.startswith("cuda") else 0
+                log.info("loading model %s on %s", entry.spec.name, target)
+                try:
+                    pipeline = await self._run_load(entry, target)
+                except ModelFileError as exc:
+                    log.error("model %s cannot be loaded: %s", entry.spec.name, exc)
+                    raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its {exc.role} is "
+                                          f"{exc.reason} (the server log has the details)") from exc
+                except EngineError as exc:
+                    log.error("model %s: engine build failed: %s", entry.spec.name, exc)
+                    raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its engine could not be "
+                                          "built (the server log has the details)") from exc
+                if target.startswith("cuda"):
+                    torch.cuda.synchronize(target)
+                    entry.memory_bytes = max(torch.cuda.memory_allocated(target) - before, pipeline.memory_bytes)
+                else:
+                    entry.memory_bytes = pipeline.memory_bytes
+            finally:
+                entry.loading_device = ""
             entry.pipeline, entry.device = pipeline, target
             entry.load_ms = (time.perf_counter() - started) * 1e3
             # On CPU the pipeline's micro-batch is smaller than max_batch: large batches lose there.
             entry.scheduler = ModelScheduler(pipeline, self.workers, min(self.config.max_batch, pipeline.micro_batch),
                                              self.config.max_delay_ms, self.config.max_queue_frames)
             entry.scheduler.start()
-            log.info("model %s loaded on %s in %.0f ms, %.1f MB measured", model_id, target, entry.load_ms,
+            log.info("model %s loaded on %s in %.0f ms, %.1f MB measured", entry.spec.name, target, entry.load_ms,
                      entry.memory_bytes / 2**20)
             budget = self.config.memory_budget_mb * 2**20
             if budget and self.used_bytes(target) > budget:
@@ -222,9 +258,47 @@ class Registry:
                 except CapacityError:
                     await self._unload(entry, "over the memory budget on its own")
                     raise
-            return entry, False, entry.load_ms
+
+    async def _run_load(self, entry: ModelEntry, device: str) -> Pipeline:
+        """Build the pipeline off the event loop. With CUDA graphs it is built on the device's inference thread,
+        the thread that will replay them (their state is per thread)."""
+        if device.startswith("cuda") and self.engine.cuda_graphs:
+            infer_pool, _ = self.workers.get(torch.device(device))
+            return await asyncio.get_running_loop().run_in_executor(infer_pool, self._load_pipeline, entry, device)
+        return await asyncio.to_thread(self._load_pipeline, entry, device)
+
+    def check(self) -> dict[str, str]:
+        """Problems of the declared models' files, by model (nothing is put on a device). Synthetic demo models
+        are created on their first load and not checked."""
+        problems = {}
+        for name, entry in self.entries.items():
+            if entry.synthetic:
+                continue
+            try:
+                check_model_files(entry.spec)
+            except ModelFileError as exc:
+                problems[name] = str(exc)
+            if entry.device_pref:
+                try:
+                    self._check_device(entry.device_pref)
+                except InvalidRequest as exc:
+                    problems[name] = str(exc)
+        return problems
+
+    def _check_device(self, device: str) -> str:
+        """A device named by a request or a model config, normalised ("cuda" → "cuda:0"); it must be served."""
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidRequest(f"device {clip(device)} is not a device name (cpu, cuda, cuda:N)") from None
+        name = "cuda:0" if parsed.type == "cuda" and parsed.index is None else str(parsed)
+        if name not in self.devices:
+            raise InvalidRequest(f"device {clip(device)} is not served here; devices: {', '.join(self.devices)}")
+        return name
 
     def _load_pipeline(self, entry: ModelEntry, device: str) -> Pipeline:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
         if entry.synthetic:
             files = (entry.spec.checkpoint, entry.spec.audio_encoder, entry.spec.avatar)
             if not all(p.exists() for p in files):
@@ -236,10 +310,7 @@ class Registry:
     def _place(self, entry: ModelEntry, requested: str | None) -> str:
         wanted = requested or entry.device_pref
         if wanted:
-            device = str(pick_device(wanted))
-            if device not in self.devices:
-                raise CapacityError(f"device {device} is not served (devices: {self.devices})")
-            return device
+            return self._check_device(wanted)
         budget = self.config.memory_budget_mb * 2**20
 
         def free(device: str) -> float:

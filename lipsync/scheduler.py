@@ -11,9 +11,11 @@ frames. A failing batch fails exactly the requests in it; the batcher keeps serv
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -24,12 +26,13 @@ from torch import Tensor
 
 from . import jpeg
 from .audio import FeatureStream
+from .errors import ResourceExhausted
 from .pipeline import Pipeline, StageClock
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(RuntimeError):
+class QueueFull(ResourceExhausted):
     """The model's frame queue is at its bound."""
 
 
@@ -41,29 +44,62 @@ class Priority(IntEnum):
 
 
 FRAME_S = 0.04  # a frame's share of real time: the virtual deadline step of non-live jobs
+JOB_FRAMES = 256  # `render` splits longer requests into jobs of this many frames (two in flight)
 
 
-def _device_call(fn: Callable, *args: Any) -> Any:
-    """Run on a device thread. StopIteration cannot cross into an asyncio future (it would never resolve):
-    turn it, like any escape, into an ordinary error."""
+def _device_call(stream: Any, fn: Callable, *args: Any) -> Any:
+    """Run on a device thread, on `stream` (CUDA) if given. StopIteration cannot cross into an asyncio future (it
+    would never resolve): turn it, like any escape, into an ordinary error."""
     try:
-        return fn(*args)
+        if stream is None:
+            return fn(*args)
+        with torch.cuda.stream(stream):
+            return fn(*args)
     except StopIteration as exc:
         raise RuntimeError(f"{getattr(fn, '__name__', fn)} raised StopIteration") from exc
 
 
+class _Inline(concurrent.futures.Executor):
+    """Runs work in the calling thread (DeviceWorkers(inline=True)): for checks that must see every tensor
+    operation of the device path, such as the host-copy guard, which is thread-local."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
 class DeviceWorkers:
-    """One inference thread and one encode thread per device (nvJPEG serialises on a global lock anyway)."""
+    """One inference thread and one encode thread per device (nvJPEG serialises on a global lock anyway). On
+    CUDA each has its own stream, so encoding batch k never waits for the inference of batch k+1 (nvJPEG
+    synchronises the stream it runs on); work passes from one to the other with events. The threads make their
+    device current, so events and allocations land on it."""
 
-    def __init__(self) -> None:
-        self._pools: dict[str, tuple[ThreadPoolExecutor, ThreadPoolExecutor]] = {}
+    def __init__(self, inline: bool = False) -> None:
+        self._pools: dict[str, tuple[Any, Any]] = {}
+        self._streams: dict[str, tuple[Any, Any]] = {}
+        self.inline = inline
 
-    def get(self, device: torch.device) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+    def get(self, device: torch.device) -> tuple[Any, Any]:
         key = str(device)
+        if self.inline:
+            return _Inline(), _Inline()
         if key not in self._pools:
-            self._pools[key] = (ThreadPoolExecutor(1, thread_name_prefix=f"infer-{key}"),
-                                ThreadPoolExecutor(1, thread_name_prefix=f"encode-{key}"))
+            init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+            self._pools[key] = (ThreadPoolExecutor(1, thread_name_prefix=f"infer-{key}", initializer=init),
+                                ThreadPoolExecutor(1, thread_name_prefix=f"encode-{key}", initializer=init))
         return self._pools[key]
+
+    def streams(self, device: torch.device) -> tuple[Any, Any]:
+        """(inference stream, encode stream) of a CUDA device; (None, None) elsewhere."""
+        key = str(device)
+        if key not in self._streams:
+            self._streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if device.type == "cuda" \
+                else (None, None)
+        return self._streams[key]
 
     def shutdown(self) -> None:
         for infer, encode in self._pools.values():
@@ -76,7 +112,7 @@ class Job:
     """Frames of one request (or one stream step) waiting for the generator."""
     features: Tensor
     frame_ids: list[int]
-    quality: int
+    quality: int | None  # None: raw frames, not JPEG
     visual: Tensor | None
     future: asyncio.Future
     submitted: float = field(default_factory=time.perf_counter)
@@ -118,6 +154,7 @@ class ModelScheduler:
                  max_queue_frames: int = 4096, max_encodes_in_flight: int = 2, max_encoder_batch: int = 1024):
         self.pipeline = pipeline
         self.infer_pool, self.encode_pool = workers.get(pipeline.device)
+        self.infer_stream, self.encode_stream = workers.streams(pipeline.device)
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
         self.max_queue_frames = max_queue_frames
         self.jobs: deque[Job] = deque()
@@ -193,13 +230,18 @@ class ModelScheduler:
                 return [j for lo in range(0, frames.shape[0], self.max_batch)
                         for j in jpeg.encode_frames(frames[lo:lo + self.max_batch], quality)]
             self._idle_jpegs[quality] = await asyncio.get_running_loop().run_in_executor(
-                self.encode_pool, _device_call, encode)
+                self.encode_pool, _device_call, self.encode_stream, encode)
         return self._idle_jpegs[quality]
+
+    def feature_stream(self) -> FeatureStream:
+        """A fresh feature stream for one utterance on this model's device (encoder calls go through `features`)."""
+        return FeatureStream(None, self.pipeline.device)
 
     # -- work that runs on the device threads
     async def run_on_device(self, fn, *args):
         """Run device work (mel spectrogram, windows) on this device's inference thread, in order with batches."""
-        return await asyncio.get_running_loop().run_in_executor(self.infer_pool, _device_call, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.infer_pool, _device_call, self.infer_stream,
+                                                                fn, *args)
 
     async def features(self, stream: FeatureStream, wave: Tensor | None, end: bool) -> tuple[int, Tensor]:
         """One step of a session's audio: new samples (and/or end of audio) → (first frame index, features of
@@ -235,7 +277,8 @@ class ModelScheduler:
             return
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self.infer_pool, _device_call, self._run_encoder, work)
+            results = await loop.run_in_executor(self.infer_pool, _device_call, self.infer_stream,
+                                                 self._run_encoder, work)
         except Exception as exc:
             log.error("audio encoder batch for %s failed: %s", self.pipeline.name, exc)
             results = [exc] * len(work)
@@ -247,7 +290,7 @@ class ModelScheduler:
             else:
                 future.set_result(result)
 
-    def submit(self, features: Tensor, frame_ids: list[int], quality: int, visual: Tensor | None = None,
+    def submit(self, features: Tensor, frame_ids: list[int], quality: int | None, visual: Tensor | None = None,
                priority: Priority = Priority.BATCH, deadline: float | None = None, step: float = FRAME_S,
                on_frames: Callable[[int, int, list[bytes]], None] | None = None) -> asyncio.Future:
         """Queue frames; the future resolves to (list of JPEG bytes, timings dict). Frame k is due at
@@ -268,6 +311,45 @@ class ModelScheduler:
         self.queued_frames += n
         self._wakeup.set()
         return future
+
+    async def render(self, features: Tensor, frame_ids: list[int], quality: int | None,
+                     visual: Tensor | None = None, priority: Priority = Priority.BATCH
+                     ) -> tuple[list[Any], dict[str, float]]:
+        """JPEG bytes (or, with quality None, uint8 RGB frames [3,H,W] on the host) of any number of frames, as
+        jobs of at most JOB_FRAMES (and half the queue bound), two in flight: a long request never exceeds the
+        queue bound, and its virtual deadlines run on across its jobs."""
+        n = len(frame_ids)
+        step = max(1, min(JOB_FRAMES, self.max_queue_frames // 2))
+        arrived = time.perf_counter()
+        jobs: deque[asyncio.Future] = deque()
+        jpegs: list[bytes] = []
+        timings = {"queue": 0.0, "inference": 0.0, "composite": 0.0, "encode": 0.0, "batch_size": 0}
+        starts = iter(range(0, n, step))
+        try:
+            for lo in itertools.islice(starts, 2):
+                jobs.append(self._submit_slice(features, frame_ids, quality, visual, priority, arrived, lo, step))
+            first = True
+            while jobs:
+                got, t = await jobs.popleft()
+                lo = next(starts, None)
+                if lo is not None:
+                    jobs.append(self._submit_slice(features, frame_ids, quality, visual, priority, arrived, lo, step))
+                jpegs.extend(got)
+                for stage in ("inference", "composite", "encode"):
+                    timings[stage] += t.get(stage, 0.0)
+                timings["batch_size"] = max(timings["batch_size"], t.get("batch_size", 0))
+                if first:
+                    timings["queue"], first = t.get("queue", 0.0), False
+        finally:
+            for job in jobs:
+                job.cancel()
+        return jpegs, timings
+
+    def _submit_slice(self, features: Tensor, frame_ids: list[int], quality: int | None, visual: Tensor | None,
+                      priority: Priority, arrived: float, lo: int, step: int) -> asyncio.Future:
+        hi = lo + step
+        return self.submit(features[lo:hi], frame_ids[lo:hi], quality, None if visual is None else visual[lo:hi],
+                           priority, deadline=arrived + lo * FRAME_S)
 
     def _take_batch(self) -> list[BatchSlice]:
         """Up to max_batch frames, earliest (class, deadline) first; runs of one job stay together."""
@@ -327,9 +409,10 @@ class ModelScheduler:
                 s.job.timings["queue"] = (now - s.job.submitted) * 1e3
         await self._encodes.acquire()  # released by _deliver, or here if the batch never reaches the encoder
         try:
-            clock, predictions, ids = await loop.run_in_executor(self.infer_pool, _device_call, self._infer, batch)
-            encode = loop.run_in_executor(self.encode_pool, _device_call, self._finish, batch, clock, predictions,
-                                          ids)
+            clock, predictions, ids, ready = await loop.run_in_executor(self.infer_pool, _device_call,
+                                                                        self.infer_stream, self._infer, batch)
+            encode = loop.run_in_executor(self.encode_pool, _device_call, self.encode_stream, self._finish, batch,
+                                          clock, predictions, ids, ready)
         except BaseException:
             self._encodes.release()
             raise
@@ -338,7 +421,8 @@ class ModelScheduler:
         if self.on_batch:
             self.on_batch(len(ids))
 
-    def _infer(self, batch: list[BatchSlice]) -> tuple[StageClock, Tensor, list[int]]:
+    def _infer(self, batch: list[BatchSlice]) -> tuple[StageClock, Tensor, list[int], Any]:
+        """Generator predictions of a batch, on the inference stream; the event marks when they are ready."""
         clock = StageClock(self.pipeline.device)
         ids = [i for s in batch for i in s.job.frame_ids[s.lo:s.hi]]
         features = torch.cat([s.job.features[s.lo:s.hi] for s in batch])
@@ -348,20 +432,30 @@ class ModelScheduler:
                                 else self.pipeline.avatar.model_inputs(s.job.frame_ids[s.lo:s.hi]) for s in batch])
         with clock.stage("inference"):
             predictions = self.pipeline.infer(features, ids, visual)
-        return clock, predictions, ids
+        ready = None
+        if self.infer_stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(self.infer_stream)
+        return clock, predictions, ids, ready
 
-    def _finish(self, batch: list[BatchSlice], clock: StageClock, predictions: Tensor, ids: list[int]
-                ) -> tuple[list[bytes], dict[str, float]]:
+    def _finish(self, batch: list[BatchSlice], clock: StageClock, predictions: Tensor, ids: list[int],
+                ready: Any = None) -> tuple[list[bytes], dict[str, float]]:
+        """Composite and JPEG-encode a batch, on the encode stream once the predictions are ready."""
+        if ready is not None:
+            self.encode_stream.wait_event(ready)
+            predictions.record_stream(self.encode_stream)  # the allocator must not reuse it before we are done
         with clock.stage("composite"):
             frames = self.pipeline.compose(predictions, ids)
-        jpegs: list[bytes] = [b""] * len(ids)
+        jpegs: list[Any] = [b""] * len(ids)
         with clock.stage("encode"):
             offset, groups = 0, {}
             for s in batch:
                 groups.setdefault(s.job.quality, []).extend(range(offset, offset + s.hi - s.lo))
                 offset += s.hi - s.lo
             for quality, rows in groups.items():
-                for row, data in zip(rows, jpeg.encode_frames(frames[rows], quality)):
+                # quality None: the frames themselves (offline rendering to video or PNG), on the host
+                out = jpeg.encode_frames(frames[rows], quality) if quality is not None else frames[rows].cpu()
+                for row, data in zip(rows, out):
                     jpegs[row] = data
         return jpegs, clock.result()
 

@@ -1,6 +1,6 @@
-"""`lipsync serve`: the gRPC server (lipsync.v1.LipSync + monolithic.MonolithicService on one port), with
-grpc.health.v1, reflection, Prometheus metrics and graceful shutdown. Protocol only: models live in the
-registry, batching in the scheduler."""
+"""`lipsync serve`: the gRPC server. Protocol only: requests are validated (limits), models live in the registry,
+batching in the scheduler, the Stream and Converse session logic in `streaming` and `live`, the Go server's API
+in `compat`. Also grpc.health.v1, reflection, Prometheus metrics, graceful shutdown."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +8,12 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import grpc
-import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -23,96 +23,29 @@ from ._proto import lipsync_pb2 as pb
 from ._proto import lipsync_pb2_grpc as pb_grpc
 from ._proto import monolithic_pb2 as mono
 from ._proto import monolithic_pb2_grpc as mono_grpc
-from .audio import AudioFormat, AudioFormatError, FeatureStream, StreamResampler
-from .jpeg import MAX_QUALITY, MIN_QUALITY
-from .live import LiveConfig, LiveSession, admit
-from .registry import CapacityError, ModelBusy, ModelEntry, ModelFilesError, Registry, UnknownModel
-from .scheduler import Priority, QueueFull
+from .audio import AudioFormat
+from .compat import MonolithicService
+from .errors import InvalidRequest, ResourceExhausted, Unavailable, status_of
+from .limits import Limits, model_id as checked_model_id
+from .live import LiveSession, admit
+from .registry import ModelEntry, Registry
+from .scheduler import Priority
+from .streaming import StreamSession
 
 log = logging.getLogger(__name__)
 FRAME_MS = 1000.0 / audio.FPS
-COMPAT_MAX_BATCH = 32
-GENERATOR_SHAPE = (6, 320, 320)
-AUDIO_FEATURE_SIZE = 32 * 16 * 16
+ENCODINGS = {pb.AUDIO_ENCODING_UNSPECIFIED: "s16le", pb.PCM_S16LE: "s16le", pb.PCM_F32LE: "f32le", pb.WAV: "wav"}
+FRAME_KINDS = {"idle": pb.IDLE, "speech": pb.SPEECH, "held": pb.HELD}
 
 
-class RequestError(Exception):
-    """A request the server refuses, with its gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
+class StartupError(RuntimeError):
+    """The server cannot start as configured (one line for the operator)."""
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map an exception to its SPEC §9 status and message."""
-    if isinstance(exc, RequestError):
-        return exc.code, str(exc)
-    if isinstance(exc, (AudioFormatError, ValueError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, UnknownModel):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, (ModelFilesError, ModelBusy)):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, (QueueFull, CapacityError)):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-
-
-class Limits:
-    """Request limits from `server` config."""
-
-    def __init__(self, cfg: Any):
-        self.live = LiveConfig.from_dict(cfg.get("live"))
-        self.max_audio_s = float(cfg.max_audio_seconds)
-        self.max_streams = int(cfg.max_streams)
-        self.default_quality = int(cfg.jpeg_quality)
-        self.max_start_frame = int(cfg.max_start_frame)
-
-    def quality(self, q: int) -> int:
-        if q == 0:
-            return self.default_quality
-        if not MIN_QUALITY <= q <= MAX_QUALITY:
-            raise ValueError(f"jpeg_quality {q} is outside {MIN_QUALITY}..{MAX_QUALITY}")
-        return q
-
-    def start_frame(self, n: int) -> int:
-        if not 0 <= n <= self.max_start_frame:
-            raise ValueError(f"start_frame {n} is outside 0..{self.max_start_frame}")
-        return n
-
-    def audio_format(self, fmt: pb.AudioFormat, allow_wav: bool) -> AudioFormat:
-        encoding = {pb.AUDIO_ENCODING_UNSPECIFIED: "s16le", pb.PCM_S16LE: "s16le", pb.PCM_F32LE: "f32le"}.get(
-            fmt.encoding)
-        if fmt.encoding == pb.WAV:
-            if not allow_wav:
-                raise ValueError("WAV is not accepted for streams; send PCM_S16LE or PCM_F32LE")
-            encoding = "wav"
-        if encoding is None:
-            raise ValueError(f"unknown audio encoding {fmt.encoding}")
-        result = AudioFormat(encoding, fmt.sample_rate or audio.SAMPLE_RATE, fmt.channels or 1)
-        if encoding != "wav":
-            result.validate()
-        return result
-
-    def check_duration(self, samples: int, rate: int) -> None:
-        if samples / rate > self.max_audio_s:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"audio is {samples / rate:.1f} s; the limit per request is {self.max_audio_s:g} s")
-
-
-def decode_request_audio(data: bytes, fmt: AudioFormat, limits: Limits) -> torch.Tensor:
-    """Request bytes → mono 16 kHz waveform on the CPU (moved to the model's device by the pipeline)."""
-    if fmt.encoding == "wav":
-        data, fmt = audio.parse_wav(data, "the WAV audio")
-    limits.check_duration(len(data) // max(fmt.frame_bytes, 1), fmt.sample_rate)
-    return audio.resample(audio.decode_pcm(data, fmt), fmt.sample_rate)
-
-
-def log_request(event: str, model: str, frames: int, timings: dict[str, float]) -> None:
-    """One structured log line per request: stage timings in ms and the batch size."""
-    stages = {(k if k == "batch_size" else f"{k}_ms"): round(v, 2) for k, v in timings.items()}
-    log.info(json.dumps({"event": event, "model": model, "frames": frames, **stages}))
+def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one mapping from exceptions to gRPC statuses (errors.RequestError subclasses carry their own)."""
+    name, message = status_of(exc)
+    return grpc.StatusCode[name], message
 
 
 def _timings(t: dict[str, float]) -> pb.StageTimings:
@@ -121,8 +54,12 @@ def _timings(t: dict[str, float]) -> pb.StageTimings:
                            total_ms=t.get("total", 0), batch_size=int(t.get("batch_size", 0)))
 
 
+def _format(limits: Limits, fmt: pb.AudioFormat, allow_wav: bool) -> AudioFormat:
+    return limits.audio_format(ENCODINGS.get(fmt.encoding), fmt.sample_rate, fmt.channels, allow_wav)
+
+
 class Server:
-    """Shared state of both services: registry, limits, counters."""
+    """State shared by the services: registry, limits, counters."""
 
     def __init__(self, registry: Registry, limits: Limits):
         self.registry, self.limits = registry, limits
@@ -134,23 +71,26 @@ class Server:
     @asynccontextmanager
     async def model(self, model_id: str) -> AsyncIterator[tuple[ModelEntry, bool, float]]:
         if not self.accepting:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            raise Unavailable("server is shutting down")
         acquired = await self.registry.acquire(model_id)
         try:
             yield acquired
         finally:
             self.registry.release(acquired[0])
 
-    async def render(self, entry: ModelEntry, features: torch.Tensor, start_frame: int, first_index: int,
-                     quality: int, visual: torch.Tensor | None = None, priority: Priority = Priority.BATCH
-                     ) -> tuple[list[pb.Frame], dict[str, float]]:
-        assert entry.pipeline is not None and entry.scheduler is not None
-        count = features.shape[0]
-        ids = entry.pipeline.avatar.frames_for(start_frame, first_index, count)
-        jpegs, timings = await entry.scheduler.submit(features, ids, quality, visual, priority)
-        frames = [pb.Frame(index=first_index + k, avatar_frame=f, jpeg=j, pts_ms=(first_index + k) * FRAME_MS)
-                  for k, (f, j) in enumerate(zip(ids, jpegs))]
-        return frames, timings
+    def decode_audio(self, data: bytes, fmt: AudioFormat) -> torch.Tensor:
+        """Request bytes → mono 16 kHz waveform on the CPU (moved to the model's device by the pipeline)."""
+        if fmt.encoding == "wav":
+            data, fmt = audio.parse_wav(data, "the WAV audio")
+        self.limits.check_duration(len(data) // fmt.frame_bytes, fmt.sample_rate)
+        return audio.resample(audio.decode_pcm(data, fmt), fmt.sample_rate)
+
+    def record(self, event: str, entry: ModelEntry, frames: int, timings: dict[str, float]) -> None:
+        """Stats, metrics and one structured log line per request."""
+        entry.record(frames, timings)
+        metrics.observe(entry.spec.name, frames, timings)
+        stages = {(k if k == "batch_size" else f"{k}_ms"): round(v, 2) for k, v in timings.items()}
+        log.info(json.dumps({"event": event, "model": entry.spec.name, "frames": frames, **stages}))
 
     def model_info(self, e: ModelEntry) -> pb.ModelInfo:
         return pb.ModelInfo(model_id=e.spec.name, loaded=e.loaded, device=e.device, memory_bytes=e.memory_bytes,
@@ -170,9 +110,25 @@ class Server:
                                      memory_total_bytes=total, loaded_models=len(self.registry.loaded_on(d))))
         return out
 
+    async def check_response_fits(self, entry: ModelEntry, frames: int, quality: int) -> None:
+        """Refuse a unary response that cannot be sent, before rendering it (JPEG size from the avatar's own
+        frames at this quality, with a margin for the mouth)."""
+        height, width = entry.pipeline.avatar.frames.shape[2:]
+        if frames * width * height * 3 <= self.limits.max_message_bytes:
+            return  # even uncompressed it would fit
+        idle = await entry.scheduler.idle_jpegs(quality)
+        self.limits.check_response_size(frames, max(len(j) for j in idle) * 1.15 + 32)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Numbers for the metrics scrape (taken on the event loop's thread)."""
+        r = self.registry
+        return {"queue": {n: e.scheduler.queued_frames if e.scheduler else 0 for n, e in r.entries.items()},
+                "loaded": {d: len(r.loaded_on(d)) for d in r.devices},
+                "memory": {d: r.used_bytes(d) for d in r.devices}}
+
 
 def _guard(method):
-    """Turn exceptions into gRPC statuses and count them; a bad request never escapes as a crash."""
+    """Unary RPCs: exceptions become gRPC statuses and are counted; a bad request never escapes as a crash."""
     name = method.__name__
 
     async def wrapper(self, request, context):
@@ -185,13 +141,32 @@ def _guard(method):
             metrics.REQUESTS.labels(name, "CANCELLED").inc()
             raise
         except Exception as exc:
-            code, message = status_for(exc)
+            code, message = grpc_status(exc)
             metrics.REQUESTS.labels(name, code.name).inc()
             log_fn = log.error if code == grpc.StatusCode.INTERNAL else log.info
             log_fn("%s failed: %s %s", name, code.name, message, exc_info=code == grpc.StatusCode.INTERNAL)
             await context.abort(code, message)
     wrapper.__name__ = name
     return wrapper
+
+
+async def _streaming(name: str, body: AsyncIterator, context) -> AsyncIterator:
+    """Streaming RPCs: the same status mapping and counting as `_guard`."""
+    status = "OK"
+    try:
+        async for response in body:
+            yield response
+    except asyncio.CancelledError:
+        status = "CANCELLED"
+        raise
+    except Exception as exc:
+        code, message = grpc_status(exc)
+        status = code.name
+        log_fn = log.error if code == grpc.StatusCode.INTERNAL else log.info
+        log_fn("%s failed: %s %s", name, code.name, message, exc_info=code == grpc.StatusCode.INTERNAL)
+        await context.abort(code, message)
+    finally:
+        metrics.REQUESTS.labels(name, status).inc()
 
 
 class LipSyncService(pb_grpc.LipSyncServicer):
@@ -202,22 +177,27 @@ class LipSyncService(pb_grpc.LipSyncServicer):
     async def Synthesize(self, request: pb.SynthesizeRequest, context, started: float) -> pb.SynthesizeResponse:
         limits = self.s.limits
         quality, start = limits.quality(request.jpeg_quality), limits.start_frame(request.start_frame)
-        fmt = limits.audio_format(request.format, allow_wav=True)
-        self.s.registry.entry(request.model_id)
-        wave = await asyncio.to_thread(decode_request_audio, request.audio, fmt, limits)
+        fmt = _format(limits, request.format, allow_wav=True)
+        self.s.registry.entry(checked_model_id(request.model_id))
+        wave = await asyncio.to_thread(self.s.decode_audio, request.audio, fmt)
         async with self.s.model(request.model_id) as (entry, loaded_now, load_ms):
+            await self.s.check_response_fits(entry, audio.frame_count(wave.numel()), quality)
             t0 = time.perf_counter()
-            _, features = await entry.scheduler.features(FeatureStream(None, entry.pipeline.device), wave, end=True)
+            _, features = await entry.scheduler.features(entry.scheduler.feature_stream(), wave, end=True)
             audio_ms = (time.perf_counter() - t0) * 1e3
-            frames, timings = await self.s.render(entry, features, start, 0, quality)
+            ids = entry.pipeline.avatar.frames_for(start, 0, features.shape[0])
+            jpegs, timings = await entry.scheduler.render(features, ids, quality, priority=Priority.BATCH)
+        frames = [pb.Frame(index=k, avatar_frame=f, jpeg=j, pts_ms=k * FRAME_MS)
+                  for k, (f, j) in enumerate(zip(ids, jpegs))]
         timings["audio"] = audio_ms
         timings["total"] = (time.perf_counter() - started) * 1e3
-        entry.record(len(frames), timings)
-        metrics.observe(request.model_id, len(frames), timings)
-        log_request("synthesize", request.model_id, len(frames), timings)
-        return pb.SynthesizeResponse(frames=frames, timings=_timings(timings), model_loaded=loaded_now,
-                                     model_load_ms=load_ms if loaded_now else 0, model_id=request.model_id,
-                                     device=entry.device)
+        response = pb.SynthesizeResponse(frames=frames, timings=_timings(timings), model_loaded=loaded_now,
+                                         model_load_ms=load_ms if loaded_now else 0, model_id=request.model_id,
+                                         device=entry.device)
+        if response.ByteSize() > limits.max_message_bytes:  # the estimate was beaten: say so, do not fail to send
+            limits.check_response_size(len(frames), response.ByteSize() / max(len(frames), 1))
+        self.s.record("synthesize", entry, len(frames), timings)
+        return response
 
     async def Stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:
         s = self.s
@@ -227,120 +207,58 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                 f"{s.active_streams} streams are open; the limit is {s.limits.max_streams}")
         s.active_streams += 1
         metrics.ACTIVE_STREAMS.inc()
-        status = "OK"
         try:
-            async for response in self._stream(request_iterator, context):
+            async for response in _streaming("Stream", self._stream(request_iterator), context):
                 yield response
-        except asyncio.CancelledError:
-            status = "CANCELLED"
-            raise
-        except Exception as exc:
-            code, message = status_for(exc)
-            status = code.name
-            log.info("Stream failed: %s %s", code.name, message, exc_info=code == grpc.StatusCode.INTERNAL)
-            await context.abort(code, message)
         finally:
             s.active_streams -= 1
             metrics.ACTIVE_STREAMS.dec()
-            metrics.REQUESTS.labels("Stream", status).inc()
 
-    async def _stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:
+    async def _stream(self, request_iterator) -> AsyncIterator[pb.StreamResponse]:
         s, limits = self.s, self.s.limits
         requests = request_iterator.__aiter__()
         try:
             first = await requests.__anext__()
         except StopAsyncIteration:
-            raise ValueError("stream closed before its config message") from None
+            raise InvalidRequest("stream closed before its config message") from None
         if first.WhichOneof("message") != "config":
-            raise ValueError("the first stream message must be `config`")
+            raise InvalidRequest("the first stream message must be `config`")
         cfg = first.config
         quality, start = limits.quality(cfg.jpeg_quality), limits.start_frame(cfg.start_frame)
-        fmt = limits.audio_format(cfg.format, allow_wav=False)
+        fmt = _format(limits, cfg.format, allow_wav=False)
         lookahead = cfg.lookahead_frames or audio.LOOKAHEAD
         if not 1 <= lookahead <= audio.LOOKAHEAD:
-            raise ValueError(f"lookahead_frames {cfg.lookahead_frames} is outside 0..{audio.LOOKAHEAD}")
-        s.registry.entry(cfg.model_id)
+            raise InvalidRequest(f"lookahead_frames {cfg.lookahead_frames} is outside 0..{audio.LOOKAHEAD}")
+        s.registry.entry(checked_model_id(cfg.model_id))
+
+        async def messages() -> AsyncIterator[tuple[str, bytes]]:
+            async for message in requests:
+                kind = message.WhichOneof("message")
+                yield ("audio", message.audio) if kind == "audio" else ("end", b"") if kind == "end_of_audio" \
+                    else (kind or "empty", b"")
+
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
-            features = FeatureStream(None, entry.pipeline.device, lookahead)
-            resampler = StreamResampler(fmt.sample_rate)
-            # (render future, audio ms, arrival time) in frame order; None = end of audio; or an error
-            pending: asyncio.Queue = asyncio.Queue()
-            reader_errors: list[Exception] = []
-            received = 0
-
-            async def read() -> None:
-                nonlocal received
-                ended = False
-                try:
-                    async for message in requests:
-                        kind = message.WhichOneof("message")
-                        if ended:
-                            raise ValueError("audio received after end_of_audio")
-                        t0 = time.perf_counter()
-                        if kind == "audio":
-                            received += len(message.audio) // fmt.frame_bytes
-                            limits.check_duration(received, fmt.sample_rate)
-                            wave = await asyncio.to_thread(_decode_chunk, message.audio, fmt, resampler)
-                            step = await entry.scheduler.features(features, wave, end=False)
-                        elif kind == "end_of_audio":
-                            ended = True
-                            step = await entry.scheduler.features(features, resampler.finish(), end=True)
-                        else:
-                            raise ValueError("config may only be sent once, as the first message")
-                        first_index, feats = step
-                        if feats.shape[0]:
-                            audio_ms = (time.perf_counter() - t0) * 1e3
-                            pending.put_nowait((asyncio.ensure_future(
-                                s.render(entry, feats, start, first_index, quality, priority=Priority.STREAM)),
-                                audio_ms, t0))
-                        if ended:
-                            pending.put_nowait(None)
-                    if not ended:  # the client half-closed without end_of_audio: no more frames
-                        pending.put_nowait(asyncio.CancelledError())
-                except Exception as exc:
-                    reader_errors.append(exc)
-                    pending.put_nowait(exc)
-
-            reader = asyncio.ensure_future(read())
+            session = StreamSession(entry.scheduler, fmt, start, quality, lookahead, limits)
             first_message = True
-            frames_sent = 0
             try:
-                while True:
-                    item = await pending.get()
-                    if item is None:
-                        await asyncio.sleep(0)
-                        if reader_errors:  # e.g. audio after end_of_audio
-                            raise reader_errors[0]
-                        yield pb.StreamResponse(end_of_stream=True, model_loaded=loaded_now and first_message,
-                                                model_load_ms=load_ms if loaded_now and first_message else 0)
-                        break
-                    if isinstance(item, asyncio.CancelledError):
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    render, audio_ms, arrived = item
-                    frames, timings = await render
-                    timings["audio"] = audio_ms
-                    timings["total"] = (time.perf_counter() - arrived) * 1e3
-                    frames_sent += len(frames)
-                    entry.record(len(frames), timings)
-                    metrics.observe(cfg.model_id, len(frames), timings)
-                    yield pb.StreamResponse(frames=frames, timings=_timings(timings),
-                                            model_loaded=loaded_now and first_message,
-                                            model_load_ms=load_ms if loaded_now and first_message else 0)
+                async for chunk in session.run(messages()):
+                    loaded = dict(model_loaded=loaded_now and first_message,
+                                  model_load_ms=load_ms if loaded_now and first_message else 0)
                     first_message = False
+                    if chunk.end:
+                        yield pb.StreamResponse(end_of_stream=True, **loaded)
+                        break
+                    frames = [pb.Frame(index=chunk.first_index + k, avatar_frame=f, jpeg=j,
+                                       pts_ms=(chunk.first_index + k) * FRAME_MS)
+                              for k, (f, j) in enumerate(zip(chunk.avatar_frames, chunk.jpegs))]
+                    s.record("stream_chunk", entry, len(frames), chunk.timings)
+                    yield pb.StreamResponse(frames=frames, timings=_timings(chunk.timings), **loaded)
             finally:
-                reader.cancel()
-                while not pending.empty():
-                    item = pending.get_nowait()
-                    if isinstance(item, tuple):
-                        item[0].cancel()
-                log.info(json.dumps({"event": "stream", "model": cfg.model_id, "frames": frames_sent,
-                                     "audio_s": round(received / fmt.sample_rate, 3)}))
+                log.info(json.dumps({"event": "stream", "model": cfg.model_id, "frames": session.sent,
+                                     "audio_s": round(session.received / fmt.sample_rate, 3)}))
 
     async def Converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:
         s = self.s
-        status = "OK"
         if s.live_sessions >= s.limits.live.max_sessions:
             metrics.REQUESTS.labels("Converse", "RESOURCE_EXHAUSTED").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{s.live_sessions} live sessions are open; "
@@ -348,20 +266,11 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         s.live_sessions += 1
         metrics.LIVE_SESSIONS.inc()
         try:
-            async for response in self._converse(request_iterator):
+            async for response in _streaming("Converse", self._converse(request_iterator), context):
                 yield response
-        except asyncio.CancelledError:
-            status = "CANCELLED"
-            raise
-        except Exception as exc:
-            code, message = status_for(exc)
-            status = code.name
-            log.info("Converse failed: %s %s", code.name, message, exc_info=code == grpc.StatusCode.INTERNAL)
-            await context.abort(code, message)
         finally:
             s.live_sessions -= 1
             metrics.LIVE_SESSIONS.dec()
-            metrics.REQUESTS.labels("Converse", status).inc()
 
     async def _converse(self, request_iterator) -> AsyncIterator[pb.ConverseResponse]:
         s, limits = self.s, self.s.limits
@@ -369,19 +278,19 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         try:
             first = await requests.__anext__()
         except StopAsyncIteration:
-            raise ValueError("live session closed before its config message") from None
+            raise InvalidRequest("live session closed before its config message") from None
         if first.WhichOneof("message") != "config":
-            raise ValueError("the first Converse message must be `config`")
+            raise InvalidRequest("the first Converse message must be `config`")
         cfg = first.config
         quality, start = limits.quality(cfg.jpeg_quality), limits.start_frame(cfg.start_frame)
-        fmt = limits.audio_format(cfg.format, allow_wav=False)
-        s.registry.entry(cfg.model_id)
+        fmt = _format(limits, cfg.format, allow_wav=False)
+        s.registry.entry(checked_model_id(cfg.model_id))
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
             scheduler = entry.scheduler
             await scheduler.calibrate()
             ok, why = admit(scheduler, limits.live)
             if not ok:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+                raise ResourceExhausted(why)
             session = LiveSession(scheduler, limits.live, fmt, cfg.output_sample_rate or fmt.sample_rate, start,
                                   quality, await scheduler.idle_jpegs(quality))
             log.info(json.dumps({"event": "live_session_open", "session": session.id, "model": cfg.model_id,
@@ -407,32 +316,33 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                         elif kind == "interrupt":
                             session.interrupt()
                         elif kind == "config":
-                            raise ValueError("config may only be sent once, as the first message")
+                            raise InvalidRequest("config may only be sent once, as the first message")
                         else:
-                            raise ValueError("empty Converse message")
+                            raise InvalidRequest("empty Converse message")
                 except Exception as exc:
                     reader_error.append(exc)
                 finally:
                     session.close()
 
             reader = asyncio.ensure_future(read())
-            late_total = 0
             try:
                 async for frame, events in session.frames():
-                    late_total += sum(e.kind == "late" for e in events)
                     yield pb.ConverseResponse(frame=pb.LiveFrame(
                         index=frame.index, pts_ms=frame.index * FRAME_MS, avatar_position=frame.avatar_position,
                         avatar_frame=frame.avatar_frame, jpeg=frame.jpeg, audio=frame.audio,
-                        kind=_FRAME_KINDS[frame.kind], utterance_id=frame.utterance_id,
+                        kind=FRAME_KINDS[frame.kind], utterance_id=frame.utterance_id,
                         utterance_frame=max(frame.utterance_frame, 0)), events=[_event(e) for e in events])
-                    if events:
-                        _record_live_events(cfg.model_id, events)
+                    for e in events:
+                        if e.kind == "late":
+                            metrics.LATE_FRAMES.labels(cfg.model_id).inc()
+                        elif e.kind == "started":
+                            metrics.FIRST_FRAME_MS.labels(cfg.model_id).observe(e.fields["latency_ms"])
                 if reader_error:
                     raise reader_error[0]
             finally:
                 reader.cancel()
                 log.info(json.dumps({"event": "live_session_close", "session": session.id, "model": cfg.model_id,
-                                     **session.stats, "late": late_total}))
+                                     **session.stats}))
 
     @_guard
     async def ListModels(self, request, context, started) -> pb.ListModelsResponse:
@@ -440,16 +350,16 @@ class LipSyncService(pb_grpc.LipSyncServicer):
 
     @_guard
     async def LoadModel(self, request, context, started) -> pb.LoadModelResponse:
-        entry, already, ms = await self.s.registry.load(request.model_id, request.device or None)
+        entry, already, ms = await self.s.registry.load(checked_model_id(request.model_id), request.device or None)
         return pb.LoadModelResponse(model=self.s.model_info(entry), already_loaded=already, load_ms=ms)
 
     @_guard
     async def UnloadModel(self, request, context, started) -> pb.UnloadModelResponse:
-        return pb.UnloadModelResponse(was_loaded=await self.s.registry.unload(request.model_id))
+        return pb.UnloadModelResponse(was_loaded=await self.s.registry.unload(checked_model_id(request.model_id)))
 
     @_guard
     async def GetModelStats(self, request, context, started) -> pb.GetModelStatsResponse:
-        entries = [self.s.registry.entry(request.model_id)] if request.model_id else \
+        entries = [self.s.registry.entry(checked_model_id(request.model_id))] if request.model_id else \
             list(self.s.registry.entries.values())
         out = []
         for e in entries:
@@ -467,9 +377,6 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                  queued_frames=r.queued_frames)
 
 
-_FRAME_KINDS = {"idle": pb.IDLE, "speech": pb.SPEECH, "held": pb.HELD}
-
-
 def _event(event) -> pb.ConverseEvent:
     if event.kind == "started":
         return pb.ConverseEvent(started=pb.UtteranceStarted(**event.fields))
@@ -478,161 +385,42 @@ def _event(event) -> pb.ConverseEvent:
     return pb.ConverseEvent(late=pb.LateFrame(**event.fields))
 
 
-def _record_live_events(model: str, events) -> None:
-    for e in events:
-        if e.kind == "late":
-            metrics.LATE_FRAMES.labels(model).inc()
-        elif e.kind == "started":
-            metrics.FIRST_FRAME_MS.labels(model).observe(e.fields["latency_ms"])
-
-
-def _decode_chunk(data: bytes, fmt: AudioFormat, resampler: StreamResampler) -> torch.Tensor:
-    """One stream chunk → 16 kHz samples (CPU work, kept off the event loop)."""
-    return resampler.push(audio.decode_pcm(data, fmt, allow_empty=True))
-
-
-def _gpu_id(device: str) -> int:
-    return int(device.split(":")[1]) if device.startswith("cuda:") else -1
-
-
-class MonolithicService(mono_grpc.MonolithicServiceServicer):
-    """The Go server's API; errors are reported as success=false + error, its convention."""
-
-    def __init__(self, server: Server):
-        self.s = server
-
-    async def InferBatchComposite(self, request: mono.CompositeBatchRequest, context) -> mono.CompositeBatchResponse:
-        started = time.perf_counter()
-        try:
-            response = await self._infer(request, started)
-            metrics.REQUESTS.labels("InferBatchComposite", "OK").inc()
-            return response
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            code, message = status_for(exc)
-            metrics.REQUESTS.labels("InferBatchComposite", code.name).inc()
-            log.info("InferBatchComposite failed: %s", message, exc_info=code == grpc.StatusCode.INTERNAL)
-            return mono.CompositeBatchResponse(success=False, error=message,
-                                               total_time_ms=(time.perf_counter() - started) * 1e3)
-
-    async def _infer(self, request: mono.CompositeBatchRequest, started: float) -> mono.CompositeBatchResponse:
-        n = request.batch_size
-        if not 1 <= n <= COMPAT_MAX_BATCH:
-            raise ValueError(f"batch_size {n} is outside 1..{COMPAT_MAX_BATCH}")
-        start = self.s.limits.start_frame(request.start_frame_idx)
-        self.s.registry.entry(request.model_id)
-        visual = None
-        if request.visual_frames:
-            expected = n * int(np.prod(GENERATOR_SHAPE)) * 4
-            if len(request.visual_frames) != expected:
-                raise ValueError(f"visual_frames has {len(request.visual_frames)} bytes; batch_size {n} needs "
-                                 f"{expected} ({n} x 6x320x320 float32)")
-            visual = torch.frombuffer(bytearray(request.visual_frames), dtype=torch.float32).view(n, *GENERATOR_SHAPE)
-            if not torch.isfinite(visual).all():
-                raise ValueError("visual_frames contains NaN or Inf")
-        wave = None
-        if request.raw_audio:
-            fmt = AudioFormat("f32le", request.sample_rate or audio.SAMPLE_RATE, 1)
-            wave = await asyncio.to_thread(decode_request_audio, request.raw_audio, fmt, self.s.limits)
-            # Too little audio for batch_size frames: pad with silence at the end (its frames see silence).
-            needed = n * audio.SAMPLES_PER_FRAME
-            while audio.frame_count(max(wave.numel(), needed)) < n:
-                needed += audio.SAMPLES_PER_FRAME
-            if wave.numel() < needed:
-                wave = torch.cat([wave, wave.new_zeros(needed - wave.numel())])
-        elif request.audio_features:
-            if len(request.audio_features) != AUDIO_FEATURE_SIZE * 4:
-                raise ValueError(f"audio_features must be {AUDIO_FEATURE_SIZE} float32 "
-                                 f"({AUDIO_FEATURE_SIZE * 4} bytes), got {len(request.audio_features)} bytes")
-            fixed = torch.frombuffer(bytearray(request.audio_features), dtype=torch.float32).view(1, 32, 16, 16)
-            if not torch.isfinite(fixed).all():
-                raise ValueError("audio_features contains NaN or Inf")
-        else:
-            raise ValueError("raw_audio (or the deprecated audio_features) is required")
-        async with self.s.model(request.model_id) as (entry, loaded_now, load_ms):
-            if visual is not None and entry.spec.variant != "328":
-                raise ValueError("visual_frames are 6x320x320 and need a 328-variant model")
-            t0 = time.perf_counter()
-            if wave is not None:
-                stream = FeatureStream(None, entry.pipeline.device)
-                features = (await entry.scheduler.features(stream, wave, end=True))[1][:n]
-            else:
-                features = fixed.expand(n, -1, -1, -1).to(entry.pipeline.device)
-            audio_ms = (time.perf_counter() - t0) * 1e3
-            if visual is not None:
-                visual = visual.to(entry.pipeline.device)
-            frames, timings = await self.s.render(entry, features, start, 0, self.s.limits.default_quality, visual)
-        timings["audio"] = audio_ms
-        timings["total"] = (time.perf_counter() - started) * 1e3
-        entry.record(len(frames), timings)
-        metrics.observe(request.model_id, len(frames), timings)
-        log_request("infer_batch_composite", request.model_id, len(frames), timings)
-        return mono.CompositeBatchResponse(
-            composited_frames=[f.jpeg for f in frames], inference_time_ms=timings["inference"],
-            composite_time_ms=timings["composite"] + timings["encode"], total_time_ms=timings["total"],
-            audio_processing_ms=audio_ms, model_loaded=loaded_now, model_load_time_ms=load_ms if loaded_now else 0,
-            success=True, gpu_id=_gpu_id(entry.device))
-
-    def _info(self, e: ModelEntry) -> dict[str, Any]:
-        inference = list(e.latencies.get("inference", []))
-        return dict(model_id=e.spec.name, loaded=e.loaded, gpu_id=_gpu_id(e.device) if e.loaded else -1,
-                    memory_mb=e.memory_bytes // 2**20, request_count=e.requests,
-                    avg_inference_ms=float(np.mean(inference)) if inference else 0.0)
-
-    async def ListModels(self, request, context) -> mono.ListModelsResponse:
-        return mono.ListModelsResponse(models=[mono.ModelInfo(**self._info(e))
-                                               for e in self.s.registry.entries.values()])
-
-    async def LoadModel(self, request, context) -> mono.LoadModelResponse:
-        try:
-            device = f"cuda:{request.preferred_gpu}" if request.preferred_gpu > 0 else None
-            entry, _, ms = await self.s.registry.load(request.model_id, device)
-            return mono.LoadModelResponse(success=True, gpu_id=_gpu_id(entry.device), load_time_ms=ms)
-        except Exception as exc:
-            return mono.LoadModelResponse(success=False, error=status_for(exc)[1])
-
-    async def UnloadModel(self, request, context) -> mono.UnloadModelResponse:
-        try:
-            was_loaded = await self.s.registry.unload(request.model_id)
-            return mono.UnloadModelResponse(success=was_loaded, error="" if was_loaded else "model is not loaded")
-        except Exception as exc:
-            return mono.UnloadModelResponse(success=False, error=status_for(exc)[1])
-
-    async def GetModelStats(self, request, context) -> mono.GetModelStatsResponse:
-        out = []
-        for e in self.s.registry.entries.values():
-            info = self._info(e)
-            total = int(sum(e.latencies.get("inference", [])))
-            last = int((time.time() - (time.monotonic() - e.last_used))) if e.last_used else 0
-            out.append(mono.ModelStats(**info, total_inference_ms=total, last_used_timestamp=last))
-        return mono.GetModelStatsResponse(models=out)
-
-    async def Health(self, request, context) -> mono.HealthResponse:
-        r = self.s.registry
-        gpus = [d for d in r.devices if d.startswith("cuda")]
-        return mono.HealthResponse(healthy=self.s.accepting, loaded_models=sum(e.loaded for e in r.entries.values()),
-                                   max_models=r.config.max_models * len(r.devices),
-                                   gpu_ids=[_gpu_id(d) for d in gpus],
-                                   gpu_memory_used_gb=[r.used_bytes(d) / 2**30 for d in gpus])
-
-
 # --------------------------------------------------------------------------- running it
-async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
-    """Create the registry and a started gRPC server per `cfg` (the composed hydra config)."""
+def make_registry(cfg: Any) -> Registry:
     from .engines import EngineConfig
     from .registry import RegistryConfig
 
-    registry = Registry(dict(cfg.models or {}), RegistryConfig.from_dict(cfg.registry),
-                        EngineConfig.from_dict(cfg.engine), dict(cfg.pipeline.micro_batch), cfg.device)
+    return Registry(dict(cfg.models or {}), RegistryConfig.from_dict(cfg.registry),
+                    EngineConfig.from_dict(cfg.engine), dict(cfg.pipeline.micro_batch), cfg.device)
+
+
+def check_models(registry: Registry, strict: bool) -> dict[str, str]:
+    """Validate every declared model's files (nothing is put on a device); broken ones are logged at ERROR and,
+    with `strict`, stop the start."""
+    problems = registry.check()
+    for name, problem in problems.items():
+        log.error("model %s is broken: %s", name, problem)
+    if problems and strict:
+        raise StartupError(f"{len(problems)} declared model(s) are broken ({', '.join(sorted(problems))}); fix them, "
+                           "remove them, or set server.strict_models=false to serve the others")
+    return problems
+
+
+async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
+    """Create the registry and a started gRPC server per `cfg` (the composed hydra config)."""
+    registry = make_registry(cfg)
     registry.on_evict = lambda model, reason: metrics.EVICTIONS.labels(model).inc()
-    state = Server(registry, Limits(cfg.server))
-    max_bytes = int(cfg.server.max_message_mb * 2**20)
-    options = [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes),
+    limits = Limits(cfg.server)
+    limits.check_consistency(registry.config.max_queue_frames, registry.config.max_batch)
+    check_models(registry, bool(cfg.server.get("strict_models", True)))
+    state = Server(registry, limits)
+    options = [("grpc.max_send_message_length", limits.max_message_bytes),
+               ("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.keepalive_time_ms", int(cfg.server.keepalive_time_s * 1000)),
                ("grpc.keepalive_timeout_ms", int(cfg.server.keepalive_timeout_s * 1000)),
                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-               ("grpc.keepalive_permit_without_calls", 1)]
+               ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.so_reuseport", 0)]  # a second server on a busy port must fail, not share its connections
     server = grpc.aio.server(options=options)
     pb_grpc.add_LipSyncServicer_to_server(LipSyncService(state), server)
     mono_grpc.add_MonolithicServiceServicer_to_server(MonolithicService(state), server)
@@ -642,9 +430,14 @@ async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
              mono.DESCRIPTOR.services_by_name["MonolithicService"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    address = f"{cfg.server.host}:{cfg.server.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot listen on {cfg.server.host}:{cfg.server.port}")
+        raise StartupError(f"cannot listen on {address} (server.host / server.port): the address is in use or "
+                           "not available")
     await registry.start()
     await server.start()
     for name in ("", *names[:2]):
@@ -656,7 +449,12 @@ async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
 async def serve(cfg: Any) -> None:
     server, state, port = await build(cfg)
     if cfg.server.metrics_port >= 0:
-        bound = metrics.start(cfg.server.metrics_port, cfg.server.host, state)
+        try:
+            bound = metrics.start(cfg.server.metrics_port, cfg.server.host, state.snapshot)
+        except OSError as exc:
+            await server.stop(0)
+            raise StartupError(f"cannot serve metrics on {cfg.server.host}:{cfg.server.metrics_port} "
+                               f"(server.metrics_port): {exc.strerror or exc}") from None
         log.info("Prometheus metrics on http://%s:%d/metrics", cfg.server.host, bound)
     log.info("lipsync %s serving on %s:%d (models: %s)", __version__, cfg.server.host, port,
              ", ".join(state.registry.entries) or "none")
@@ -679,7 +477,6 @@ def spawn(overrides: list[str], cwd: str | None = None, log_file=None):
     """Start `lipsync serve` in a child process on a free port; returns (process, port) once it is ready."""
     import re
     import subprocess
-    import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", "server.port=0",
                              *overrides], stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=cwd)
@@ -690,7 +487,10 @@ def spawn(overrides: list[str], cwd: str | None = None, log_file=None):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the gRPC server (hydra overrides: server.port=50100 engine=eager …)")
+    p = sub.add_parser("serve", help="run the gRPC server (hydra overrides: server.port=50100 engine=eager …)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--check", action="store_true", help="validate the configuration and every declared model's "
+                                                        "files, then exit (0: all good)")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/config.yaml")
     p.set_defaults(func=run_serve)
 
@@ -698,10 +498,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from .config import load_config
+    from .config import ConfigError, load_config
 
-    cfg = load_config(args.overrides)
-    logging.getLogger().setLevel(cfg.logging.level)
-    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    asyncio.run(serve(cfg))
+    try:
+        cfg = load_config(args.overrides)
+        logging.getLogger().setLevel(cfg.logging.level)
+        log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+        if args.check:
+            registry = make_registry(cfg)
+            Limits(cfg.server).check_consistency(registry.config.max_queue_frames, registry.config.max_batch)
+            problems = check_models(registry, strict=False)
+            print(json.dumps({"models": {n: problems.get(n, "ok") for n in registry.entries}}, indent=2))
+            return 1 if problems else 0
+        asyncio.run(serve(cfg))
+    except (StartupError, ConfigError) as exc:
+        print(f"lipsync serve: {exc}", file=sys.stderr)
+        return 2
     return 0

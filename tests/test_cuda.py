@@ -15,6 +15,7 @@ from torchvision.io import decode_jpeg
 from lipsync import audio
 from lipsync.engines import EngineConfig
 from lipsync.pipeline import StageClock, load_pipeline
+from lipsync.render import synthesize
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -35,7 +36,7 @@ def wave(speech) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def cpu_result(pipeline, wave):
-    return pipeline.synthesize(wave, start_frame=1, quality=90)
+    return synthesize(pipeline, wave, start_frame=1, quality=90)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -46,7 +47,7 @@ def test_cuda_frames_match_cpu(tiny_spec, wave, cpu_result, precision):
         torch.testing.assert_close(cuda.features(wave.cuda()).cpu(), load_pipeline(
             tiny_spec, EngineConfig.from_dict({"backend": "eager"}), "cpu", micro_batch=8).features(wave),
             atol=1e-3, rtol=1e-3)
-    result = cuda.synthesize(wave.cuda(), start_frame=1, quality=90)
+    result = synthesize(cuda, wave.cuda(), start_frame=1, quality=90)
     assert [f.avatar_frame for f in result.frames] == [f.avatar_frame for f in cpu_result.frames]
     worst = min(psnr(decoded(a.jpeg), decoded(b.jpeg)) for a, b in zip(result.frames, cpu_result.frames))
     assert worst >= 40.0, f"{precision}: worst frame PSNR {worst:.1f} dB against CPU fp32"

@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 import torch
 
-from export.onnx_export import export_audio_encoder, export_generator
+from lipsync.export.onnx_export import export_audio_encoder, export_generator
 from lipsync.engines import (BUILDS, EngineCache, EngineConfig, EngineError, build_engine, cache_key,
                              choose_backend, tensorrt_available)
 from lipsync.models import AudioEncoder, Generator, load_audio_encoder, load_generator

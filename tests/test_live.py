@@ -83,10 +83,11 @@ def test_session_is_paced_continuous_video(conversation):
     # every frame leaves within one frame interval of its slot (measured from frame 0's arrival)
     offsets = [t - result.received_s[0] - f.index * interval for f, t in zip(frames, result.received_s)]
     assert max(abs(o) for o in offsets) < interval, max(offsets, key=abs)
-    # the avatar position never jumps: it advances by one per slot, or holds on a HELD slot
+    # the avatar position never jumps: it advances by one per slot, except after a HELD slot (which shows the
+    # position the late frame will use)
     for before, after in zip(frames, frames[1:]):
         step = after.avatar_position - before.avatar_position
-        assert step == (0 if after.kind == pb.HELD else 1)
+        assert step == (0 if before.kind == pb.HELD else 1), (before, after)
     # every frame carries exactly 40 ms of audio at the output rate
     assert all(len(f.audio) == 2 * OUT_RATE // 25 for f in frames)
 

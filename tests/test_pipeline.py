@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lipsync import audio
 from lipsync.engines import EngineConfig
 from lipsync.pipeline import load_pipeline
+from lipsync.render import synthesize
 
 
 class HostCopyForbidden(TorchFunctionMode):
@@ -41,7 +42,7 @@ class NoScalarSync(TorchDispatchMode):
 
 def test_synthesize_returns_every_frame(pipeline, speech):
     wave = speech[:9000]
-    result = pipeline.synthesize(wave, start_frame=1, quality=80)
+    result = synthesize(pipeline, wave, start_frame=1, quality=80)
     assert len(result.frames) == audio.frame_count(9000)
     assert [f.index for f in result.frames] == list(range(len(result.frames)))
     assert [f.avatar_frame for f in result.frames[:7]] == [1, 2, 3, 4, 5, 4, 3]
@@ -55,7 +56,7 @@ def test_no_host_copies_between_pcm_and_jpeg(pipeline, speech):
     pcm = (speech[:8000].numpy() * 32767).astype(np.int16).tobytes()
     wave = audio.decode_pcm(pcm, audio.AudioFormat("s16le", 16000, 1))
     with HostCopyForbidden(), NoScalarSync():
-        result = pipeline.synthesize(wave, quality=75)
+        result = synthesize(pipeline, wave, quality=75, inline=True)
     assert len(result.frames) == audio.frame_count(8000)
     # the guards really fire
     with pytest.raises(AssertionError, match="host transfer"), HostCopyForbidden():
@@ -81,7 +82,7 @@ def test_cuda_pipeline_keeps_frames_on_the_device(tiny_spec, speech):
     pcm = (speech[:8000].numpy() * 32767).astype(np.int16).tobytes()
     wave = audio.decode_pcm(pcm, audio.AudioFormat("s16le", 16000, 1), device="cuda")
     with HostCopyForbidden(), NoScalarSync():
-        result = cuda.synthesize(wave, quality=75)
+        result = synthesize(cuda, wave, quality=75, inline=True)
     assert len(result.frames) == audio.frame_count(8000)
     for f in result.frames:
         assert cv2.imdecode(np.frombuffer(f.jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (192, 256, 3)

@@ -70,7 +70,7 @@ def server(weights, tiny_avatar, tmp_path_factory):
         model_override("tiny", weights, tiny_avatar),
         f"+models.missing={{checkpoint:{tmp / 'nope.pth'},audio_encoder:{weights['encoder']},avatar:{tiny_avatar}}}",
         f"+models.corrupt={{checkpoint:{corrupt},audio_encoder:{weights['encoder']},avatar:{tiny_avatar}}}",
-        "server.max_audio_seconds=60", "server.max_streams=8",
+        "server.max_audio_seconds=60", "server.max_streams=8", "server.strict_models=false",
     ], tmp)
     yield srv
     srv.stop()
@@ -264,6 +264,18 @@ def _code(server, fn) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.OK, ""
 
 
+def _wav(channels: int = 1, rate: int = 16000, bits: int = 16) -> bytes:
+    import struct
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * 2, 2, bits)
+    return (b"RIFF" + struct.pack("<I", 44) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data"
+            + struct.pack("<I", 8) + bytes(8))
+
+
+def assert_healthy(server) -> None:
+    assert server.proc.poll() is None
+    assert call(server, lambda s, m: s.Health(pb.HealthRequest())).healthy
+
+
 I = grpc.StatusCode.INVALID_ARGUMENT
 BAD_UNARY = [
     ("wrong encoding", dict(format=pb.AudioFormat(encoding=9)), I, "unknown audio encoding"),
@@ -281,9 +293,19 @@ BAD_UNARY = [
     ("three channels", dict(format=pb.AudioFormat(encoding=pb.PCM_S16LE, channels=3)), I, "3 channels"),
     ("unknown model", dict(model_id="nobody"), grpc.StatusCode.NOT_FOUND, "unknown model 'nobody'"),
     ("no model id", dict(model_id=""), I, "model_id is required"),
-    ("missing checkpoint", dict(model_id="missing"), grpc.StatusCode.FAILED_PRECONDITION, "nope.pth"),
-    ("corrupt checkpoint", dict(model_id="corrupt"), grpc.StatusCode.FAILED_PRECONDITION, "corrupt.pth"),
+    ("missing checkpoint", dict(model_id="missing"), grpc.StatusCode.FAILED_PRECONDITION,
+     "model 'missing' cannot be loaded: its checkpoint is missing"),
+    ("corrupt checkpoint", dict(model_id="corrupt"), grpc.StatusCode.FAILED_PRECONDITION,
+     "model 'corrupt' cannot be loaded: its checkpoint is unreadable"),
     ("garbage WAV", dict(audio=b"RIFF....WAVEjunk", format=pb.AudioFormat(encoding=pb.WAV)), I, "no fmt"),
+    ("WAV with 0 channels", dict(audio=_wav(channels=0), format=pb.AudioFormat(encoding=pb.WAV)), I, "0 channels"),
+    ("WAV at 0 Hz", dict(audio=_wav(rate=0), format=pb.AudioFormat(encoding=pb.WAV)), I, "sample rate 0"),
+    ("24-bit WAV", dict(audio=_wav(bits=24), format=pb.AudioFormat(encoding=pb.WAV)), I, "24 bits"),
+    ("rate below 8 kHz", dict(format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=7999)), I, "7999"),
+    ("odd float stereo", dict(audio=b"\x00" * 12, format=pb.AudioFormat(encoding=pb.PCM_F32LE, channels=2)), I,
+     "not a multiple of 8"),
+    ("100 kB model id", dict(model_id="m" * 100_000), I, "100000 characters long"),
+    ("unknown unicode model id", dict(model_id="\u00e9\u0000" * 20), grpc.StatusCode.NOT_FOUND, "unknown model"),
 ]
 
 
@@ -293,6 +315,8 @@ def test_bad_synthesize_requests(server, pcm, case, changes, code, text):
     request = synth(changes.pop("audio", pcm[:8000]), **changes)
     got, details = _code(server, lambda s, m: s.Synthesize(request))
     assert got == code and text in details, (got, details)
+    assert "/" not in details and len(details) < 500  # no server path reaches a client; echoes are clipped
+    assert_healthy(server)
 
 
 async def _raw_stream(stub, messages, cancel_after: int | None = None):
@@ -321,6 +345,12 @@ BAD_STREAMS = [
      "lookahead_frames 9"),
     ("WAV stream", [pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=pb.AudioFormat(
         encoding=pb.WAV)))], "WAV is not accepted"),
+    ("empty message", [CONFIG, pb.StreamRequest()], "empty stream message"),
+    ("config without a model", [pb.StreamRequest(config=pb.StreamConfig(format=S16))], "model_id is required"),
+    ("stream quality 0..100", [pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", jpeg_quality=300))],
+     "jpeg_quality 300"),
+    ("stream at 96 kHz", [pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=pb.AudioFormat(
+        encoding=pb.PCM_S16LE, sample_rate=96000)))], "96000"),
 ]
 
 
@@ -328,12 +358,57 @@ BAD_STREAMS = [
 def test_bad_streams(server, case, messages, text):
     got, details = _code(server, lambda s, m: _raw_stream(s, messages))
     assert got == grpc.StatusCode.INVALID_ARGUMENT and text in details, (got, details)
+    assert_healthy(server)
+
+
+def test_a_stream_over_the_audio_limit_is_refused(server):
+    over = [CONFIG, pb.StreamRequest(audio=bytes(2 * 16000 * 61))]  # the fixture's limit is 60 s
+    got, details = _code(server, lambda s, m: _raw_stream(s, over))
+    assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit per request is 60 s" in details
+    assert_healthy(server)
+
+
+ADMIN = [
+    ("load unknown", lambda s: s.LoadModel(pb.LoadModelRequest(model_id="ghost")), grpc.StatusCode.NOT_FOUND,
+     "unknown model 'ghost'"),
+    ("load without id", lambda s: s.LoadModel(pb.LoadModelRequest()), I, "model_id is required"),
+    ("unload unknown", lambda s: s.UnloadModel(pb.UnloadModelRequest(model_id="ghost")), grpc.StatusCode.NOT_FOUND,
+     "unknown model"),
+    ("unload without id", lambda s: s.UnloadModel(pb.UnloadModelRequest()), I, "model_id is required"),
+    ("stats of unknown", lambda s: s.GetModelStats(pb.GetModelStatsRequest(model_id="ghost")),
+     grpc.StatusCode.NOT_FOUND, "unknown model"),
+    ("load a broken model", lambda s: s.LoadModel(pb.LoadModelRequest(model_id="corrupt")),
+     grpc.StatusCode.FAILED_PRECONDITION, "its checkpoint is unreadable"),
+]
+
+
+@pytest.mark.parametrize("case,rpc,code,text", ADMIN, ids=[c[0] for c in ADMIN])
+def test_bad_admin_requests(server, case, rpc, code, text):
+    got, details = _code(server, lambda s, m: rpc(s))
+    assert got == code and text in details, (got, details)
+    assert "/" not in details
+    assert_healthy(server)
+
+
+@pytest.mark.parametrize("rpc,text", [
+    (lambda m: m.LoadModel(mono.LoadModelRequest(model_id="ghost")), "unknown model"),
+    (lambda m: m.UnloadModel(mono.UnloadModelRequest(model_id="ghost")), "unknown model"),
+    (lambda m: m.LoadModel(mono.LoadModelRequest(model_id="missing")), "its checkpoint is missing"),
+])
+def test_bad_compat_admin_requests(server, rpc, text):
+    out = call(server, lambda s, m: rpc(m))
+    assert not out.success and text in out.error and "/" not in out.error
+    assert_healthy(server)
 
 
 @pytest.mark.parametrize("changes,text", [
     (dict(batch_size=0), "batch_size 0"), (dict(batch_size=33), "batch_size 33"),
     (dict(visual_frames=b"\x00" * 12), "visual_frames has 12 bytes"), (dict(model_id="ghost"), "unknown model"),
     (dict(raw_audio=b""), "raw_audio"), (dict(raw_audio=b"\x00\x00\xc0\x7f" * 100), "NaN"),
+    (dict(raw_audio=b"", audio_features=b"\x00" * 100), "audio_features has 100 bytes"),
+    (dict(raw_audio=b"", audio_features=b"\x00\x00\xc0\x7f" * 8192), "audio_features contains NaN"),
+    (dict(start_frame_idx=-3), "start_frame -3"), (dict(sample_rate=1000), "sample rate 1000"),
+    (dict(raw_audio=b"\x00" * 7), "not a multiple of 4"), (dict(model_id=""), "model_id is required"),
 ])
 def test_bad_compat_requests_report_failure(server, changes, text):
     request = mono.CompositeBatchRequest(model_id="tiny", raw_audio=np.zeros(2560, np.float32).tobytes(),
@@ -341,7 +416,8 @@ def test_bad_compat_requests_report_failure(server, changes, text):
     for key, value in changes.items():
         setattr(request, key, value)
     out = call(server, lambda s, m: m.InferBatchComposite(request))
-    assert not out.success and text in out.error
+    assert not out.success and text in out.error, out.error
+    assert_healthy(server)
 
 
 def test_disconnect_and_deadline_free_the_session(server, pcm):

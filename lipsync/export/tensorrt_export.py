@@ -1,5 +1,6 @@
-"""TensorRT export: the same artefact the engine cache holds (a torch_tensorrt ExportedProgram), written to a
-path of your choice and loadable by `render --engine-file` and by the server (`engine_file` in a model)."""
+"""TensorRT export: the same build and artefact as the engine cache (`engines.compile_tensorrt`, a torch_tensorrt
+ExportedProgram), written to a path of your choice and loadable by `render --engine-file` and by the server
+(`engine_file` in a model)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lipsync.engines import PRECISIONS, EngineConfig, EngineError, tensorrt_available
+from lipsync.engines import PRECISIONS, EngineConfig, EngineError, compile_tensorrt, tensorrt_available
 
 
 def export_tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, path: str | Path,
                     device: str = "cuda") -> tuple[Path, float]:
-    """Compile `net` with torch_tensorrt (dynamo IR, explicit typing, dynamic batch) and save it; returns the
-    path and the max abs error against eager fp32 at the opt batch size."""
+    """Compile `net` and save it; returns the path and the max abs error against eager fp32 at the opt batch."""
     ok, why = tensorrt_available()
     if not ok:
         raise EngineError(f"TensorRT export needs torch_tensorrt and a CUDA GPU: {why}")
@@ -21,14 +21,12 @@ def export_tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config
 
     precision = "fp16" if config.precision == "auto" else config.precision
     dtype = PRECISIONS[precision]
-    reference = net.to(device).eval().float()
-    probe = [torch.rand(config.opt_batch, *s, device=device) for s in sample_shapes]
+    target = torch.device(device)
+    reference = net.to(target).eval().float()
+    probe = [torch.rand(config.opt_batch, *s, device=target) for s in sample_shapes]
     with torch.inference_mode():
         expected = reference(*probe)
-    typed = net.to(dtype)
-    inputs = [torch_tensorrt.Input(min_shape=(config.min_batch, *s), opt_shape=(config.opt_batch, *s),
-                                   max_shape=(config.max_batch, *s), dtype=dtype) for s in sample_shapes]
-    program = torch_tensorrt.compile(typed, ir="dynamo", arg_inputs=inputs, use_explicit_typing=True)
+    program, inputs = compile_tensorrt(net, sample_shapes, config, target, dtype)
     with torch.inference_mode():
         error = float((program(*[p.to(dtype) for p in probe]).float() - expected).abs().max())
     out = Path(path).expanduser().resolve()

@@ -10,7 +10,8 @@ import torch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a SyncTalk_2D checkpoint to ONNX or a TensorRT engine")
+    p = sub.add_parser("export", help="export a SyncTalk_2D checkpoint to ONNX or a TensorRT engine",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="generator checkpoint (.pth)")
     p.add_argument("--variant", default="328", choices=["328", "160"])
     p.add_argument("--format", required=True, choices=["onnx", "tensorrt"])

@@ -1,0 +1,256 @@
+"""Faults, limits and configuration: no input, fault or setting takes a model or the server down."""
+from __future__ import annotations
+
+import asyncio
+import struct
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from lipsync import audio
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync.engines import EngineConfig, build_engine
+from lipsync.errors import InvalidRequest, status_of
+from lipsync.limits import Limits
+from lipsync.models import CheckpointError, load_generator
+from lipsync.scheduler import DeviceWorkers, ModelScheduler
+from lipsync.streaming import StreamSession
+
+from conftest import ROOT
+from test_server import ServerProcess, _code, call, model_override, synth
+
+
+# --------------------------------------------------------------------------- engines and batches
+def test_compiled_engine_serves_a_batch_between_buckets():
+    """micro-batch 12 with buckets [1,2,4,8]: the engine's largest bucket is its max batch, never a hang."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    config = EngineConfig.from_dict({"backend": "compile", "batch_buckets": [1, 2, 4, 8], "max_batch": 12,
+                                     "opt_batch": 8, "warmup": False})
+    engine = build_engine(net, [(3, 8, 8)], config, "cpu", "tiny")
+    x = torch.rand(12, 3, 8, 8)
+    torch.testing.assert_close(engine(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_batch_fails_only_its_requests(pipeline, monkeypatch):
+    """A batch that raises (even StopIteration, which cannot cross into an asyncio future) fails exactly its
+    requests; the batcher keeps serving the next ones."""
+    real_infer, calls = pipeline.infer, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise StopIteration
+        return real_infer(*args, **kwargs)
+    monkeypatch.setattr(pipeline, "infer", flaky)
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4, max_delay_ms=0)
+        scheduler.start()
+        feats, ids = torch.zeros(4, 32, 16, 16), pipeline.avatar.frames_for(0, 0, 4)
+        first = scheduler.submit(feats, ids, 75)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(first, 60)
+        jpegs, _ = await asyncio.wait_for(scheduler.submit(feats, ids, 75), 60)
+        await scheduler.stop()
+        return jpegs
+    assert len(asyncio.run(main())) == 4
+
+
+# --------------------------------------------------------------------------- audio
+def test_resampling_any_allowed_rate_is_cheap():
+    """Rates with a huge polyphase kernel (8001 Hz: 16000 phases) resample directly, in bounded memory."""
+    script = textwrap.dedent("""
+        import resource, time, torch
+        from lipsync import audio
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        for rate in (8001, 47999, 44101):
+            out = audio.resample(torch.rand(rate) - 0.5, rate)
+            assert out.numel() == 16000, out.numel()
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        print(grown, time.perf_counter() - t0)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    grown_mb, seconds = map(float, done.stdout.split())
+    assert grown_mb < 300 and seconds < 20, (grown_mb, seconds)
+
+
+def test_direct_resampling_matches_torchaudio():
+    wave = torch.rand(44100) - 0.5
+    resampler = audio.StreamResampler(44100)
+    resampler.polyphase = False  # force the direct evaluation on a rate torchaudio handles too
+    direct = torch.cat([resampler.push(wave[:10000]), resampler.push(wave[10000:]), resampler.finish()])
+    torch.testing.assert_close(direct, audio.resample(wave, 44100), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("channels,rate,text", [(0, 16000, "0 channels"), (1, 0, "sample rate 0")])
+def test_wav_header_fields_are_validated(channels, rate, text):
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * 2, 2, 16)
+    blob = b"RIFF" + struct.pack("<I", 36 + 8) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + \
+        b"data" + struct.pack("<I", 8) + bytes(8)
+    with pytest.raises(audio.AudioFormatError, match=text):
+        audio.parse_wav(blob)
+
+
+# --------------------------------------------------------------------------- statuses
+def test_only_request_errors_are_client_errors():
+    assert status_of(InvalidRequest("bad")) == ("INVALID_ARGUMENT", "bad")
+    assert status_of(ValueError("a bug"))[0] == "INTERNAL"  # a plain ValueError is a bug, not bad input
+    assert status_of(KeyError("x"))[0] == "INTERNAL"
+
+
+def test_wrong_variant_says_what_to_do(weights):
+    with pytest.raises(CheckpointError) as info:
+        load_generator(weights["160"], "328")
+    assert str(info.value).startswith("this looks like the 160 variant: pass --variant 160")
+
+
+# --------------------------------------------------------------------------- flow control
+def test_a_stream_that_is_not_read_stops_reading(pipeline, speech):
+    """A client that sends 10 s of audio but takes no frames: the server renders at most its buffer ahead."""
+    limits = Limits(_server_cfg(stream_buffer_frames=12))
+    pcm = (speech.repeat(3)[:160000].numpy() * 32767).astype(np.int16).tobytes()
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4)
+        scheduler.start()
+        session = StreamSession(scheduler, audio.AudioFormat("s16le", 16000, 1), 0, 75, audio.LOOKAHEAD, limits)
+        read = []
+
+        async def messages():
+            for lo in range(0, len(pcm), 3200):
+                read.append(lo)
+                yield "audio", pcm[lo:lo + 3200]
+            yield "end", b""
+        chunks = session.run(messages())
+        await chunks.__anext__()  # the client takes one chunk, then stops reading
+        await asyncio.sleep(6)
+        buffered, consumed = session._buffered, len(read)
+        await chunks.aclose()
+        await scheduler.stop()
+        return buffered, consumed
+    buffered, consumed = asyncio.run(main())
+    assert buffered <= 12 + 5  # the buffer, plus the frames of the step that filled it
+    assert consumed * 3200 < len(pcm) // 2  # the reader stopped long before the end of the audio
+
+
+def _server_cfg(**changes):
+    from lipsync.config import load_config
+    cfg = load_config()
+    for key, value in changes.items():
+        cfg.server[key] = value
+    return cfg.server
+
+
+# --------------------------------------------------------------------------- a server with tight limits
+@pytest.fixture(scope="module")
+def tight(weights, tiny_avatar, tmp_path_factory):
+    """Queue of 8 frames, 100 kB messages."""
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar), model_override("cold", weights, tiny_avatar),
+                         "registry.max_queue_frames=8", "server.max_message_mb=0.1"],
+                        tmp_path_factory.mktemp("tight"))
+    yield srv
+    srv.stop()
+
+
+def _pcm(speech, seconds: float) -> bytes:
+    return (speech.repeat(4)[:int(seconds * 16000)].numpy() * 32767).astype(np.int16).tobytes()
+
+
+def test_requests_longer_than_the_queue_are_split(tight, speech):
+    pcm = _pcm(speech, 0.6)  # 15 frames, the queue holds 8
+    response = call(tight, lambda s, m: s.Synthesize(synth(pcm)))
+    assert len(response.frames) == audio.frame_count(len(pcm) // 2) > 8
+
+
+def test_a_response_that_cannot_be_sent_is_refused_before_work(tight, speech):
+    before = call(tight, lambda s, m: s.GetModelStats(pb.GetModelStatsRequest(model_id="tiny"))).models[0].info.frames
+    pcm8k = (audio.resample(speech.repeat(2)[:48000], 16000, 8000).numpy() * 32767).astype(np.int16).tobytes()
+    request = synth(pcm8k, format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=8000))  # 48 kB in, 75 frames out
+    code, details = _code(tight, lambda s, m: s.Synthesize(request))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Stream" in details and "max_message_mb" in details
+    after = call(tight, lambda s, m: s.GetModelStats(pb.GetModelStatsRequest(model_id="tiny"))).models[0].info.frames
+    assert after == before
+
+
+def test_a_cancelled_cold_load_is_shared_not_repeated(tight, speech):
+    pcm = _pcm(speech, 0.3)
+    code, _ = _code(tight, lambda s, m: s.Synthesize(synth(pcm, model_id="cold"), timeout=0.2))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    response = call(tight, lambda s, m: s.Synthesize(synth(pcm, model_id="cold")))
+    assert len(response.frames) == audio.frame_count(len(pcm) // 2)
+    assert tight.logs().count("loading model cold on") == 1
+
+
+def test_concurrent_loads_respect_max_models(weights, tiny_avatar, tmp_path):
+    srv = ServerProcess([model_override("a", weights, tiny_avatar), model_override("b", weights, tiny_avatar),
+                         "registry.max_models=1"], tmp_path)
+    try:
+        async def both(s, m):
+            return await asyncio.gather(s.LoadModel(pb.LoadModelRequest(model_id="a")),
+                                        s.LoadModel(pb.LoadModelRequest(model_id="b")))
+        call(srv, both)
+        listed = call(srv, lambda s, m: s.ListModels(pb.ListModelsRequest()))
+        assert sum(x.loaded for x in listed.models) == 1
+        assert "eviction to make room" in srv.logs()
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("changes,code,text", [
+    (dict(model_id="x" * 100_000), grpc.StatusCode.INVALID_ARGUMENT, "100000 characters"),
+    (dict(model_id="tiny", device="bogus"), grpc.StatusCode.INVALID_ARGUMENT, "not a device name"),
+    (dict(model_id="tiny", device="cuda:7"), grpc.StatusCode.INVALID_ARGUMENT, "not served here"),
+])
+def test_bad_load_requests(tight, changes, code, text):
+    got, details = _code(tight, lambda s, m: s.LoadModel(pb.LoadModelRequest(**changes)))
+    assert got == code and text in details and len(details) < 400, (got, details[:300])
+
+
+# --------------------------------------------------------------------------- start-up
+def _serve(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1",
+                           "server.metrics_port=-1", "models=none", "engine=eager", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_a_busy_port_is_refused_in_one_line(tight):
+    done = _serve([f"server.port={tight.port}"])
+    assert done.returncode == 2 and done.stdout == ""
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"cannot listen on 127.0.0.1:{tight.port} (server.host / server.port)" in last
+    assert "Traceback" not in done.stderr
+
+
+def test_a_busy_metrics_port_is_refused_in_one_line(tight):
+    import re
+    port = int(re.search(r"metrics on http://[\d.]+:(\d+)", tight.logs()).group(1))
+    done = _serve(["server.port=0", f"server.metrics_port={port}"])
+    assert done.returncode == 2 and "(server.metrics_port)" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_broken_models_stop_the_start(weights, tiny_avatar, tmp_path):
+    broken = model_override("broken", {**weights, "328": weights["160"]}, tiny_avatar)  # a 160 checkpoint as 328
+    done = _serve(["server.port=0", broken, model_override("good", weights, tiny_avatar)])
+    assert done.returncode == 2 and "1 declared model(s) are broken (broken)" in done.stderr
+    assert "this looks like the 160 variant" in done.stderr  # the log says why, at ERROR
+    check = subprocess.run([sys.executable, "-m", "lipsync", "serve", "--check", "models=none", broken,
+                            model_override("good", weights, tiny_avatar)], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT)
+    assert check.returncode == 1
+    assert '"good": "ok"' in check.stdout and '"broken": "checkpoint: this looks like' in check.stdout
+
+
+def test_a_mistyped_override_is_one_line():
+    done = _serve(["server.prot=1"])
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("lipsync serve: unknown setting 'server.prot': `server` has host, jpeg_quality, "
+                                   "keepalive_time_s, keepalive_timeout_s, live, max_audio_seconds, max_message_mb, "
+                                   "max_start_frame, max_streams, metrics_port, port, shutdown_grace_s, "
+                                   "stream_buffer_frames, strict_models (add a new key with +server.prot=…)")
