@@ -45,7 +45,8 @@ def device_facts() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         facts |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
-                  "gpu_memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count}
+                  "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                  "multiprocessors": props.multi_processor_count}
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=30)

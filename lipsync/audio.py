@@ -150,7 +150,8 @@ def read_audio(path: str | Path) -> tuple[bytes, AudioFormat]:
             stream = container.streams.audio[0]
             rate = min(max(stream.rate or SAMPLE_RATE, MIN_RATE), MAX_RATE)
             converter = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream) for f in converter.resample(frame)]
+            chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream)
+                      for f in converter.resample(frame)]
             chunks += [f.to_ndarray().reshape(-1) for f in converter.resample(None)]
     except av.error.FFmpegError as exc:
         raise AudioFormatError(f"{file}: not a readable audio file ({exc})") from None

@@ -10,6 +10,15 @@ from pathlib import Path
 log = logging.getLogger("lipsync")
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default, also for options without a help text."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -17,7 +26,7 @@ def _setup_logging(level: str = "INFO") -> None:
 # --------------------------------------------------------------------------- render
 def add_render(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("render", help="render speech with a SyncTalk_2D model to MP4 and/or numbered frames",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--checkpoint", required=True, help="generator checkpoint (.pth)")
     p.add_argument("--audio-encoder", required=True, help="audio encoder checkpoint (audio_visual_encoder.pth)")
     p.add_argument("--avatar", required=True, help="avatar directory or SyncTalk_2D dataset directory")
@@ -121,7 +130,7 @@ def run_render(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- avatar
 def add_avatar(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("avatar", help="inspect, import or synthesise avatars",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     asub = p.add_subparsers(dest="avatar_cmd", required=True)
     info = asub.add_parser("info", help="validate an avatar or SyncTalk_2D dataset and describe it")
     info.add_argument("path")
@@ -129,7 +138,7 @@ def add_avatar(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("dataset")
     imp.add_argument("out")
     synth = asub.add_parser("synth", help="write a synthetic avatar (for tests and the demo)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=DefaultsFormatter)
     synth.add_argument("out")
     synth.add_argument("--frames", type=int, default=24)
     synth.add_argument("--width", type=int, default=640)
@@ -174,7 +183,7 @@ BENCHMARKS = ("pipeline", "engines", "server", "live")
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (pipeline, engines, server, live)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/bench_NAME.py (see its --help)")
     p.set_defaults(func=run_bench)
@@ -195,7 +204,7 @@ def run_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsFormatter)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     add_render(sub)

@@ -369,9 +369,11 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from lipsync.cli import DefaultsFormatter
+
     p = sub.add_parser("client", help="send a WAV to a lipsync server (Synthesize or Stream), or play a "
                                       "conversation script through a live session (--converse)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--server", default="127.0.0.1:50051")
     p.add_argument("--model", default="demo")
     p.add_argument("--audio", help="speech: WAV, or any audio file PyAV decodes (mp3, ogg, m4a, flac …)")

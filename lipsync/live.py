@@ -15,7 +15,8 @@ equal a Synthesize of the same audio with start_frame = start_pos.
 
 Every SPEECH frame carries its own 40 ms of the utterance's audio at the session's output rate; IDLE and HELD
 frames carry silence, except that an utterance's audio outlasts its D + 2 video frames (SPEC §3) by up to two
-frames: those frames show the avatar's own frame (IDLE, tagged with the utterance) and carry the rest of its audio. This module knows nothing of gRPC: the server feeds it messages and sends what it yields.
+frames: those frames show the avatar's own frame (IDLE, tagged with the utterance) and carry the rest of its audio.
+This module knows nothing of gRPC: the server feeds it messages and sends what it yields.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from . import audio, compose, jpeg
+from . import audio, compose
 from .avatar import Avatar, AvatarError, find_source, load_avatar
 from .config import settings
 from .engines import Engine, EngineConfig, EngineError, build_engine, file_digest
@@ -151,7 +151,7 @@ class Pipeline:
 def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | torch.device,
                   micro_batch: int | None = None, progress: bool = False) -> Pipeline:
     """Load checkpoints and avatar, build engines (compile + warm-up happen here), return a ready Pipeline."""
-    device = torch.device(device)
+    device = pick_device(device)
     micro_batch = micro_batch or engine_config.max_batch
     if micro_batch < engine_config.max_batch:  # the engines never see more: do not compile/warm larger batches
         engine_config = dataclasses.replace(engine_config, max_batch=micro_batch,
@@ -181,9 +181,15 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     return pipeline
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """A device by name, CUDA ones always with their index ("cuda" → "cuda:0"): threads, streams and events
+    need the index, and the registry names devices by it."""
+    name = str(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device

@@ -298,7 +298,7 @@ class Registry:
 
     def _load_pipeline(self, entry: ModelEntry, device: str) -> Pipeline:
         if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
+            torch.cuda.set_device(pick_device(device))
         if entry.synthetic:
             files = (entry.spec.checkpoint, entry.spec.audio_encoder, entry.spec.avatar)
             if not all(p.exists() for p in files):

@@ -302,7 +302,9 @@ class ModelScheduler:
             future.set_result(([], {"queue": 0.0, "inference": 0.0, "composite": 0.0, "encode": 0.0,
                                     "batch_size": 0}))
             return future
-        if self.queued_frames + n > self.max_queue_frames:
+        # Live frames are bounded by admission control and each session's own limits, and refusing them would
+        # break a conversation's video: the queue bound applies to the other classes.
+        if priority != Priority.LIVE and self.queued_frames + n > self.max_queue_frames:
             raise QueueFull(f"model {self.pipeline.name}: queue holds {self.queued_frames} frames; "
                             f"{n} more would exceed its bound of {self.max_queue_frames}")
         job = Job(features, frame_ids, quality, visual, future, results=[None] * n, priority=priority,

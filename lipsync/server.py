@@ -199,31 +199,32 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         self.s.record("synthesize", entry, len(frames), timings)
         return response
 
-    async def Stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:
+    async def _slot(self, name: str, counter: str, limit: int, gauge, what: str, body: AsyncIterator, context
+                    ) -> AsyncIterator:
+        """A streaming RPC that holds one of `limit` slots (counted in Server.<counter>) while it runs."""
         s = self.s
-        if s.active_streams >= s.limits.max_streams:
-            metrics.REQUESTS.labels("Stream", "RESOURCE_EXHAUSTED").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{s.active_streams} streams are open; the limit is {s.limits.max_streams}")
-        s.active_streams += 1
-        metrics.ACTIVE_STREAMS.inc()
+        open_now = getattr(s, counter)
+        if open_now >= limit:
+            metrics.REQUESTS.labels(name, "RESOURCE_EXHAUSTED").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{open_now} {what} are open; the limit is {limit}")
+        setattr(s, counter, open_now + 1)
+        gauge.inc()
         try:
-            async for response in _streaming("Stream", self._stream(request_iterator), context):
+            async for response in _streaming(name, body, context):
                 yield response
         finally:
-            s.active_streams -= 1
-            metrics.ACTIVE_STREAMS.dec()
+            setattr(s, counter, getattr(s, counter) - 1)
+            gauge.dec()
+
+    async def Stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:
+        async for response in self._slot("Stream", "active_streams", self.s.limits.max_streams,
+                                         metrics.ACTIVE_STREAMS, "streams", self._stream(request_iterator), context):
+            yield response
 
     async def _stream(self, request_iterator) -> AsyncIterator[pb.StreamResponse]:
         s, limits = self.s, self.s.limits
         requests = request_iterator.__aiter__()
-        try:
-            first = await requests.__anext__()
-        except StopAsyncIteration:
-            raise InvalidRequest("stream closed before its config message") from None
-        if first.WhichOneof("message") != "config":
-            raise InvalidRequest("the first stream message must be `config`")
-        cfg = first.config
+        cfg = (await _first(requests, "stream")).config
         quality, start = limits.quality(cfg.jpeg_quality), limits.start_frame(cfg.start_frame)
         fmt = _format(limits, cfg.format, allow_wav=False)
         lookahead = cfg.lookahead_frames or audio.LOOKAHEAD
@@ -258,30 +259,15 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                      "audio_s": round(session.received / fmt.sample_rate, 3)}))
 
     async def Converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:
-        s = self.s
-        if s.live_sessions >= s.limits.live.max_sessions:
-            metrics.REQUESTS.labels("Converse", "RESOURCE_EXHAUSTED").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{s.live_sessions} live sessions are open; "
-                                f"the limit is server.live.max_sessions={s.limits.live.max_sessions}")
-        s.live_sessions += 1
-        metrics.LIVE_SESSIONS.inc()
-        try:
-            async for response in _streaming("Converse", self._converse(request_iterator), context):
-                yield response
-        finally:
-            s.live_sessions -= 1
-            metrics.LIVE_SESSIONS.dec()
+        async for response in self._slot("Converse", "live_sessions", self.s.limits.live.max_sessions,
+                                         metrics.LIVE_SESSIONS, "live sessions (server.live.max_sessions)",
+                                         self._converse(request_iterator), context):
+            yield response
 
     async def _converse(self, request_iterator) -> AsyncIterator[pb.ConverseResponse]:
         s, limits = self.s, self.s.limits
         requests = request_iterator.__aiter__()
-        try:
-            first = await requests.__anext__()
-        except StopAsyncIteration:
-            raise InvalidRequest("live session closed before its config message") from None
-        if first.WhichOneof("message") != "config":
-            raise InvalidRequest("the first Converse message must be `config`")
-        cfg = first.config
+        cfg = (await _first(requests, "Converse")).config
         quality, start = limits.quality(cfg.jpeg_quality), limits.start_frame(cfg.start_frame)
         fmt = _format(limits, cfg.format, allow_wav=False)
         s.registry.entry(checked_model_id(cfg.model_id))
@@ -375,6 +361,17 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                  max_models=r.config.max_models * len(r.devices), devices=self.s.devices(),
                                  version=__version__, active_streams=self.s.active_streams,
                                  queued_frames=r.queued_frames)
+
+
+async def _first(requests: AsyncIterator, rpc: str):
+    """The first message of a streaming RPC, which must be its config."""
+    try:
+        first = await requests.__anext__()
+    except StopAsyncIteration:
+        raise InvalidRequest(f"{rpc} closed before its config message") from None
+    if first.WhichOneof("message") != "config":
+        raise InvalidRequest(f"the first {rpc} message must be `config`")
+    return first
 
 
 def _event(event) -> pb.ConverseEvent:
@@ -487,8 +484,10 @@ def spawn(overrides: list[str], cwd: str | None = None, log_file=None):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from lipsync.cli import DefaultsFormatter
+
     p = sub.add_parser("serve", help="run the gRPC server (hydra overrides: server.port=50100 engine=eager …)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--check", action="store_true", help="validate the configuration and every declared model's "
                                                         "files, then exit (0: all good)")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/config.yaml")

@@ -1,6 +1,7 @@
 """Shared fixtures: real (seeded, untrained) checkpoints and small synthetic avatars written to temp dirs."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,23 @@ SPEC = ROOT / "tests" / "data" / "spec"  # the key lists of SPEC §4/§6
 SPEECH = ROOT / "assets" / "speech.wav"
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def decoded(jpeg: bytes) -> torch.Tensor:
+    """JPEG bytes → float RGB [3,H,W] (torchvision's decoder)."""
+    from torchvision.io import decode_jpeg
+    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)).float()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def worst_psnr(a: list, b: list) -> float:
+    """The lowest PSNR between frames (anything with `.jpeg`) of two renders, frame by frame."""
+    assert len(a) == len(b)
+    return min(psnr(decoded(x.jpeg), decoded(y.jpeg)) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="session")

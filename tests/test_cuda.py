@@ -10,23 +10,16 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from torchvision.io import decode_jpeg
 
-from lipsync import audio
 from lipsync.engines import EngineConfig
 from lipsync.pipeline import StageClock, load_pipeline
 from lipsync.render import synthesize
 
+from conftest import worst_psnr
+
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def decoded(jpeg: bytes) -> torch.Tensor:
-    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)).float()
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def test_cuda_frames_match_cpu(tiny_spec, wave, cpu_result, precision):
             atol=1e-3, rtol=1e-3)
     result = synthesize(cuda, wave.cuda(), start_frame=1, quality=90)
     assert [f.avatar_frame for f in result.frames] == [f.avatar_frame for f in cpu_result.frames]
-    worst = min(psnr(decoded(a.jpeg), decoded(b.jpeg)) for a, b in zip(result.frames, cpu_result.frames))
+    worst = worst_psnr(result.frames, cpu_result.frames)
     assert worst >= 40.0, f"{precision}: worst frame PSNR {worst:.1f} dB against CPU fp32"
 
 
@@ -92,5 +85,5 @@ def test_server_on_cuda_serves_synthesize_and_stream(weights, tiny_avatar, tmp_p
     assert unary.device.startswith("cuda")
     assert len(unary.frames) == len(streamed) == len(cpu_result.frames)
     for served, ref in ((unary.frames, cpu_result.frames), (streamed, cpu_result.frames)):
-        worst = min(psnr(decoded(a.jpeg), decoded(b.jpeg)) for a, b in zip(served, ref))
+        worst = worst_psnr(served, ref)
         assert worst >= 40.0, f"served on CUDA vs CPU: worst frame PSNR {worst:.1f} dB"

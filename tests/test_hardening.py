@@ -179,6 +179,22 @@ def test_a_response_that_cannot_be_sent_is_refused_before_work(tight, speech):
     assert after == before
 
 
+def test_a_live_utterance_longer_than_the_queue_plays(tight, speech):
+    from lipsync.client import Say, channel, converse
+    from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+
+    pcm = _pcm(speech, 0.6)  # 15 frames, the queue holds 8
+
+    async def main():
+        async with channel(tight.target) as ch:
+            return await converse(pb_grpc.LipSyncStub(ch), "tiny", [Say(pcm, audio.AudioFormat("s16le", 16000, 1),
+                                                                         0.1, id="u")], 8.0)
+    result = asyncio.run(main())
+    finished = [e.finished for _, e in result.events if e.WhichOneof("event") == "finished"]
+    assert finished and not finished[0].interrupted
+    assert finished[0].frames_played == audio.frame_count(len(pcm) // 2) > 8
+
+
 def test_a_cancelled_cold_load_is_shared_not_repeated(tight, speech):
     pcm = _pcm(speech, 0.3)
     code, _ = _code(tight, lambda s, m: s.Synthesize(synth(pcm, model_id="cold"), timeout=0.2))

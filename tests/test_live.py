@@ -6,13 +6,13 @@ The CPU cannot render 25 fps, so the server runs its pacing clock at `server.liv
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from torchvision.io import decode_jpeg
 
 from lipsync import audio, jpeg
 from lipsync._proto import lipsync_pb2 as pb
@@ -22,6 +22,7 @@ from lipsync.client import Say, channel, converse
 from lipsync.live import LiveConfig, LiveSession
 from lipsync.scheduler import DeviceWorkers, ModelScheduler, Priority
 
+from conftest import worst_psnr
 from test_server import ServerProcess, model_override
 
 TIME_SCALE = 3.0
@@ -34,13 +35,6 @@ def pcm_of(wave: torch.Tensor) -> bytes:
     return (wave.numpy() * 32767).astype(np.int16).tobytes()
 
 
-def decoded(data: bytes) -> torch.Tensor:
-    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).float()
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +114,7 @@ def test_speech_frames_equal_synthesize_at_the_same_position(conversation, live_
                 start_frame=started.avatar_position, jpeg_quality=QUALITY))
     unary = asyncio.run(synthesize())
     assert [f.avatar_frame for f in speech] == [f.avatar_frame for f in unary.frames]
-    worst = min(psnr(decoded(a.jpeg), decoded(b.jpeg)) for a, b in zip(speech, unary.frames))
+    worst = worst_psnr(speech, unary.frames)
     assert worst >= 40.0, f"live speech vs Synthesize: worst PSNR {worst:.1f} dB"
 
 
@@ -307,3 +301,26 @@ def test_in_process_session_passes_input_audio_through(pipeline, speech):
     carried = b"".join(f.audio for f in frames if f.utterance_id == "x" and f.kind != "held")
     assert carried[:len(pcm)] == pcm and not any(carried[len(pcm):])
     assert frames[0].avatar_position == 3
+
+
+def test_client_plays_a_conversation_script(live_server, speech, tmp_path):
+    """`lipsync client --converse SCRIPT --out talk.mp4`, as a user runs it."""
+    import subprocess
+    import sys
+    import wave as wavfile
+
+    import av
+
+    with wavfile.open(str(tmp_path / "hi.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(pcm_of(speech[:8000]))
+    (tmp_path / "talk.yaml").write_text("duration: 3\nutterances:\n  - {id: hi, audio: hi.wav, at: 0.2}\n")
+    done = subprocess.run([sys.executable, "-m", "lipsync", "client", "--server", live_server.target, "--model", "tiny",
+                           "--converse", str(tmp_path / "talk.yaml"), "--out", str(tmp_path / "talk.mp4")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["mode"] == "converse" and abs(summary["frames"] - 75) <= 1 and "hi" in summary["utterances"]
+    with av.open(str(tmp_path / "talk.mp4")) as container:
+        assert sorted(s.type for s in container.streams) == ["audio", "video"]
+        assert abs(sum(1 for _ in container.decode(video=0)) - summary["frames"]) <= 1

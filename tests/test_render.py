@@ -67,3 +67,50 @@ def test_render_reports_bad_input_cleanly(weights, tiny_avatar, tmp_path):
     assert done.returncode == 2
     assert f"checkpoint not found: {tmp_path / 'missing.pth'}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _encode_m4a(wav, out) -> None:
+    """The short WAV as AAC in an .m4a, written with PyAV."""
+    from fractions import Fraction
+    data, fmt = audio.read_wav(wav)
+    samples = np.frombuffer(data, np.int16).astype(np.float32) / 32768.0
+    with av.open(str(out), "w") as container:
+        stream = container.add_stream("aac", rate=fmt.sample_rate, layout="mono")
+        step = stream.codec_context.frame_size or 1024
+        for pts in range(0, len(samples), step):
+            frame = av.AudioFrame.from_ndarray(samples[None, pts:pts + step].copy(), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = fmt.sample_rate, pts, Fraction(1, fmt.sample_rate)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def test_render_takes_any_audio_file(weights, tiny_avatar, short_wav, tmp_path):
+    m4a = tmp_path / "speech.m4a"
+    _encode_m4a(short_wav, m4a)
+    wave = audio.load_audio(m4a)
+    assert abs(wave.numel() - audio.load_wav(short_wav).numel()) < 0.1 * 16000  # codec padding at most
+    done = subprocess.run([sys.executable, "-m", "lipsync", "render", "--checkpoint", str(weights["328"]),
+                           "--audio-encoder", str(weights["encoder"]), "--avatar", str(tiny_avatar), "--audio",
+                           str(m4a), "--frames-out", str(tmp_path / "f"), "--format", "jpeg", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "f").glob("*.jpg"))) == audio.frame_count(wave.numel())
+
+
+def test_render_checks_the_audio_before_loading_the_model(tiny_avatar, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lipsync", "render", "--checkpoint", str(tmp_path / "none.pth"),
+                           "--audio-encoder", str(tmp_path / "none.pth"), "--avatar", str(tiny_avatar),
+                           "--audio", str(tmp_path / "missing.mp3"), "--out", str(tmp_path / "o.mp4")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and f"audio file not found: {tmp_path / 'missing.mp3'}" in done.stderr
+    assert "checkpoint" not in done.stderr
+
+
+@pytest.mark.parametrize("command,default", [(["render"], "(default: pingpong)"), (["client"], "(default: demo)"),
+                                             (["serve"], "(default: False)"), (["export"], "(default: 328)")])
+def test_help_shows_defaults(command, default):
+    done = subprocess.run([sys.executable, "-m", "lipsync", *command, "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and default in " ".join(done.stdout.split())

@@ -10,8 +10,10 @@ import torch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from lipsync.cli import DefaultsFormatter
+
     p = sub.add_parser("export", help="export a SyncTalk_2D checkpoint to ONNX or a TensorRT engine",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--checkpoint", required=True, help="generator checkpoint (.pth)")
     p.add_argument("--variant", default="328", choices=["328", "160"])
     p.add_argument("--format", required=True, choices=["onnx", "tensorrt"])
