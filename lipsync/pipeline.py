@@ -86,6 +86,10 @@ def check_model_files(spec: "ModelSpec") -> None:
         load_audio_encoder(spec.audio_encoder)
     with _role("avatar"):
         find_source(spec.avatar)
+    _check_engine_file(spec)
+
+
+def _check_engine_file(spec: "ModelSpec") -> None:
     if spec.engine_file is not None and not spec.engine_file.is_file():
         raise ModelFileError("engine_file", FileNotFoundError(f"TensorRT engine not found: {spec.engine_file}"))
 
@@ -168,9 +172,7 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
         avatar = load_avatar(spec.avatar, spec.variant, spec.sequence, device, spec.feather, progress)
     size = INPUT_SIZE[spec.variant]
     key = {"checkpoint": file_digest(spec.checkpoint), "variant": spec.variant, "asr": spec.asr}
-    with _role("engine_file" if spec.engine_file else "checkpoint"):
-        if spec.engine_file is not None and not spec.engine_file.is_file():
-            raise FileNotFoundError(f"TensorRT engine not found: {spec.engine_file}")
+    _check_engine_file(spec)
     generator = build_engine(generator_net, [(6, size, size), AUDIO_FEATURE_SHAPE[spec.asr]], engine_config,
                              device, f"{spec.name}/generator", key, spec.engine_file, progress)
     encoder = build_engine(encoder_net, [(1, 80, 16)], engine_config, device, f"{spec.name}/audio_encoder",

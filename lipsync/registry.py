@@ -77,7 +77,6 @@ class ModelEntry:
     last_used: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loading: asyncio.Task | None = None  # the one load in progress, shared by every caller
-    loading_device: str = ""
     latencies: dict[str, deque] = field(default_factory=dict)
 
     @property
@@ -218,31 +217,27 @@ class Registry:
             if entry.loaded:
                 return
             target = self._place(entry, device)
-            entry.loading_device = target
+            await self._make_room(target, entry)
+            started = time.perf_counter()
+            if target.startswith("cuda"):
+                torch.cuda.synchronize(target)
+            before = torch.cuda.memory_allocated(target) if target.startswith("cuda") else 0
+            log.info("loading model %s on %s", entry.spec.name, target)
             try:
-                await self._make_room(target, entry)
-                started = time.perf_counter()
-                if target.startswith("cuda"):
-                    torch.cuda.synchronize(target)
-                before = torch.cuda.memory_allocated(target) if target.startswith("cuda") else 0
-                log.info("loading model %s on %s", entry.spec.name, target)
-                try:
-                    pipeline = await self._run_load(entry, target)
-                except ModelFileError as exc:
-                    log.error("model %s cannot be loaded: %s", entry.spec.name, exc)
-                    raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its {exc.role} is "
-                                          f"{exc.reason} (the server log has the details)") from exc
-                except EngineError as exc:
-                    log.error("model %s: engine build failed: %s", entry.spec.name, exc)
-                    raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its engine could not be "
-                                          "built (the server log has the details)") from exc
-                if target.startswith("cuda"):
-                    torch.cuda.synchronize(target)
-                    entry.memory_bytes = max(torch.cuda.memory_allocated(target) - before, pipeline.memory_bytes)
-                else:
-                    entry.memory_bytes = pipeline.memory_bytes
-            finally:
-                entry.loading_device = ""
+                pipeline = await self._run_load(entry, target)
+            except ModelFileError as exc:
+                log.error("model %s cannot be loaded: %s", entry.spec.name, exc)
+                raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its {exc.role} is "
+                                      f"{exc.reason} (the server log has the details)") from exc
+            except EngineError as exc:
+                log.error("model %s: engine build failed: %s", entry.spec.name, exc)
+                raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its engine could not be "
+                                      "built (the server log has the details)") from exc
+            if target.startswith("cuda"):
+                torch.cuda.synchronize(target)
+                entry.memory_bytes = max(torch.cuda.memory_allocated(target) - before, pipeline.memory_bytes)
+            else:
+                entry.memory_bytes = pipeline.memory_bytes
             entry.pipeline, entry.device = pipeline, target
             entry.load_ms = (time.perf_counter() - started) * 1e3
             # On CPU the pipeline's micro-batch is smaller than max_batch: large batches lose there.
