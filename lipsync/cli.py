@@ -1,4 +1,4 @@
-"""`lipsync` command line: render, export, serve, client, avatar, bench (SPEC §12)."""
+"""`lipsync` command line: render, export, serve, client, cluster, avatar, bench (SPEC §12)."""
 from __future__ import annotations
 
 import argparse
@@ -213,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     from .export.cli import add_parser as add_export
 
     from .client import add_parser as add_client
+    from .cluster import add_parser as add_cluster
     from .server import add_parser as add_serve
     add_export(sub)
     add_serve(sub)
     add_client(sub)
+    add_cluster(sub)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:

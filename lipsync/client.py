@@ -6,17 +6,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import grpc
 
 from . import audio
 from ._proto import lipsync_pb2 as pb
 from ._proto import lipsync_pb2_grpc as pb_grpc
+from .security import ACCEPTED_HEADER, WORKER_HEADER
 
 ENCODINGS = {"s16le": pb.PCM_S16LE, "f32le": pb.PCM_F32LE}
 
@@ -28,12 +30,148 @@ class SessionResult:
     stage_ms: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     model_load_ms: float = 0.0
+    workers: set[str] = field(default_factory=set)  # x-lipsync-worker of the server(s) that answered
 
 
-def channel(target: str, max_message_mb: int = 100) -> grpc.aio.Channel:
+def routing(model: str, metadata=None) -> tuple[tuple[str, str], ...]:
+    """Call metadata with the routing key `x-model-id` (a proxy in front of several workers hashes on it, so a
+    model's sessions meet on the worker that has it loaded), plus any `metadata` given."""
+    return (("x-model-id", model), *tuple(metadata or ()))
+
+
+async def worker_of(call) -> str:
+    """The `x-lipsync-worker` response header of a call ("" if the server sent none)."""
+    return next((str(v) for k, v in (await call.initial_metadata() or ()) if k == WORKER_HEADER), "")
+
+
+@dataclass
+class Credentials:
+    """How a client proves itself: TLS (server CA, optional client certificate for mutual TLS) and/or a bearer
+    token. Paths are PEM files; `tls` without `ca` trusts the system's roots."""
+    token: str | None = None
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None  # the name to check the server certificate against, when dialling an IP
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or bool(self.ca or self.cert)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate needs its key (and the key its certificate)")
+        return grpc.ssl_channel_credentials(_read_pem(self.ca, "CA"), _read_pem(self.key, "client key"),
+                                            _read_pem(self.cert, "client certificate"))
+
+
+def _read_pem(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} not found: {file}")
+    return file.read_bytes()
+
+
+class _Bearer:
+    """Adds `authorization: Bearer TOKEN` to every call's metadata."""
+
+    def __init__(self, token: str):
+        self.pair = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), self.pair))
+
+
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, requests):
+        return await continuation(self._details(details), requests)
+
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, requests):
+        return await continuation(self._details(details), requests)
+
+
+def _token_interceptors(token: str) -> list[_Bearer]:
+    """One per call shape: grpc.aio sorts interceptors by type."""
+    return [kind(token) for kind in (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)]
+
+
+def open_stream(method: Callable, requests: AsyncIterator, **kwargs):
+    """Start a request-streaming call (Stream, Converse): the first message (the config) goes out at once, the
+    rest only after the server has accepted the call, and none once the call has ended.
+
+    grpc.aio reports a write that follows the server's final status as INTERNAL ("Internal error from Core")
+    instead of that status (grpc/grpc#36066). The server answers an accepted stream with the header
+    `lipsync-accepted` (config valid, model ready); a refusal before it (token, role, quota, config, model) is the
+    status alone, so nothing is written after it and the client sees the real status."""
+    call = None
+
+    async def guarded() -> AsyncIterator:
+        accepted = False
+        async for message in requests:
+            if call.done():
+                return
+            yield message
+            if not accepted:
+                metadata = await call.initial_metadata()
+                if not any(key == ACCEPTED_HEADER for key, _ in (metadata or ())):
+                    return  # refused: the status says why
+                accepted = True
+    call = method(guarded(), **kwargs)
+    return call
+
+
+def worker_lost(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a call failed because the server (or, behind a proxy, the worker) serving it went away: start a new
+    session. Directly that is UNAVAILABLE; Envoy resets a stream whose worker dies after it answered, which gRPC
+    reports as INTERNAL "… RST_STREAM …"."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE or (
+        exc.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or ""))
+
+
+def channel(target: str, max_message_mb: int = 100, credentials: Credentials | None = None) -> grpc.aio.Channel:
+    """A channel to a lipsync server: plaintext, or TLS/mutual TLS and a bearer token per `credentials`."""
     size = max_message_mb * 2**20
-    return grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", size),
-                                                      ("grpc.max_send_message_length", size)])
+    options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    credentials = credentials or Credentials()
+    interceptors = _token_interceptors(credentials.token) if credentials.token else None
+    if not credentials.secure:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if credentials.server_name:
+        options.append(("grpc.ssl_target_name_override", credentials.server_name))
+    return grpc.aio.secure_channel(target, credentials.channel_credentials(), options=options,
+                                   interceptors=interceptors)
+
+
+def credentials_from_args(args: argparse.Namespace) -> Credentials:
+    """--tls/--tls-ca/--tls-cert/--tls-key/--tls-server-name and --token (else $LIPSYNC_TOKEN)."""
+    return Credentials(token=args.token or os.environ.get("LIPSYNC_TOKEN") or None, tls=args.tls, ca=args.tls_ca,
+                       cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+
+
+def add_connection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default="127.0.0.1:50051")
+    p.add_argument("--token", help="bearer token (default: $LIPSYNC_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs (implied by --tls-ca)")
+    p.add_argument("--tls-ca", metavar="CA.pem", help="CA that signed the server's certificate")
+    p.add_argument("--tls-cert", metavar="CERT.pem", help="client certificate, for servers that require mutual TLS")
+    p.add_argument("--tls-key", metavar="KEY.pem", help="the client certificate's private key")
+    p.add_argument("--tls-server-name", help="name to verify the server certificate against (when --server is an "
+                                             "address the certificate does not name)")
 
 
 def _add(stage_ms: dict[str, float], timings: pb.StageTimings) -> None:
@@ -53,9 +191,11 @@ async def synthesize(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: aud
     offset = 0
     for lo in range(0, len(pcm), step):
         sent = time.perf_counter()
-        response = await stub.Synthesize(pb.SynthesizeRequest(
+        call = stub.Synthesize(pb.SynthesizeRequest(
             model_id=model, audio=pcm[lo:lo + step], format=audio_format, start_frame=start_frame + offset,
-            jpeg_quality=quality), timeout=timeout)
+            jpeg_quality=quality), timeout=timeout, metadata=routing(model))
+        response = await call
+        result.workers.add(await worker_of(call))
         result.latencies_ms.append((time.perf_counter() - sent) * 1e3)
         for f in response.frames:
             result.frames.append(pb.Frame(index=offset + f.index, avatar_frame=f.avatar_frame, jpeg=f.jpeg,
@@ -101,7 +241,8 @@ async def stream(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: audio.A
                 return when
         return sent_at[-1][1]
 
-    async for response in stub.Stream(requests(), timeout=timeout):
+    call = open_stream(stub.Stream, requests(), timeout=timeout, metadata=routing(model))
+    async for response in call:
         now = time.perf_counter()
         for f in response.frames:
             result.frames.append(f)
@@ -113,6 +254,7 @@ async def stream(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: audio.A
         result.model_load_ms += response.model_load_ms
         if response.end_of_stream:
             break
+    result.workers.add(await worker_of(call))
     result.wall_s = time.perf_counter() - t0
     return result
 
@@ -212,7 +354,7 @@ async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say],
 
     result: ConverseResult | None = None
     origin = 0.0
-    async for response in stub.Converse(requests(), timeout=timeout, metadata=metadata):
+    async for response in open_stream(stub.Converse, requests(), timeout=timeout, metadata=routing(model, metadata)):
         now = time.perf_counter()
         if response.HasField("session"):
             result, origin = ConverseResult(response.session), now
@@ -290,7 +432,8 @@ def summarize(results: list[SessionResult], wall_s: float) -> dict:
             "latency_ms": {"p50": round(percentile(latencies, 50), 1), "p95": round(percentile(latencies, 95), 1),
                            "p99": round(percentile(latencies, 99), 1),
                            "mean": round(statistics.fmean(latencies), 1) if latencies else 0.0},
-            "stage_ms_per_frame": {k: round(v / max(frames, 1), 2) for k, v in stages.items()}}
+            "stage_ms_per_frame": {k: round(v / max(frames, 1), 2) for k, v in stages.items()},
+            "workers": sorted(set().union(*(r.workers for r in results)) - {""})}
 
 
 def save_outputs(result: SessionResult, wave_16k, frames_out: str | None, out: str | None) -> None:
@@ -317,7 +460,7 @@ async def run_converse(args: argparse.Namespace) -> dict:
 
     says, duration = load_script(args.converse)
     with tqdm(total=round(duration * audio.FPS), desc="live session", unit="frame") as bar:
-        async with channel(args.server) as ch:
+        async with channel(args.server, credentials=credentials_from_args(args)) as ch:
             result = await converse(pb_grpc.LipSyncStub(ch), args.model, says, duration, args.start_frame,
                                     args.quality, args.output_rate, args.realtime, args.chunk_ms, args.timeout,
                                     progress=bar.update)
@@ -341,7 +484,7 @@ async def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     data, fmt = audio.read_audio(args.audio)
-    async with channel(args.server) as ch:
+    async with channel(args.server, credentials=credentials_from_args(args)) as ch:
         stub = pb_grpc.LipSyncStub(ch)
 
         bar = tqdm(total=audio.frame_count(len(data) // fmt.frame_bytes * audio.SAMPLE_RATE // fmt.sample_rate)
@@ -374,7 +517,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="send a WAV to a lipsync server (Synthesize or Stream), or play a "
                                       "conversation script through a live session (--converse)",
                        formatter_class=DefaultsFormatter)
-    p.add_argument("--server", default="127.0.0.1:50051")
+    add_connection_options(p)
     p.add_argument("--model", default="demo")
     p.add_argument("--audio", help="speech: WAV, or any audio file PyAV decodes (mp3, ogg, m4a, flac …)")
     p.add_argument("--stream", action="store_true", help="use the Stream RPC instead of Synthesize")

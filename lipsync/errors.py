@@ -42,6 +42,11 @@ class ResourceExhausted(RequestError, RuntimeError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(RequestError, TimeoutError):
+    """The client took too long (e.g. a stream's config message did not come in time)."""
+    status = "DEADLINE_EXCEEDED"
+
+
 class Unavailable(RequestError, RuntimeError):
     """The server is shutting down."""
     status = "UNAVAILABLE"
@@ -51,4 +56,10 @@ def status_of(exc: BaseException) -> tuple[str, str]:
     """(status name, message) for an exception: its own status if it is a RequestError, else INTERNAL."""
     if isinstance(exc, RequestError):
         return exc.status, str(exc)
-    return "INTERNAL", f"internal error: {type(exc).__name__}: {clip(str(exc), 300)}"
+    return "INTERNAL", f"internal error {incident(exc)} ({type(exc).__name__}); the server log has the details"
+
+
+def incident(exc: BaseException) -> str:
+    """A short reference that ties a client's INTERNAL message to the server's log line (which has the detail
+    that clients never see: it may name server paths)."""
+    return f"#{id(exc) & 0xFFFFFF:06x}"

@@ -25,11 +25,13 @@ class Limits:
         self.max_start_frame = int(cfg.max_start_frame)
         self.max_message_bytes = int(float(cfg.max_message_mb) * 2**20)
         self.stream_buffer_frames = int(cfg.get("stream_buffer_frames", 250))
+        self.config_timeout_s = float(cfg.get("config_timeout_s", 10))
         if not MIN_QUALITY <= self.default_quality <= MAX_QUALITY:
             raise ValueError(f"server.jpeg_quality={self.default_quality} is outside {MIN_QUALITY}..{MAX_QUALITY}")
-        if self.max_audio_s <= 0 or self.stream_buffer_frames < 1 or self.max_message_bytes < 2**16:
-            raise ValueError("server.max_audio_seconds and server.stream_buffer_frames must be positive and "
-                             "server.max_message_mb at least 0.0625")
+        if min(self.max_audio_s, self.stream_buffer_frames, self.config_timeout_s) <= 0 \
+                or self.max_message_bytes < 2**16:
+            raise ValueError("server.max_audio_seconds, server.stream_buffer_frames and server.config_timeout_s "
+                             "must be positive and server.max_message_mb at least 0.0625")
 
     def quality(self, q: int) -> int:
         if q == 0:

@@ -1,11 +1,17 @@
-"""Prometheus metrics, served over HTTP by `lipsync serve` (server.metrics_port)."""
+"""Prometheus metrics, served over HTTP by `lipsync serve` (server.metrics_host/metrics_port), optionally behind
+a bearer token (server.metrics_token_file)."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
+import hmac
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
@@ -21,6 +27,7 @@ LATE_FRAMES = Counter("lipsync_late_frames", "Live frame slots shown HELD becaus
                       ["model"])
 FIRST_FRAME_MS = Histogram("lipsync_first_frame_ms", "Live utterances: first audio to first frame sent, ms",
                            ["model"], buckets=MS_BUCKETS)
+AUTH_FAILURES = Counter("lipsync_auth_failures", "RPCs refused by the token check, by status", ["code"])
 EVICTIONS = Counter("lipsync_evictions", "Models unloaded to make room or after idling", ["model"])
 
 
@@ -71,8 +78,65 @@ class _StateCollector:
         yield from (queue, loaded, memory)
 
 
-def start(port: int, host: str, snapshot: Callable[[], dict[str, Any]]) -> int:
-    """Serve /metrics on `port` (0 = any free port); returns the bound port. Call from the event loop."""
-    server, _ = start_http_server(port, addr=host)
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class MetricsEndpoint:
+    """/metrics over HTTP on its own thread; with a token file, scrapes must send `Authorization: Bearer TOKEN`."""
+
+    def __init__(self, host: str, port: int, token_file: Path | None = None):
+        self.token_file = token_file
+        self._digest: bytes | None = None
+        self.reload()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                    return self._reply(404, b"not found\n")
+                if not endpoint.allowed(self.headers.get("Authorization", "")):
+                    return self._reply(401, b"unauthorized\n", {"WWW-Authenticate": "Bearer"})
+                self._reply(200, generate_latest(REGISTRY), {"Content-Type": CONTENT_TYPE_LATEST})
+
+            def _reply(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(code)
+                for key, value in (headers or {"Content-Type": "text/plain"}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:  # scrapes are not news
+                pass
+
+        self.http = _HTTPServer((host, port), Handler)
+        self.port = self.http.server_address[1]
+        threading.Thread(target=self.http.serve_forever, name="metrics", daemon=True).start()
+
+    def reload(self) -> None:
+        """(Re-)read the scrape token (SIGHUP)."""
+        if self.token_file is not None:
+            token = self.token_file.read_text().strip()
+            if not token:
+                raise ValueError(f"metrics token file {self.token_file} is empty")
+            self._digest = hashlib.sha256(token.encode()).digest()
+
+    def allowed(self, authorization: str) -> bool:
+        if self._digest is None:
+            return True
+        scheme, _, token = authorization.partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).digest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented, self._digest)
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def start(port: int, host: str, snapshot: Callable[[], dict[str, Any]], token_file: Path | None = None
+          ) -> MetricsEndpoint:
+    """Serve /metrics on `port` (0 = any free port). Call from the event loop (the state gauges are read there)."""
+    endpoint = MetricsEndpoint(host, port, token_file)
     REGISTRY.register(_StateCollector(snapshot, asyncio.get_running_loop()))
-    return server.server_port
+    return endpoint

@@ -8,9 +8,11 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import grpc
@@ -25,11 +27,13 @@ from ._proto import monolithic_pb2 as mono
 from ._proto import monolithic_pb2_grpc as mono_grpc
 from .audio import AudioFormat
 from .compat import MonolithicService
-from .errors import InvalidRequest, ResourceExhausted, Unavailable, status_of
+from .errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, Unavailable, status_of
 from .limits import Limits, model_id as checked_model_id
 from .live import LiveSession, admit
 from .registry import ModelEntry, Registry
 from .scheduler import Priority
+from .security import ACCEPTED_HEADER, WORKER_HEADER, AccessInterceptor, Quotas, Security, SecurityConfigError, \
+    principal, refuse
 from .streaming import StreamSession
 
 log = logging.getLogger(__name__)
@@ -65,8 +69,11 @@ class Server:
         self.registry, self.limits = registry, limits
         self.active_streams = 0
         self.live_sessions = 0
+        self.quotas = Quotas()  # open streams and sessions per token
         self.accepting = True
         self.health: health.aio.HealthServicer | None = None  # grpc.health.v1, set once serving
+        self.security: Security | None = None  # TLS files and tokens, set once serving
+        self.worker = ""  # this server's name in response headers (x-lipsync-worker), set once serving
 
     @asynccontextmanager
     async def model(self, model_id: str) -> AsyncIterator[tuple[ModelEntry, bool, float]]:
@@ -91,6 +98,11 @@ class Server:
         metrics.observe(entry.spec.name, frames, timings)
         stages = {(k if k == "batch_size" else f"{k}_ms"): round(v, 2) for k, v in timings.items()}
         log.info(json.dumps({"event": event, "model": entry.spec.name, "frames": frames, **stages}))
+
+    async def accept(self, context) -> None:
+        """Response headers of a Stream/Converse the server has accepted (config valid, model ready): the client
+        sends its audio after them, so every refusal before reaches it as a status (client.open_stream)."""
+        await context.send_initial_metadata(((WORKER_HEADER, self.worker), (ACCEPTED_HEADER, "1")))
 
     def model_info(self, e: ModelEntry) -> pb.ModelInfo:
         return pb.ModelInfo(model_id=e.spec.name, loaded=e.loaded, device=e.device, memory_bytes=e.memory_bytes,
@@ -199,14 +211,20 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         self.s.record("synthesize", entry, len(frames), timings)
         return response
 
-    async def _slot(self, name: str, counter: str, limit: int, gauge, what: str, body: AsyncIterator, context
-                    ) -> AsyncIterator:
-        """A streaming RPC that holds one of `limit` slots (counted in Server.<counter>) while it runs."""
-        s = self.s
+    async def _slot(self, name: str, kind: str, limit: int, gauge, body: AsyncIterator, context) -> AsyncIterator:
+        """A streaming RPC that holds one of `limit` slots of its kind (streams | sessions) while it runs, and one
+        of its token's quota."""
+        s, who = self.s, principal()
+        counter, setting = ("active_streams", "server.max_streams") if kind == "streams" else \
+            ("live_sessions", "server.live.max_sessions")
         open_now = getattr(s, counter)
-        if open_now >= limit:
+        try:
+            if open_now >= limit:
+                raise ResourceExhausted(f"{open_now} {kind} are open; the server's limit is {limit} ({setting})")
+            s.quotas.take(kind, who)
+        except ResourceExhausted as exc:
             metrics.REQUESTS.labels(name, "RESOURCE_EXHAUSTED").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{open_now} {what} are open; the limit is {limit}")
+            await refuse(context, True, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), s.limits.config_timeout_s)
         setattr(s, counter, open_now + 1)
         gauge.inc()
         try:
@@ -214,17 +232,18 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                 yield response
         finally:
             setattr(s, counter, getattr(s, counter) - 1)
+            s.quotas.give_back(kind, who)
             gauge.dec()
 
     async def Stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:
-        async for response in self._slot("Stream", "active_streams", self.s.limits.max_streams,
-                                         metrics.ACTIVE_STREAMS, "streams", self._stream(request_iterator), context):
+        async for response in self._slot("Stream", "streams", self.s.limits.max_streams, metrics.ACTIVE_STREAMS,
+                                         self._stream(request_iterator, context), context):
             yield response
 
-    async def _stream(self, request_iterator) -> AsyncIterator[pb.StreamResponse]:
+    async def _stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:
         s, limits = self.s, self.s.limits
         requests = request_iterator.__aiter__()
-        cfg = (await _first(requests, "stream")).config
+        cfg = (await _first(requests, "Stream", limits.config_timeout_s)).config
         quality, start = limits.quality(cfg.jpeg_quality), limits.start_frame(cfg.start_frame)
         fmt = _format(limits, cfg.format, allow_wav=False)
         lookahead = cfg.lookahead_frames or audio.LOOKAHEAD
@@ -239,6 +258,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                     else (kind or "empty", b"")
 
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
+            await s.accept(context)
             session = StreamSession(entry.scheduler, fmt, start, quality, lookahead, limits)
             first_message = True
             try:
@@ -259,15 +279,14 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                      "audio_s": round(session.received / fmt.sample_rate, 3)}))
 
     async def Converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:
-        async for response in self._slot("Converse", "live_sessions", self.s.limits.live.max_sessions,
-                                         metrics.LIVE_SESSIONS, "live sessions (server.live.max_sessions)",
-                                         self._converse(request_iterator), context):
+        async for response in self._slot("Converse", "sessions", self.s.limits.live.max_sessions,
+                                         metrics.LIVE_SESSIONS, self._converse(request_iterator, context), context):
             yield response
 
-    async def _converse(self, request_iterator) -> AsyncIterator[pb.ConverseResponse]:
+    async def _converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:
         s, limits = self.s, self.s.limits
         requests = request_iterator.__aiter__()
-        cfg = (await _first(requests, "Converse")).config
+        cfg = (await _first(requests, "Converse", limits.config_timeout_s)).config
         quality, start = limits.quality(cfg.jpeg_quality), limits.start_frame(cfg.start_frame)
         fmt = _format(limits, cfg.format, allow_wav=False)
         s.registry.entry(checked_model_id(cfg.model_id))
@@ -281,6 +300,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                   quality, await scheduler.idle_jpegs(quality))
             log.info(json.dumps({"event": "live_session_open", "session": session.id, "model": cfg.model_id,
                                  "admitted": why}))
+            await s.accept(context)
             yield pb.ConverseResponse(session=pb.SessionInfo(
                 session_id=session.id, fps=audio.FPS, frame_interval_ms=session.interval * 1e3,
                 output_sample_rate=session.out_rate, samples_per_frame=session.samples_per_frame,
@@ -363,12 +383,16 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                  queued_frames=r.queued_frames)
 
 
-async def _first(requests: AsyncIterator, rpc: str):
-    """The first message of a streaming RPC, which must be its config."""
+async def _first(requests: AsyncIterator, rpc: str, timeout_s: float):
+    """The first message of a streaming RPC, which must be its config and come within `timeout_s` (a connection
+    that opens a stream and sends nothing must not hold a slot)."""
     try:
-        first = await requests.__anext__()
+        first = await asyncio.wait_for(requests.__anext__(), timeout_s)
     except StopAsyncIteration:
         raise InvalidRequest(f"{rpc} closed before its config message") from None
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded(f"no config message within {timeout_s:g} s of opening the {rpc} "
+                               "(server.config_timeout_s)") from None
     if first.WhichOneof("message") != "config":
         raise InvalidRequest(f"the first {rpc} message must be `config`")
     return first
@@ -405,12 +429,17 @@ def check_models(registry: Registry, strict: bool) -> dict[str, str]:
 
 async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
     """Create the registry and a started gRPC server per `cfg` (the composed hydra config)."""
+    try:
+        security = Security.from_config(cfg.server)
+    except SecurityConfigError as exc:
+        raise StartupError(str(exc)) from None
     registry = make_registry(cfg)
     registry.on_evict = lambda model, reason: metrics.EVICTIONS.labels(model).inc()
     limits = Limits(cfg.server)
     limits.check_consistency(registry.config.max_queue_frames, registry.config.max_batch)
     check_models(registry, bool(cfg.server.get("strict_models", True)))
     state = Server(registry, limits)
+    state.security = security
     options = [("grpc.max_send_message_length", limits.max_message_bytes),
                ("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.keepalive_time_ms", int(cfg.server.keepalive_time_s * 1000)),
@@ -418,7 +447,8 @@ async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                ("grpc.keepalive_permit_without_calls", 1),
                ("grpc.so_reuseport", 0)]  # a second server on a busy port must fail, not share its connections
-    server = grpc.aio.server(options=options)
+    access = AccessInterceptor(security, first_message_s=limits.config_timeout_s)
+    server = grpc.aio.server(options=options, interceptors=[access])
     pb_grpc.add_LipSyncServicer_to_server(LipSyncService(state), server)
     mono_grpc.add_MonolithicServiceServicer_to_server(MonolithicService(state), server)
     health_servicer = health.aio.HealthServicer()
@@ -429,12 +459,17 @@ async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
     reflection.enable_server_reflection(names, server)
     address = f"{cfg.server.host}:{cfg.server.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, security.tls.credentials()) if security.tls.enabled \
+            else server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0:
         raise StartupError(f"cannot listen on {address} (server.host / server.port): the address is in use or "
                            "not available")
+    access.worker = state.worker = str(cfg.server.get("worker_name") or f"{socket.gethostname()}:{port}")
+    warning = security.exposure_warning(str(cfg.server.host))
+    if warning:
+        log.warning("%s", warning)
     await registry.start()
     await server.start()
     for name in ("", *names[:2]):
@@ -444,30 +479,65 @@ async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
 
 
 async def serve(cfg: Any) -> None:
+    token_file = _metrics_token_file(cfg.server.get("metrics_token_file"))
     server, state, port = await build(cfg)
+    endpoint = None
     if cfg.server.metrics_port >= 0:
+        host = cfg.server.get("metrics_host") or cfg.server.host
         try:
-            bound = metrics.start(cfg.server.metrics_port, cfg.server.host, state.snapshot)
-        except OSError as exc:
+            endpoint = metrics.start(cfg.server.metrics_port, host, state.snapshot, token_file)
+        except (OSError, ValueError) as exc:
             await server.stop(0)
-            raise StartupError(f"cannot serve metrics on {cfg.server.host}:{cfg.server.metrics_port} "
-                               f"(server.metrics_port): {exc.strerror or exc}") from None
-        log.info("Prometheus metrics on http://%s:%d/metrics", cfg.server.host, bound)
-    log.info("lipsync %s serving on %s:%d (models: %s)", __version__, cfg.server.host, port,
-             ", ".join(state.registry.entries) or "none")
+            raise StartupError(f"cannot serve metrics on {host}:{cfg.server.metrics_port} (server.metrics_host / "
+                               f"server.metrics_port): {getattr(exc, 'strerror', None) or exc}") from None
+        log.info("Prometheus metrics on http://%s:%d/metrics%s", host, endpoint.port,
+                 " (bearer token required)" if token_file else "")
+    tls = state.security.tls
+    log.info("lipsync %s (worker %s) serving on %s:%d over %s%s (models: %s)", __version__, state.worker,
+             cfg.server.host, port,
+             "mutual TLS" if tls.client_ca else "TLS" if tls.enabled else "plaintext",
+             ", tokens required" if state.security.tokens else "", ", ".join(state.registry.entries) or "none")
     print(f"READY port={port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, state, endpoint)
     await stop.wait()
+    await state.health.enter_graceful_shutdown()  # NOT_SERVING: proxies stop sending new work here
+    drain_s = float(cfg.server.get("drain_s", 0))
+    if drain_s > 0:
+        log.info("shutting down: reported NOT_SERVING; still serving for %.1f s (server.drain_s) while proxies "
+                 "notice", drain_s)
+        await asyncio.sleep(drain_s)
     log.info("shutting down: refusing new requests, finishing in-flight work (up to %.0f s)",
              cfg.server.shutdown_grace_s)
     state.accepting = False
-    await state.health.enter_graceful_shutdown()
     await server.stop(cfg.server.shutdown_grace_s)
     await state.registry.close()
+    if endpoint:
+        endpoint.close()
     log.info("stopped")
+
+
+def _metrics_token_file(path: Any) -> Path | None:
+    if path in (None, ""):
+        return None
+    file = Path(str(path)).expanduser().resolve()
+    if not file.is_file() or not file.read_text().strip():
+        raise StartupError(f"server.metrics_token_file {file} is missing or empty")
+    return file
+
+
+def _reload(state: Server, endpoint: metrics.MetricsEndpoint | None) -> None:
+    """SIGHUP: re-read certificates, tokens and the metrics token; open streams keep flowing."""
+    log.info("SIGHUP: reloading TLS files and tokens")
+    state.security.reload()
+    if endpoint:
+        try:
+            endpoint.reload()
+        except (OSError, ValueError) as exc:
+            log.error("reload of the metrics token failed, keeping the previous one: %s", exc)
 
 
 def spawn(overrides: list[str], cwd: str | None = None, log_file=None):
@@ -507,7 +577,14 @@ def run_serve(args: argparse.Namespace) -> int:
             registry = make_registry(cfg)
             Limits(cfg.server).check_consistency(registry.config.max_queue_frames, registry.config.max_batch)
             problems = check_models(registry, strict=False)
-            print(json.dumps({"models": {n: problems.get(n, "ok") for n in registry.entries}}, indent=2))
+            try:
+                security = Security.from_config(cfg.server)
+                warning = security.exposure_warning(str(cfg.server.host))
+                secured = f"warning: {warning}" if warning else "ok"
+            except SecurityConfigError as exc:
+                secured = problems["(security)"] = str(exc)
+            print(json.dumps({"security": secured, "models": {n: problems.get(n, "ok") for n in registry.entries}},
+                             indent=2))
             return 1 if problems else 0
         asyncio.run(serve(cfg))
     except (StartupError, ConfigError) as exc:

@@ -28,12 +28,12 @@ S16 = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)
 
 
 class ServerProcess:
-    def __init__(self, overrides: list[str], tmp: Path):
+    def __init__(self, overrides: list[str], tmp: Path, cwd: Path | None = None):
         self.log_path = tmp / f"server-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")
         cmd = [sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", "server.port=0",
                "server.metrics_port=0", "server.shutdown_grace_s=60", "engine=eager", "models=none", *overrides]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=cwd)
         line = self.proc.stdout.readline()
         match = re.match(r"READY port=(\d+)", line)
         if not match:
@@ -335,7 +335,7 @@ async def _raw_stream(stub, messages, cancel_after: int | None = None):
 
 CONFIG = pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=S16))
 BAD_STREAMS = [
-    ("audio before config", [pb.StreamRequest(audio=b"\x00\x00")], "first stream message must be `config`"),
+    ("audio before config", [pb.StreamRequest(audio=b"\x00\x00")], "first Stream message must be `config`"),
     ("no messages at all", [], "closed before its config"),
     ("config twice", [CONFIG, CONFIG], "config may only be sent once"),
     ("audio after end", [CONFIG, pb.StreamRequest(audio=b"\x00" * 6400), pb.StreamRequest(end_of_audio=True),

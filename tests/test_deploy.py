@@ -1,0 +1,123 @@
+"""deploy/: the Kubernetes base validated against the Kubernetes schemas and checked for agreement between its
+parts (labels, names, ports, grace periods, the Envoy config it ships), and the Envoy configs checked by Envoy."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lipsync.cluster import kubernetes_envoy, render_envoy
+
+from conftest import ROOT
+
+KUBE = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.33.0"
+
+
+def build_kustomization(folder: Path) -> list[dict]:
+    """What `kubectl kustomize` makes of this base: its resources, the generated ConfigMaps (without the name
+    hash suffix), common labels on metadata and the image override."""
+    spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    objects = [doc for name in spec["resources"] for doc in yaml.safe_load_all((folder / name).read_text()) if doc]
+    for generator in spec.get("configMapGenerator", []):
+        data = {}
+        for item in generator["files"]:
+            key, _, file = item.partition("=")
+            data[key] = (folder / (file or key)).read_text()
+        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
+                        "data": data})
+    images = {i["name"]: f"{i.get('newName', i['name'])}:{i['newTag']}" for i in spec.get("images", [])}
+    for obj in objects:
+        for pairs in spec.get("labels", []):
+            obj["metadata"].setdefault("labels", {}).update(pairs["pairs"])
+        pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("containers", []):
+            container["image"] = images.get(container["image"], container["image"])
+    return objects
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in build_kustomization(KUBE)}
+
+
+def test_every_object_is_valid_kubernetes(objects):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (the dev extra)")
+    for (kind, name), obj in objects.items():
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)  # raises with the path of the error
+    assert {kind for kind, _ in objects} == {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap",
+                                             "PersistentVolumeClaim", "HorizontalPodAutoscaler"}
+
+
+def _args(container: dict) -> dict[str, str]:
+    return dict(a.split("=", 1) for a in container["args"] if "=" in a)
+
+
+def test_the_parts_agree(objects):
+    worker = objects["Deployment", "lipsync-worker"]
+    pod = worker["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    args = _args(container)
+    labels = pod["metadata"]["labels"]
+    assert worker["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # one GPU per worker; gRPC probes on the served port
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": int(args["server.port"]),
+                                                                            "metrics": int(args["server.metrics_port"])}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == int(args["server.port"])
+    # SIGTERM comes after preStop; then drain, then the grace for in-flight work: all inside the pod's grace
+    pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    needed = pre_stop + float(args["server.drain_s"]) + float(args["server.shutdown_grace_s"])
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= needed
+    assert args["server.worker_name"] == "$(POD_NAME)"
+    # Prometheus scrapes the metrics port; the HPA scales this Deployment on a metric the worker exports
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == args["server.metrics_port"]
+    hpa = objects["HorizontalPodAutoscaler", "lipsync-worker"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "lipsync-worker"
+    from lipsync import metrics
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == metrics.LIVE_SESSIONS._name
+    # volumes name objects of this base; the models file is a valid `models` group
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert ("PersistentVolumeClaim", volumes["models"]["persistentVolumeClaim"]["claimName"]) in objects
+    assert ("ConfigMap", volumes["config"]["configMap"]["name"]) in objects
+    from lipsync.pipeline import ModelSpec
+    for name, model in yaml.safe_load(objects["ConfigMap", "lipsync-models"]["data"]["production.yaml"]).items():
+        spec = ModelSpec.from_dict(name, model)
+        assert str(spec.checkpoint).startswith("/models/")
+    assert args["models"] == "production"
+    # the headless Service selects the workers; Envoy resolves it and routes to its gRPC port
+    service = objects["Service", "lipsync-worker"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"].items() <= labels.items()
+    envoy_config = yaml.safe_load(objects["ConfigMap", "lipsync-envoy"]["data"]["envoy.yaml"])
+    for cluster in envoy_config["static_resources"]["clusters"]:
+        assert cluster["type"] == "STRICT_DNS"
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert address["socket_address"] == {"address": "lipsync-worker", "port_value": int(args["server.port"])}
+    envoy_pod = objects["Deployment", "lipsync-envoy"]["spec"]["template"]
+    front = objects["Service", "lipsync"]
+    assert front["spec"]["selector"].items() <= envoy_pod["metadata"]["labels"].items()
+    listener = envoy_config["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert envoy_pod["spec"]["containers"][0]["ports"][0]["containerPort"] == listener["port_value"] == 50051
+    assert envoy_config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_the_shipped_envoy_config_is_the_rendered_template():
+    assert (KUBE / "envoy-config.yaml").read_text() == kubernetes_envoy(), \
+        "regenerate it: lipsync cluster --print-envoy-config kubernetes > deploy/kubernetes/envoy-config.yaml"
+
+
+def test_envoy_accepts_both_renderings(tmp_path):
+    from lipsync.cluster import envoy_binary
+    try:
+        binary = envoy_binary()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    local = tmp_path / "local.yaml"
+    local.write_text(render_envoy(0, [("127.0.0.1", 50100), ("127.0.0.1", 50101)], listen_host="127.0.0.1"))
+    for config in (local, KUBE / "envoy-config.yaml"):
+        done = subprocess.run([str(binary), "--mode", "validate", "-c", str(config)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and f"configuration '{config}' OK" in done.stdout + done.stderr, done.stderr

@@ -1,0 +1,441 @@
+"""TLS, mutual TLS, bearer tokens with roles and quotas, slow-loris, SIGHUP reloads, no leaks: real servers on
+127.0.0.1 with certificates from deploy/make-certs.sh (the README's set-up) and real clients."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from lipsync import audio
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+from lipsync._proto import monolithic_pb2 as mono
+from lipsync._proto import monolithic_pb2_grpc as mono_grpc
+from lipsync.client import Credentials, channel, open_stream
+from lipsync.security import Principal, SecurityConfigError, TokenTable
+
+from conftest import ROOT
+from test_server import S16, ServerProcess, model_override
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="deploy/make-certs.sh needs openssl")
+
+ADMIN, INFER, OTHER = "admin-" + "a" * 26, "infer-" + "b" * 26, "other-" + "c" * 26
+PCM = np.zeros(3200, np.int16).tobytes()  # 0.2 s of silence
+
+
+def make_certs(folder: Path, *names: str) -> Path:
+    done = subprocess.run(["bash", str(ROOT / "deploy" / "make-certs.sh"), str(folder), *names],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pki")
+    return {"a": make_certs(root / "a"), "b": make_certs(root / "b")}
+
+
+def creds(pki, ca="a", client: str | None = "a", token: str | None = ADMIN) -> Credentials:
+    return Credentials(token=token, ca=str(pki[ca] / "ca.pem"),
+                       cert=str(pki[client] / "client.pem") if client else None,
+                       key=str(pki[client] / "client.key") if client else None)
+
+
+def tls_overrides(folder: Path, mutual: bool = True) -> list[str]:
+    return [f"server.tls.cert={folder / 'server.pem'}", f"server.tls.key={folder / 'server.key'}",
+            *([f"server.tls.client_ca={folder / 'ca.pem'}"] if mutual else [])]
+
+
+async def _status(target: str, credentials: Credentials, rpc) -> tuple[str, str]:
+    """The status name and details of one call (rpc takes the two stubs)."""
+    async with channel(target, credentials=credentials) as ch:
+        try:
+            await asyncio.wait_for(rpc(pb_grpc.LipSyncStub(ch), mono_grpc.MonolithicServiceStub(ch)), 60)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name, exc.details() or ""
+    return "OK", ""
+
+
+def status(target: str, credentials: Credentials, rpc) -> tuple[str, str]:
+    return asyncio.run(_status(target, credentials, rpc))
+
+
+def health(s, m):
+    return s.Health(pb.HealthRequest())
+
+
+# --------------------------------------------------------------------------- TLS alone
+@pytest.fixture(scope="module")
+def tls_server(pki, tmp_path_factory):
+    srv = ServerProcess(tls_overrides(pki["a"], mutual=False), tmp_path_factory.mktemp("tls"))
+    yield srv
+    srv.stop()
+
+
+def test_tls_server_refuses_plaintext_and_foreign_cas(tls_server, pki):
+    assert status(tls_server.target, creds(pki, client=None, token=None), health)[0] == "OK"
+    assert status(tls_server.target, Credentials(), health)[0] == "UNAVAILABLE"  # plaintext client
+    assert status(tls_server.target, creds(pki, ca="b", client=None), health)[0] == "UNAVAILABLE"  # unknown CA
+    assert "over TLS (models" in tls_server.logs()
+
+
+# --------------------------------------------------------------------------- mutual TLS and tokens
+@pytest.fixture(scope="module")
+def guarded(pki, weights, tiny_avatar, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("guarded")
+    tokens = tmp / "tokens"
+    tokens.write_text(f"# lipsync tokens\n{ADMIN} admin name=ops\n{INFER} infer name=app streams=1 sessions=1\n"
+                      f"{OTHER} infer name=other   # default quotas\n")
+    (tmp / "scrape").write_text("scrape-token-0123456789\n")
+    srv = ServerProcess([*tls_overrides(pki["a"]), f"server.auth.tokens_file={tokens}",
+                         f"server.metrics_token_file={tmp / 'scrape'}", "server.config_timeout_s=1.5",
+                         "server.max_streams=3", "server.strict_models=false", "server.live.time_scale=3",
+                         model_override("tiny", weights, tiny_avatar), model_override("spare", weights, tiny_avatar),
+                         f"+models.missing={{checkpoint:{tmp / 'nope.pth'},audio_encoder:{weights['encoder']},"
+                         f"avatar:{tiny_avatar}}}"], tmp)
+    yield srv
+    srv.stop()
+
+
+def test_mutual_tls_needs_a_client_certificate_from_the_ca(guarded, pki):
+    assert status(guarded.target, creds(pki), health)[0] == "OK"
+    assert status(guarded.target, creds(pki, client=None), health)[0] == "UNAVAILABLE"  # no certificate
+    assert status(guarded.target, creds(pki, client="b"), health)[0] == "UNAVAILABLE"  # another CA's
+    assert status(guarded.target, Credentials(token=ADMIN), health)[0] == "UNAVAILABLE"  # plaintext
+
+
+async def _stream_rpc(s, m):
+    async def requests():
+        yield pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=S16))
+        yield pb.StreamRequest(audio=PCM)
+        yield pb.StreamRequest(end_of_audio=True)
+    return [r async for r in open_stream(s.Stream, requests())]
+
+
+async def _converse_rpc(s, m):
+    async def requests():
+        yield pb.ConverseRequest(config=pb.ConverseConfig(model_id="", format=S16))
+    return [r async for r in open_stream(s.Converse, requests())]
+
+
+RPCS = {  # method → (call, status for a caller allowed to make it)
+    "Synthesize": (lambda s, m: s.Synthesize(pb.SynthesizeRequest(model_id="tiny", audio=PCM, format=S16)), "OK"),
+    "Stream": (_stream_rpc, "OK"),
+    "Converse": (_converse_rpc, "INVALID_ARGUMENT"),  # past the token check, stopped by the service itself
+    "ListModels": (lambda s, m: s.ListModels(pb.ListModelsRequest()), "OK"),
+    "GetModelStats": (lambda s, m: s.GetModelStats(pb.GetModelStatsRequest()), "OK"),
+    "Health": (health, "OK"),
+    "LoadModel": (lambda s, m: s.LoadModel(pb.LoadModelRequest(model_id="spare")), "OK"),
+    "UnloadModel": (lambda s, m: s.UnloadModel(pb.UnloadModelRequest(model_id="spare")), "OK"),
+    "compat.InferBatchComposite": (lambda s, m: m.InferBatchComposite(mono.CompositeBatchRequest(
+        model_id="tiny", audio_features=np.zeros(8192, np.float32).tobytes(), batch_size=1)), "OK"),
+    "compat.ListModels": (lambda s, m: m.ListModels(mono.ListModelsRequest()), "OK"),
+    "compat.GetModelStats": (lambda s, m: m.GetModelStats(mono.GetModelStatsRequest()), "OK"),
+    "compat.Health": (lambda s, m: m.Health(mono.HealthRequest()), "OK"),
+    "compat.LoadModel": (lambda s, m: m.LoadModel(mono.LoadModelRequest(model_id="spare")), "OK"),
+    "compat.UnloadModel": (lambda s, m: m.UnloadModel(mono.UnloadModelRequest(model_id="spare")), "OK"),
+}
+ADMIN_ONLY = {"LoadModel", "UnloadModel", "compat.LoadModel", "compat.UnloadModel"}
+
+
+@pytest.mark.parametrize("method", list(RPCS))
+def test_each_rpc_checks_the_token_and_its_role(guarded, pki, method):
+    rpc, allowed = RPCS[method]
+    assert status(guarded.target, creds(pki, token=None), rpc) == \
+        ("UNAUTHENTICATED", "no token: send the metadata `authorization: Bearer TOKEN`")
+    wrong = status(guarded.target, creds(pki, token="wrong-" + "x" * 26), rpc)
+    assert wrong == ("UNAUTHENTICATED", "unknown token: the server does not accept this token"), wrong
+    infer = status(guarded.target, creds(pki, token=INFER), rpc)
+    if method in ADMIN_ONLY:
+        assert infer == ("PERMISSION_DENIED", f"token 'app' lacks the admin role that {method.split('.')[-1]} needs")
+    else:
+        assert infer[0] == allowed, infer
+    assert status(guarded.target, creds(pki, token=ADMIN), rpc)[0] == allowed
+
+
+def test_standard_health_is_open_and_reflection_follows_config(guarded, pki):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def probe():
+        async with channel(guarded.target, credentials=creds(pki, token=None)) as ch:
+            checked = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+
+            async def ask():
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+            listed = [r async for r in reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(ask())]
+            return checked.status, len(listed[0].list_services_response.service)
+    assert asyncio.run(probe()) == (health_pb2.HealthCheckResponse.SERVING, 4)  # server.auth.reflection=open
+
+
+def test_token_quotas_keep_slots_for_other_tenants(guarded, pki):
+    async def main():
+        async with channel(guarded.target, credentials=creds(pki, token=INFER)) as ch:
+            held = asyncio.Queue()
+
+            async def requests():
+                yield pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=S16))
+                yield pb.StreamRequest(audio=PCM * 5)  # 1 s: frames come before the end of audio
+                await held.get()  # keep the stream open until told
+                yield pb.StreamRequest(end_of_audio=True)
+            first = open_stream(pb_grpc.LipSyncStub(ch).Stream, requests())
+            await first.read()  # open and flowing
+            second = await _status(guarded.target, creds(pki, token=INFER), _stream_rpc)
+            other = await _status(guarded.target, creds(pki, token=OTHER), _stream_rpc)
+            held.put_nowait(None)
+            rest = [r async for r in first]
+            after = await _status(guarded.target, creds(pki, token=INFER), _stream_rpc)
+            return second, other, rest[-1].end_of_stream, after
+    second, other, ended, after = asyncio.run(main())
+    assert second == ("RESOURCE_EXHAUSTED", "token 'app' has 1 streams open; its quota is 1")
+    assert other[0] == "OK" and ended and after[0] == "OK"  # another tenant unaffected; the slot comes back
+
+
+def test_live_session_quota(guarded, pki):
+    async def main():
+        async with channel(guarded.target, credentials=creds(pki, token=INFER)) as ch:
+            done = asyncio.Event()
+
+            async def requests():
+                yield pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", format=S16))
+                await done.wait()
+            session = pb_grpc.LipSyncStub(ch).Converse(requests())
+            opened = await session.read()
+
+            async def second_session(s, m):
+                async def one():
+                    yield pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", format=S16))
+                    await asyncio.sleep(30)
+                async for _ in s.Converse(one()):
+                    break
+            second = await _status(guarded.target, creds(pki, token=INFER), second_session)
+            done.set()
+            session.cancel()
+            return opened.session.session_id, second
+    session_id, second = asyncio.run(main())
+    assert session_id and second == ("RESOURCE_EXHAUSTED", "token 'app' has 1 sessions open; its quota is 1")
+
+
+def test_idle_streams_are_closed_after_the_config_timeout(guarded, pki):
+    async def idle(s, m):
+        async def nothing():
+            await asyncio.sleep(30)
+            yield pb.StreamRequest()
+        return [r async for r in s.Stream(nothing())]
+
+    async def main():
+        t0 = time.monotonic()
+        results = await asyncio.gather(*[_status(guarded.target, creds(pki), idle) for _ in range(3)])
+        return results, time.monotonic() - t0
+    results, waited = asyncio.run(main())  # all of server.max_streams=3 held by silent clients …
+    assert all(r == ("DEADLINE_EXCEEDED", "no config message within 1.5 s of opening the Stream "
+                                          "(server.config_timeout_s)") for r in results), results
+    assert waited < 15
+    assert status(guarded.target, creds(pki), _stream_rpc)[0] == "OK"  # … and the slots were freed
+
+
+def test_errors_name_roles_not_server_paths(guarded, pki):
+    missing = status(guarded.target, creds(pki), lambda s, m: s.Synthesize(
+        pb.SynthesizeRequest(model_id="missing", audio=PCM, format=S16)))
+    assert missing == ("FAILED_PRECONDITION", "model 'missing' cannot be loaded: its checkpoint is missing "
+                                              "(the server log has the details)")
+    unknown = status(guarded.target, creds(pki), lambda s, m: s.Synthesize(
+        pb.SynthesizeRequest(model_id="nobody", audio=PCM, format=S16)))
+    assert unknown[0] == "NOT_FOUND" and "tiny" not in unknown[1] and "spare" not in unknown[1]
+
+    async def compat_load(s, m):
+        reply = await m.LoadModel(mono.LoadModelRequest(model_id="missing"))
+        assert not reply.success and "checkpoint is missing" in reply.error and "/" not in reply.error
+    assert status(guarded.target, creds(pki), compat_load)[0] == "OK"
+    assert "nope.pth" in guarded.logs()  # the operator sees the full path
+
+
+def test_audit_log_names_tokens_never_their_secret(guarded, pki):
+    status(guarded.target, creds(pki), lambda s, m: s.UnloadModel(pb.UnloadModelRequest(model_id="spare")))
+    status(guarded.target, creds(pki, token=INFER), lambda s, m: s.LoadModel(pb.LoadModelRequest(model_id="spare")))
+    logs = guarded.logs()
+    audit = [json.loads(line.split("lipsync.audit: ", 1)[1]) for line in logs.splitlines() if "lipsync.audit: " in line]
+    assert any(a["event"] == "UnloadModel" and a["token"] == "ops" and a["model"] == "spare" and
+               a["peer"].startswith("ipv") for a in audit)
+    assert any(a["event"] == "auth_failed" and a["token"] == "app" and a["reason"] == "missing role admin"
+               for a in audit)
+    for secret in (ADMIN, INFER, OTHER):
+        assert secret not in logs
+
+
+def test_metrics_need_the_scrape_token(guarded, pki):
+    assert status(guarded.target, creds(pki, token=None), health)[0] == "UNAUTHENTICATED"
+    port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics \(bearer token required\)", guarded.logs())[1]
+    url = f"http://127.0.0.1:{port}/metrics"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10)
+    assert refused.value.code == 401
+    scrape = urllib.request.Request(url, headers={"Authorization": "Bearer scrape-token-0123456789"})
+    text = urllib.request.urlopen(scrape, timeout=10).read().decode()
+    assert 'lipsync_auth_failures_total{code="UNAUTHENTICATED"}' in text
+
+
+def test_cli_client_over_mutual_tls_with_a_token_from_the_environment(guarded, pki):
+    env = {**os.environ, "LIPSYNC_TOKEN": INFER}
+    done = subprocess.run([sys.executable, "-m", "lipsync", "client", "--server", guarded.target, "--model", "tiny",
+                           "--audio", str(ROOT / "assets" / "speech.wav"), "--tls-ca", str(pki["a"] / "ca.pem"),
+                           "--tls-cert", str(pki["a"] / "client.pem"), "--tls-key", str(pki["a"] / "client.key")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout[done.stdout.index("{"):])["frames"] > 0
+    refused = subprocess.run([sys.executable, "-m", "lipsync", "client", "--server", guarded.target, "--model", "tiny",
+                              "--audio", str(ROOT / "assets" / "speech.wav"), "--tls-ca", str(pki["a"] / "ca.pem"),
+                              "--tls-cert", str(pki["a"] / "client.pem"), "--tls-key", str(pki["a"] / "client.key")],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "LIPSYNC_TOKEN": ""},
+                             cwd=ROOT)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stdout
+
+
+# --------------------------------------------------------------------------- SIGHUP
+def test_sighup_swaps_certificates_and_tokens_while_a_stream_flows(pki, weights, tiny_avatar, tmp_path):
+    live = tmp_path / "live"
+    shutil.copytree(pki["a"], live)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{ADMIN} admin\n")
+    srv = ServerProcess([*tls_overrides(live), f"server.auth.tokens_file={tokens}",
+                         model_override("tiny", weights, tiny_avatar)], tmp_path)
+    try:
+        async def main():
+            async with channel(srv.target, credentials=creds(pki)) as ch:
+                swapped = asyncio.Event()
+
+                async def requests():
+                    yield pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=S16))
+                    for k in range(6):
+                        if k == 3:
+                            for name in ("server.pem", "server.key", "ca.pem"):
+                                shutil.copy(pki["b"] / name, live / name)
+                            tokens.write_text(f"{OTHER} admin\n")
+                            srv.proc.send_signal(signal.SIGHUP)
+                            await asyncio.sleep(1.0)
+                            swapped.set()
+                        yield pb.StreamRequest(audio=PCM)
+                    yield pb.StreamRequest(end_of_audio=True)
+                frames, ended, checks = 0, False, None
+                # open_stream sends the audio once the server has accepted the stream: the swap comes after
+                async for response in open_stream(pb_grpc.LipSyncStub(ch).Stream, requests()):
+                    frames += len(response.frames)
+                    ended = ended or response.end_of_stream
+                    if swapped.is_set() and not ended:
+                        checks = (await _status(srv.target, creds(pki, token=ADMIN), health),
+                                  await _status(srv.target, creds(pki, "b", "b", token=ADMIN), health),
+                                  await _status(srv.target, creds(pki, "b", "b", token=OTHER), health))
+                        swapped.clear()
+                return frames, ended, checks
+        frames, ended, checks = asyncio.run(main())
+        # the stream opened before the swap ran to its end, every frame of its 1.2 s of audio
+        assert ended and frames == audio.frame_count(6 * len(PCM) // 2) and checks is not None
+        old_certs, old_token, new_both = checks
+        assert old_certs[0] == "UNAVAILABLE"  # new connections get the new certificate and client CA
+        assert old_token[0] == "UNAUTHENTICATED" and new_both[0] == "OK"
+        assert "reloaded TLS files" in srv.logs() and "reloaded tokens" in srv.logs()
+    finally:
+        srv.stop()
+
+
+# --------------------------------------------------------------------------- configuration
+def test_tokens_file_rules(tmp_path):
+    file = tmp_path / "tokens"
+    file.write_text(f"  # comment\n{ADMIN} admin\n{INFER} infer name=app streams=2 sessions=0\n")
+    table = TokenTable(file, default_streams=5, default_sessions=7)
+    assert table.lookup(ADMIN) == Principal("token2", frozenset({"infer", "admin"}), 5, 7)
+    assert table.lookup(INFER) == Principal("app", frozenset({"infer"}), 2, 0)
+    assert table.lookup("nope" * 8) is None and table.lookup("") is None
+    for text, error in [("short infer", "at least 16 characters"), (f"{ADMIN} root", "unknown role(s) ['root']"),
+                        (f"{ADMIN}", "expected `TOKEN ROLE"), (f"{ADMIN} infer color=red", "unknown option 'color'"),
+                        (f"{ADMIN} infer streams=many", "whole numbers"), ("# nothing", "has no tokens"),
+                        (f"{ADMIN} infer name=x\n{INFER} infer name=x", "name 'x' is used twice")]:
+        file.write_text(text)
+        with pytest.raises(SecurityConfigError, match=re.escape(error)) as caught:
+            TokenTable(file, 0, 0)
+        assert str(file) in str(caught.value)
+
+
+def _serve(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", "server.port=0",
+                           "server.metrics_port=-1", "models=none", *overrides], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_broken_security_files_stop_the_start_in_one_line(tmp_path, pki):
+    done = _serve(f"server.tls.cert={tmp_path / 'none.pem'}", f"server.tls.key={pki['a'] / 'server.key'}")
+    assert done.returncode == 2 and done.stderr.strip() == \
+        f"lipsync serve: server.tls.cert (certificate) not found: {tmp_path / 'none.pem'}"
+    mismatched = _serve(f"server.tls.cert={pki['a'] / 'server.pem'}", f"server.tls.key={pki['b'] / 'server.key'}")
+    assert mismatched.returncode == 2 and "cannot be used" in mismatched.stderr and "Traceback" not in mismatched.stderr
+    tokens = tmp_path / "tokens"
+    tokens.write_text("abc infer\n")
+    bad = _serve(f"server.auth.tokens_file={tokens}")
+    assert bad.returncode == 2 and f"{tokens}:1: tokens must be at least 16 characters" in bad.stderr
+
+
+def test_check_warns_about_an_open_port():
+    done = subprocess.run([sys.executable, "-m", "lipsync", "serve", "--check", "models=none", "server.host=0.0.0.0"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["security"] == (
+        "warning: listening on 0.0.0.0 without TLS (server.tls.cert/key) or tokens (server.auth.tokens_file): "
+        "anyone who can reach this port can call every RPC, including LoadModel and UnloadModel")
+
+
+def test_the_readme_security_setup(tmp_path, weights, tiny_avatar, speech):
+    """The README's Security block, command by command: certificates and tokens as written; the server and client
+    lines with a free port, the tiny model and a short WAV."""
+    import wave
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Security"):]
+    block = block[block.index("```bash\n") + 8:]
+    lines = block[:block.index("```")].replace("\\\n", "").splitlines()
+    setup, serve, client = lines[0:2], lines[2], lines[4]
+    assert serve.startswith("lipsync serve ") and "lipsync client " in client
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for line in setup:
+        done = subprocess.run(["bash", "-c", line.replace("deploy/", f"{ROOT}/deploy/", 1)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    args = serve.split()[2:] + ["models=none", model_override("tiny", weights, tiny_avatar)]
+    srv = ServerProcess(args, tmp_path, cwd=tmp_path)
+    try:
+        with wave.open(str(tmp_path / "speech.wav"), "wb") as out:
+            out.setnchannels(1), out.setsampwidth(2), out.setframerate(16000)
+            out.writeframes((speech[:16000].numpy() * 32767).astype(np.int16).tobytes())
+        line = client.replace("localhost:50051", f"localhost:{srv.port}").replace("assets/speech.wav", "speech.wav")
+        done = subprocess.run(["bash", "-c", line + " --model tiny"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout[done.stdout.index("{"):])["frames"] == audio.frame_count(16000)
+        assert "over mutual TLS, tokens required" in srv.logs()
+    finally:
+        srv.stop()
+
+
+def test_reflection_can_require_a_token():
+    from lipsync.security import AccessInterceptor, Security, TlsFiles
+
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    closed = AccessInterceptor(Security(TlsFiles({}), None, reflection_open=False))
+    opened = AccessInterceptor(Security(TlsFiles({}), None, reflection_open=True))
+    assert closed._needs(method) == "infer" and opened._needs(method) is None
+    assert closed._needs("/grpc.health.v1.Health/Check") is None
+    assert closed._needs("/monolithic.MonolithicService/UnloadModel") == "admin"
+    assert closed._needs("/lipsync.v1.LipSync/Converse") == "infer"
