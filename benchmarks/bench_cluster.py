@@ -110,7 +110,7 @@ def plot(result: dict, path: Path) -> None:
     a.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
     a.set(ylabel="ms", title="latency through Envoy vs direct")
     rows = result["throughput"]
-    b.bar([str(r["workers"]) for r in rows], [r["fps"] for r in rows])
+    b.bar([str(r["workers"]) for r in rows], [r["fps"] for r in rows], label="aggregate frames/s")
     b.set(xlabel="workers", ylabel="aggregate frames/s", title=f"{rows[0]['clients']} clients, Synthesize 24 frames")
     save_figure(fig, [a, b], path)
 
