@@ -192,8 +192,8 @@ def test_token_quotas_keep_slots_for_other_tenants(guarded, pki):
                 yield pb.StreamRequest(audio=PCM * 5)  # 1 s: frames come before the end of audio
                 await held.get()  # keep the stream open until told
                 yield pb.StreamRequest(end_of_audio=True)
-            first = open_stream(pb_grpc.LipSyncStub(ch).Stream, requests())
-            await first.read()  # open and flowing
+            first = open_stream(pb_grpc.LipSyncStub(ch).Stream, requests()).__aiter__()
+            await first.__anext__()  # open and flowing
             second = await _status(guarded.target, creds(pki, token=INFER), _stream_rpc)
             other = await _status(guarded.target, creds(pki, token=OTHER), _stream_rpc)
             held.put_nowait(None)
