@@ -90,7 +90,9 @@ class Cluster:
         for name, process, log_path in pending:  # each prints READY port=N once it serves
             line = process.stdout.readline()
             if not line.startswith("READY port="):
-                self.stop()
+                for _, other, _ in pending:  # the others too, started or not
+                    if other.poll() is None:
+                        other.terminate()
                 raise RuntimeError(f"{name} did not start (exit {process.wait()}); see {log_path}")
             self.workers.append(Worker(name, process, int(line.split("=")[1]), log_path))
         config = self.log_dir / "envoy.yaml"

@@ -1,14 +1,11 @@
 """Prometheus metrics, served over HTTP by `lipsync serve` (server.metrics_host/metrics_port), optionally behind
-a bearer token (server.metrics_token_file)."""
+a bearer token (server.metrics_token_file, checked by lipsync.security)."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
-import hmac
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
@@ -83,19 +80,14 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class MetricsEndpoint:
-    """/metrics over HTTP on its own thread; with a token file, scrapes must send `Authorization: Bearer TOKEN`."""
+    """/metrics over HTTP on its own thread; with `allows`, a scrape's `Authorization` header must pass it."""
 
-    def __init__(self, host: str, port: int, token_file: Path | None = None):
-        self.token_file = token_file
-        self._digest: bytes | None = None
-        self.reload()
-        endpoint = self
-
+    def __init__(self, host: str, port: int, allows: Callable[[str], bool] | None = None):
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path.split("?", 1)[0] not in ("/metrics", "/"):
                     return self._reply(404, b"not found\n")
-                if not endpoint.allowed(self.headers.get("Authorization", "")):
+                if allows is not None and not allows(self.headers.get("Authorization", "")):
                     return self._reply(401, b"unauthorized\n", {"WWW-Authenticate": "Bearer"})
                 self._reply(200, generate_latest(REGISTRY), {"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -114,29 +106,14 @@ class MetricsEndpoint:
         self.port = self.http.server_address[1]
         threading.Thread(target=self.http.serve_forever, name="metrics", daemon=True).start()
 
-    def reload(self) -> None:
-        """(Re-)read the scrape token (SIGHUP)."""
-        if self.token_file is not None:
-            token = self.token_file.read_text().strip()
-            if not token:
-                raise ValueError(f"metrics token file {self.token_file} is empty")
-            self._digest = hashlib.sha256(token.encode()).digest()
-
-    def allowed(self, authorization: str) -> bool:
-        if self._digest is None:
-            return True
-        scheme, _, token = authorization.partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).digest()
-        return scheme.lower() == "bearer" and hmac.compare_digest(presented, self._digest)
-
     def close(self) -> None:
         self.http.shutdown()
         self.http.server_close()
 
 
-def start(port: int, host: str, snapshot: Callable[[], dict[str, Any]], token_file: Path | None = None
-          ) -> MetricsEndpoint:
+def start(port: int, host: str, snapshot: Callable[[], dict[str, Any]],
+          allows: Callable[[str], bool] | None = None) -> MetricsEndpoint:
     """Serve /metrics on `port` (0 = any free port). Call from the event loop (the state gauges are read there)."""
-    endpoint = MetricsEndpoint(host, port, token_file)
+    endpoint = MetricsEndpoint(host, port, allows)
     REGISTRY.register(_StateCollector(snapshot, asyncio.get_running_loop()))
     return endpoint

@@ -78,6 +78,12 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def _bearer_token(value: str) -> str:
+    """The token of an `authorization: Bearer TOKEN` value ("" for any other scheme)."""
+    scheme, _, token = str(value).partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 class TokenTable:
     """Tokens from `server.auth.tokens_file`, kept only as SHA-256 digests."""
 
@@ -140,6 +146,28 @@ class TokenTable:
         return found
 
 
+class ScrapeToken:
+    """`server.metrics_token_file`: the one token a metrics scrape must send, kept as a SHA-256 digest."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.reload()
+
+    def reload(self) -> None:
+        try:
+            token = self.path.read_text().strip()
+        except OSError as exc:
+            raise SecurityConfigError(f"metrics token file {self.path} cannot be read: {exc.strerror or exc}") \
+                from None
+        if not token:
+            raise SecurityConfigError(f"metrics token file {self.path} is empty")
+        self.digest = _digest(token)
+
+    def allows(self, authorization: str) -> bool:
+        """Whether an HTTP `Authorization` header carries the token (compared in constant time)."""
+        return hmac.compare_digest(_digest(_bearer_token(authorization)), self.digest)
+
+
 # --------------------------------------------------------------------------- TLS
 class TlsFiles:
     """`server.tls`: certificate chain and key (PEM), and optionally the CA that signs client certificates."""
@@ -194,10 +222,11 @@ class TlsFiles:
 # --------------------------------------------------------------------------- settings and reloading
 @dataclass
 class Security:
-    """Everything `server.tls` and `server.auth` configure."""
+    """Everything `server.tls`, `server.auth` and `server.metrics_token_file` configure."""
     tls: TlsFiles
     tokens: TokenTable | None
     reflection_open: bool
+    scrape: ScrapeToken | None = None
 
     @classmethod
     def from_config(cls, server_cfg: Any) -> "Security":
@@ -208,21 +237,20 @@ class Security:
         tokens_file = _file(auth.get("tokens_file"), "server.auth.tokens_file (tokens)")
         tokens = TokenTable(tokens_file, int(auth.get("default_streams", 0)), int(auth.get("default_sessions", 0))) \
             if tokens_file else None
-        return cls(TlsFiles(server_cfg.get("tls") or {}), tokens, reflection == "open")
+        scrape_file = _file(server_cfg.get("metrics_token_file"), "server.metrics_token_file (metrics token)")
+        return cls(TlsFiles(server_cfg.get("tls") or {}), tokens, reflection == "open",
+                   ScrapeToken(scrape_file) if scrape_file else None)
 
-    def reload(self) -> list[str]:
-        """Re-read certificates and tokens; a broken file keeps the previous one. Returns the problems."""
-        problems = []
-        for what, part in (("TLS files", self.tls), ("tokens", self.tokens)):
+    def reload(self) -> None:
+        """Re-read certificates, tokens and the metrics token; a broken file keeps the previous one."""
+        for what, part in (("TLS files", self.tls), ("tokens", self.tokens), ("metrics token", self.scrape)):
             if part is None:
                 continue
             try:
                 part.reload()
                 log.info("reloaded %s", what)
             except SecurityConfigError as exc:
-                problems.append(str(exc))
-                log.error("reload of %s failed, keeping the previous ones: %s", what, exc)
-        return problems
+                log.error("reload of %s failed, keeping the previous one: %s", what, exc)
 
     def exposure_warning(self, host: str) -> str | None:
         """A warning when the server is reachable beyond this machine without TLS or tokens."""
@@ -238,10 +266,10 @@ class Security:
 
 # --------------------------------------------------------------------------- the interceptor
 def _bearer(metadata: Any) -> str | None:
+    """The bearer token of a call's metadata; "" if `authorization` has another form, None if it is absent."""
     for key, value in metadata or ():
         if key == "authorization":
-            scheme, _, token = str(value).partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
+            return _bearer_token(value)
     return None
 
 

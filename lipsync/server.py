@@ -12,7 +12,6 @@ import socket
 import sys
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import grpc
@@ -479,19 +478,19 @@ async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
 
 
 async def serve(cfg: Any) -> None:
-    token_file = _metrics_token_file(cfg.server.get("metrics_token_file"))
     server, state, port = await build(cfg)
+    scrape = state.security.scrape
     endpoint = None
     if cfg.server.metrics_port >= 0:
         host = cfg.server.get("metrics_host") or cfg.server.host
         try:
-            endpoint = metrics.start(cfg.server.metrics_port, host, state.snapshot, token_file)
-        except (OSError, ValueError) as exc:
+            endpoint = metrics.start(cfg.server.metrics_port, host, state.snapshot, scrape.allows if scrape else None)
+        except OSError as exc:
             await server.stop(0)
             raise StartupError(f"cannot serve metrics on {host}:{cfg.server.metrics_port} (server.metrics_host / "
-                               f"server.metrics_port): {getattr(exc, 'strerror', None) or exc}") from None
+                               f"server.metrics_port): {exc.strerror or exc}") from None
         log.info("Prometheus metrics on http://%s:%d/metrics%s", host, endpoint.port,
-                 " (bearer token required)" if token_file else "")
+                 " (bearer token required)" if scrape else "")
     tls = state.security.tls
     log.info("lipsync %s (worker %s) serving on %s:%d over %s%s (models: %s)", __version__, state.worker,
              cfg.server.host, port,
@@ -502,7 +501,7 @@ async def serve(cfg: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, state, endpoint)
+    loop.add_signal_handler(signal.SIGHUP, _reload, state)
     await stop.wait()
     await state.health.enter_graceful_shutdown()  # NOT_SERVING: proxies stop sending new work here
     drain_s = float(cfg.server.get("drain_s", 0))
@@ -520,24 +519,10 @@ async def serve(cfg: Any) -> None:
     log.info("stopped")
 
 
-def _metrics_token_file(path: Any) -> Path | None:
-    if path in (None, ""):
-        return None
-    file = Path(str(path)).expanduser().resolve()
-    if not file.is_file() or not file.read_text().strip():
-        raise StartupError(f"server.metrics_token_file {file} is missing or empty")
-    return file
-
-
-def _reload(state: Server, endpoint: metrics.MetricsEndpoint | None) -> None:
+def _reload(state: Server) -> None:
     """SIGHUP: re-read certificates, tokens and the metrics token; open streams keep flowing."""
     log.info("SIGHUP: reloading TLS files and tokens")
     state.security.reload()
-    if endpoint:
-        try:
-            endpoint.reload()
-        except (OSError, ValueError) as exc:
-            log.error("reload of the metrics token failed, keeping the previous one: %s", exc)
 
 
 def spawn(overrides: list[str], cwd: str | None = None, log_file=None):

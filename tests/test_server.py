@@ -233,7 +233,7 @@ def test_model_management_and_stats(server, unary):
     assert health.healthy and health.devices[0].device == "cpu" and health.devices[0].memory_used_bytes > 0
 
 
-def test_standard_health_reflection_and_metrics(server):
+def test_standard_health_reflection_and_metrics(server, unary):  # unary: a Synthesize to count
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
