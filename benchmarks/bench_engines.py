@@ -1,7 +1,10 @@
 """Engine latency and throughput: generator + audio encoder per backend × batch size × precision.
 
-    python benchmarks/bench_engines.py --backends eager,compile --batches 1,8,24,32 --out benchmarks/results/engines-cpu.json
-    python benchmarks/bench_engines.py --device cuda --backends eager,compile,compile+cudagraphs,tensorrt --precisions fp16
+    python benchmarks/bench_engines.py --device cpu \
+        --backends eager-nchw:fp32,eager:fp32,eager:bf16,onnxruntime:fp32,compile:fp32 \
+        --batches 1,2,4 --repeats 5 --out benchmarks/results/engines-cpu.json
+    python benchmarks/bench_engines.py --device cuda --backends eager,compile,compile+cudagraphs,tensorrt \
+        --precisions fp16
     … --profile out/trace   # torch.profiler trace (open in Perfetto / chrome://tracing)
 
 Writes JSON and, next to it, a PNG plot of frames/s against batch size.
@@ -44,8 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backends", default="eager", help="comma list of eager, compile, compile+cudagraphs, "
-                                                            "tensorrt, eager-nchw; BACKEND:PRECISION fixes the "
-                                                            "precision of one entry")
+                                                            "tensorrt, onnxruntime, eager-nchw; BACKEND:PRECISION "
+                                                            "fixes the precision of one entry")
     parser.add_argument("--precisions", default="auto")
     parser.add_argument("--batches", default="1,8,24,32")
     parser.add_argument("--repeats", type=int, default=0, help="timed calls per point (default 3 CPU, 50 CUDA)")

@@ -41,7 +41,7 @@ def add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="png", choices=["png", "jpeg"], help="frame format for --frames-out")
     p.add_argument("--quality", type=int, default=None, help="JPEG quality for --format jpeg (default: config)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "tensorrt"])
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "onnxruntime", "tensorrt"])
     p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
     p.add_argument("--feather", type=int, default=0, help="feather the pasted square over N template pixels")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.max_batch=8")
@@ -58,7 +58,7 @@ def run_render(args: argparse.Namespace) -> int:
     from .demo import UNTRAINED_NOTICE
     from .engines import EngineConfig
     from .jpeg import encode_frames
-    from .pipeline import ModelSpec, load_pipeline, pick_device
+    from .pipeline import ModelSpec, load_pipeline, micro_batch_setting, pick_device
     from .render import render_wave
     from .scheduler import DeviceWorkers, ModelScheduler
     from .video import Mp4Writer
@@ -73,16 +73,17 @@ def run_render(args: argparse.Namespace) -> int:
                                           "sequence": args.sequence, "feather": args.feather,
                                           "engine_file": args.engine_file})
     engine_cfg = EngineConfig.from_dict(cfg.engine)
-    micro_batch = int(cfg.pipeline.micro_batch[device.type])
     quality = args.quality if args.quality is not None else int(cfg.pipeline.jpeg_quality)
-    pipeline = load_pipeline(spec, engine_cfg, device, micro_batch, progress=True)
+    pipeline = load_pipeline(spec, engine_cfg, device, micro_batch_setting(cfg.pipeline, engine_cfg, device.type),
+                             progress=True)
     if "demo_model" in str(spec.checkpoint):
         print(UNTRAINED_NOTICE, file=sys.stderr)
     frames_dir = Path(args.frames_out).expanduser().resolve() if args.frames_out else None
     if frames_dir:
         frames_dir.mkdir(parents=True, exist_ok=True)
     height, width = pipeline.avatar.frames.shape[2:]
-    writer = Mp4Writer(args.out, width, height, with_audio=True) if args.out else None
+    writer = Mp4Writer(args.out, width, height, with_audio=True, crf=int(cfg.video.crf),
+                        preset=str(cfg.video.preset)) if args.out else None
     jpeg_only = frames_dir is not None and args.format == "jpeg" and writer is None
     bar = tqdm(desc="rendering", unit="frame")
 
@@ -105,7 +106,7 @@ def run_render(args: argparse.Namespace) -> int:
         bar.update(len(outputs))
 
     async def main() -> dict[str, float]:
-        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=micro_batch, max_delay_ms=0)
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=pipeline.micro_batch, max_delay_ms=0)
         scheduler.start()
         try:
             return await render_wave(scheduler, wave, args.start_frame, quality if jpeg_only else None, write)

@@ -1,8 +1,9 @@
 """Engines: every network runs through one interface, `build_engine(net, sample_shapes, config, ...)`.
 
 Backends: `tensorrt` (torch_tensorrt dynamo IR, explicit fp16 typing, dynamic batch, cached on disk),
-`compile` (torch.compile with fixed batch buckets, optional CUDA graphs), `eager` (fp32 on CPU, fp16/bf16 on
-CUDA, channels_last where it helps) and `auto`. Compilation and warm-up happen here, at model load.
+`compile` (torch.compile with fixed batch buckets, optional CUDA graphs), `onnxruntime` (CPU, from our own ONNX
+export, cached on disk), `eager` (fp32/bf16 on CPU, fp16/bf16 on CUDA, channels_last where it helps) and `auto`
+(`lipsync.autotune` measures the candidates). Compilation and warm-up happen here, at model load.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections import Counter
@@ -25,7 +27,7 @@ from .config import settings
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "compile", "eager")
+BACKENDS = ("auto", "tensorrt", "compile", "onnxruntime", "eager")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BUILDS: Counter[str] = Counter()  # compilations performed in this process, by backend (cache hits excluded)
 
@@ -46,13 +48,26 @@ class EngineConfig:
     cuda_graphs: bool = False
     cache_dir: str = "~/.cache/lipsync/engines"
     tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2})
+    min_psnr_db: float = 40.0  # reduced precision must stay this close to fp32 on the reference input (8-bit)
     warmup: bool = True
+    onnxruntime_threads: int = 0  # 0: torch's intra-op thread count
+    onnxruntime_spinning: bool = False  # busy-waiting ORT threads would steal the cores of the encode thread
+    # `auto`: candidates measured at load, in order of preference on ties, and the batches they are timed at
+    candidates: dict[str, list[str]] = field(default_factory=lambda: {
+        "cpu": ["onnxruntime/fp32", "eager/fp32", "eager/bf16"],
+        "cuda": ["tensorrt/fp16", "compile/fp16", "eager/fp16"]})
+    tune_batches: dict[str, list[int]] = field(default_factory=lambda: {"cpu": [1, 2, 4], "cuda": [8, 16, 32]})
+    tune_seconds: float = 1.5  # timing per candidate and batch
+    tune_margin: float = 0.05  # a larger batch or later candidate must be this much faster to be chosen
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "EngineConfig":
         values = settings(cfg, cls, "engine")
         if "tolerance" in values:
             values["tolerance"] = {**cls().tolerance, **dict(values["tolerance"])}
+        for key in ("candidates", "tune_batches"):
+            if key in values:
+                values[key] = {device: list(v) for device, v in dict(values[key]).items()}
         if "batch_buckets" in values:
             values["batch_buckets"] = sorted(int(b) for b in values["batch_buckets"])
         config = cls(**values)
@@ -87,6 +102,23 @@ def choose_backend(config: EngineConfig, device: torch.device) -> tuple[str, str
     return "eager", "CPU device: eager fp32 (TensorRT and CUDA graphs need CUDA)"
 
 
+def onnxruntime_available() -> tuple[bool, str]:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401  (torch.onnx's exporter)
+    except Exception as exc:
+        return False, f"onnxruntime/onnxscript are not importable ({type(exc).__name__}: {exc})"
+    return True, "onnxruntime is installed"
+
+
+def cpu_bf16_supported() -> bool:
+    """oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
 def resolve_precision(config: EngineConfig, device: torch.device) -> str:
     if config.precision != "auto":
         return config.precision
@@ -102,6 +134,7 @@ class Engine:
         self.name, self.backend, self.precision, self.device = name, backend, precision, device
         self.max_batch, self._run, self.dtype, self.channels_last = max_batch, run, dtype, channels_last
         self.max_error = float("nan")  # measured against eager fp32 when built
+        self.psnr_db = float("nan")
 
     def _prepare(self, x: Tensor) -> Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)
@@ -162,12 +195,12 @@ class EngineCache:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
 
-    def path(self, key: str, name: str) -> Path:
-        return self.root / f"{name}-{key}" / "engine.ep"
+    def path(self, key: str, name: str, file: str = "engine.ep") -> Path:
+        return self.root / f"{name.replace('/', '-')}-{key}" / file
 
     def get_or_build(self, key: str, name: str, build: Callable[[], Any], save: Callable[[Any, Path], None],
-                     load: Callable[[Path], Any], meta: dict[str, Any]) -> Any:
-        path = self.path(key, name)
+                     load: Callable[[Path], Any], meta: dict[str, Any], file: str = "engine.ep") -> Any:
+        path = self.path(key, name, file)
         meta_file = path.with_name("meta.json")
         if path.is_file():
             try:
@@ -284,6 +317,43 @@ def _tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
     return module
 
 
+def _onnxruntime(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, name: str,
+                 key_parts: dict[str, Any]) -> Callable[..., Tensor]:
+    """Our own ONNX export of `net` (fp32, dynamic batch), cached on disk, run by onnxruntime's CPU provider."""
+    import onnxruntime
+
+    parts = {**key_parts, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+             "shapes": sample_shapes, "format": "onnx"}
+    names = [f"input{i}" for i in range(len(sample_shapes))]
+
+    def build() -> Path:
+        BUILDS["onnxruntime"] += 1
+        log.info("exporting %s to ONNX for onnxruntime (once per checkpoint; cached)", name)
+        return net
+
+    def save(module: nn.Module, path: Path) -> None:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        example = tuple(torch.rand(2, *shape) for shape in sample_shapes)
+        torch.onnx.export(module.float().eval(), example, str(path), input_names=names, output_names=["output"],
+                          dynamic_shapes=tuple({0: batch} for _ in sample_shapes), opset_version=18, dynamo=True,
+                          external_data=False, verbose=False)
+
+    cache = EngineCache(config.cache_dir)
+    path = cache.get_or_build(cache_key(**parts), name, build, save, lambda p: p, parts, file="model.onnx")
+    if not isinstance(path, Path):
+        path = cache.path(cache_key(**parts), name, "model.onnx")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = config.onnxruntime_threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.onnxruntime_spinning else "0")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(*inputs: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0])
+    return run
+
+
 def load_tensorrt_artefact(path: str | Path) -> Callable[..., Tensor]:
     """Load an engine written by `lipsync export --format tensorrt`."""
     import torch_tensorrt
@@ -297,17 +367,24 @@ def load_tensorrt_artefact(path: str | Path) -> Callable[..., Tensor]:
 # --------------------------------------------------------------------------- the one entry point
 def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig,
                  device: str | torch.device, name: str = "net", key_parts: dict[str, Any] | None = None,
-                 artefact: str | Path | None = None, progress: bool = False) -> Engine:
-    """Wrap `net` (eval, fp32) for `device` with the configured backend; warm up and check accuracy."""
+                 artefact: str | Path | None = None, progress: bool = False,
+                 probe: list[Tensor] | None = None) -> Engine:
+    """Wrap `net` (eval, fp32) for `device` with the configured backend; warm up and check accuracy against eager
+    fp32 on `probe` (the model's reference input; seeded random inputs when not given)."""
     device = torch.device(device)
     backend, reason = choose_backend(config, device)
     precision = resolve_precision(config, device)
-    if device.type == "cpu" and precision != "fp32":
-        raise EngineError(f"precision {precision} is not supported on CPU; use fp32")
+    if device.type == "cpu" and (precision == "fp16" or (precision == "bf16" and not cpu_bf16_supported())):
+        raise EngineError(f"precision {precision} is not supported on this CPU; use fp32")
     if backend == "tensorrt":
         ok, why = tensorrt_available()
         if not ok:
             raise EngineError(f"the tensorrt backend was requested but {why}")
+    if backend == "onnxruntime":
+        ok, why = onnxruntime_available()
+        if device.type != "cpu" or precision != "fp32" or not ok:
+            raise EngineError(f"the onnxruntime backend runs fp32 on CPU only "
+                              f"(asked for {precision} on {device}{'' if ok else '; ' + why})")
     dtype = PRECISIONS[precision]
     channels_last = (device.type == "cpu" and backend == "eager") if config.channels_last == "auto" \
         else bool(config.channels_last)
@@ -315,7 +392,9 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
              channels_last, device)
     reference = net.to(device).eval().float()
     generator = torch.Generator().manual_seed(1234)
-    probe = [torch.rand(min(2, config.max_batch), *s, generator=generator).to(device) for s in sample_shapes]
+    if probe is None:
+        probe = [torch.rand(min(2, config.max_batch), *s, generator=generator) for s in sample_shapes]
+    probe = [x.to(device) for x in probe]
     with torch.inference_mode():
         expected = reference(*probe).float()
     working = copy.deepcopy(reference)
@@ -324,24 +403,39 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
         run = _eager(working, dtype, channels_last)
     elif backend == "compile":
         run = _compiled(working, config, device, dtype, channels_last)
+    elif backend == "onnxruntime":
+        run = _onnxruntime(working, sample_shapes, config, name, key_parts or {})
     elif artefact is not None:
         run = load_tensorrt_artefact(artefact)
         check_artefact(run, sample_shapes, config, device, dtype, f"TensorRT engine file {artefact}")
     else:
         run = _tensorrt(working, sample_shapes, config, device, dtype, name, key_parts or {})
     engine = Engine(name, backend, precision, device, config.max_batch, run, dtype,
-                    channels_last and backend != "tensorrt")
-    if config.warmup and backend != "eager":
+                    channels_last and backend not in ("tensorrt", "onnxruntime"))
+    if config.warmup and backend not in ("eager", "onnxruntime"):
         buckets = compile_buckets(config) if backend == "compile" \
             else sorted({config.min_batch, config.opt_batch, config.max_batch})
         for b in tqdm(buckets, desc=f"{name}: warming up {backend}", unit="batch", disable=not progress):
             engine(*[torch.zeros(b, *s, device=device) for s in sample_shapes])
-    error = (engine(*probe) - expected).abs().max()
+    got = engine(*probe)
+    error = (got - expected).abs().max()
     bound = config.tolerance[precision]
     if not bool(error <= bound):
         raise EngineError(f"{name}: {backend} {precision} engine differs from eager fp32 by {float(error):.3g} "
                           f"(bound {bound:g}); refusing it")
-    log.info("%s ready in %.1f s (max abs error vs eager fp32: %.2e)", name, time.perf_counter() - started,
-             float(error))
+    engine.psnr_db = psnr_8bit(got, expected)
+    if precision != "fp32" and engine.psnr_db < config.min_psnr_db:
+        raise EngineError(f"{name}: {backend} {precision} output is {engine.psnr_db:.1f} dB PSNR from eager fp32 "
+                          f"on the reference input (at least {config.min_psnr_db:g} dB required); refusing it")
+    log.info("%s ready in %.1f s (vs eager fp32: max abs error %.2e, %.1f dB PSNR at 8 bits)", name,
+             time.perf_counter() - started, float(error), engine.psnr_db)
     engine.max_error = float(error)
     return engine
+
+
+def psnr_8bit(image: Tensor, reference: Tensor) -> float:
+    """PSNR in dB of two 0..1 images after rounding to 8 bits, as they are composited (inf when identical)."""
+    a = (image.float().clamp(0, 1) * 255).round()
+    b = (reference.float().clamp(0, 1) * 255).round()
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import audio, compose
+from .autotune import tuned_engine
 from .avatar import Avatar, AvatarError, find_source, load_avatar
 from .config import settings
 from .engines import Engine, EngineConfig, EngineError, build_engine, file_digest
@@ -152,12 +153,24 @@ class Pipeline:
         return self.avatar.nbytes + self.weight_bytes
 
 
+def micro_batch_setting(pipeline_cfg: Any, engine_config: EngineConfig, device_type: str) -> int | None:
+    """Frames per generator call from the pipeline config: a number, or `auto` — measured with the engine when
+    `engine.backend` is auto (None here), else `pinned_micro_batch`."""
+    value = dict(pipeline_cfg["micro_batch"])[device_type]
+    if str(value) == "auto":
+        return None if engine_config.backend == "auto" else int(dict(pipeline_cfg["pinned_micro_batch"])[device_type])
+    return int(value)
+
+
 def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | torch.device,
                   micro_batch: int | None = None, progress: bool = False) -> Pipeline:
-    """Load checkpoints and avatar, build engines (compile + warm-up happen here), return a ready Pipeline."""
+    """Load checkpoints and avatar, build engines (measure, compile and warm up here), return a ready Pipeline.
+    `micro_batch` None: measured with the engine (`auto` backend), else the engine's max batch."""
     device = pick_device(device)
-    micro_batch = micro_batch or engine_config.max_batch
-    if micro_batch < engine_config.max_batch:  # the engines never see more: do not compile/warm larger batches
+    tune = engine_config.backend == "auto" and not spec.engine_file
+    if not tune:
+        micro_batch = micro_batch or engine_config.max_batch
+    if micro_batch and micro_batch < engine_config.max_batch:  # the engines never see more: build no larger batch
         engine_config = dataclasses.replace(engine_config, max_batch=micro_batch,
                                             opt_batch=min(engine_config.opt_batch, micro_batch),
                                             min_batch=min(engine_config.min_batch, micro_batch))
@@ -173,14 +186,33 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     size = INPUT_SIZE[spec.variant]
     key = {"checkpoint": file_digest(spec.checkpoint), "variant": spec.variant, "asr": spec.asr}
     _check_engine_file(spec)
-    generator = build_engine(generator_net, [(6, size, size), AUDIO_FEATURE_SHAPE[spec.asr]], engine_config,
-                             device, f"{spec.name}/generator", key, spec.engine_file, progress)
+    shapes = [(6, size, size), AUDIO_FEATURE_SHAPE[spec.asr]]
+    name = f"{spec.name}/generator"
+    if tune:
+        generator, decision = tuned_engine(generator_net, shapes, engine_config, device, name, key,
+                                           probe=reference_input(avatar, shapes[1]),
+                                           batches=[micro_batch] if micro_batch else None, progress=progress)
+        micro_batch = decision.batch
+        engine_config = dataclasses.replace(engine_config, max_batch=micro_batch,
+                                            opt_batch=min(engine_config.opt_batch, micro_batch),
+                                            min_batch=min(engine_config.min_batch, micro_batch))
+    else:
+        generator = build_engine(generator_net, shapes, engine_config, device, name, key, spec.engine_file, progress,
+                                 probe=reference_input(avatar, shapes[1]))
     encoder = build_engine(encoder_net, [(1, 80, 16)], engine_config, device, f"{spec.name}/audio_encoder",
                            {"checkpoint": file_digest(spec.audio_encoder)}, None, progress)
     pipeline = Pipeline(generator, encoder, avatar, device, micro_batch, spec.name, weights, spec.asr)
-    log.info("model %s loaded on %s in %.1f s (%d avatar frames %dx%d)", spec.name, device,
-             time.perf_counter() - t0, avatar.frame_count, avatar.frames.shape[3], avatar.frames.shape[2])
+    log.info("model %s loaded on %s in %.1f s (%d avatar frames %dx%d, micro-batch %d)", spec.name, device,
+             time.perf_counter() - t0, avatar.frame_count, avatar.frames.shape[3], avatar.frames.shape[2],
+             micro_batch)
     return pipeline
+
+
+def reference_input(avatar: Avatar, audio_shape: tuple[int, ...]) -> list[Tensor]:
+    """The accuracy gate's input: the avatar's first two frames and seeded audio features."""
+    ids = [0, min(1, avatar.frame_count - 1)]
+    audio_features = torch.randn(2, *audio_shape, generator=torch.Generator().manual_seed(7))
+    return [avatar.model_inputs(ids).float(), audio_features.to(avatar.frames.device)]
 
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:

@@ -16,7 +16,8 @@ from .config import settings
 from .demo import make_demo_model
 from .engines import EngineConfig, EngineError
 from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, clip
-from .pipeline import ModelFileError, ModelSpec, Pipeline, check_model_files, load_pipeline, pick_device
+from .pipeline import (ModelFileError, ModelSpec, Pipeline, check_model_files, load_pipeline, micro_batch_setting,
+                       pick_device)
 from .scheduler import DeviceWorkers, ModelScheduler
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,8 @@ class ModelEntry:
 
 class Registry:
     def __init__(self, models: dict[str, Any], config: RegistryConfig, engine: EngineConfig,
-                 micro_batch: dict[str, int], default_device: str = "auto"):
-        self.config, self.engine, self.micro_batch = config, engine, micro_batch
+                 pipeline_cfg: Any, default_device: str = "auto"):
+        self.config, self.engine, self.pipeline_cfg = config, engine, pipeline_cfg
         self.entries: dict[str, ModelEntry] = {}
         for name, cfg in (models or {}).items():
             cfg = dict(cfg)
@@ -299,7 +300,7 @@ class Registry:
             if not all(p.exists() for p in files):
                 log.info("creating the synthetic demo model under %s", entry.spec.checkpoint.parent)
                 make_demo_model(entry.spec.checkpoint.parent, entry.spec.variant)
-        micro = self.micro_batch.get(torch.device(device).type, self.config.max_batch)
+        micro = micro_batch_setting(self.pipeline_cfg, self.engine, torch.device(device).type)
         return load_pipeline(entry.spec, self.engine, device, micro)
 
     def _place(self, entry: ModelEntry, requested: str | None) -> str:

@@ -411,7 +411,7 @@ def make_registry(cfg: Any) -> Registry:
     from .registry import RegistryConfig
 
     return Registry(dict(cfg.models or {}), RegistryConfig.from_dict(cfg.registry),
-                    EngineConfig.from_dict(cfg.engine), dict(cfg.pipeline.micro_batch), cfg.device)
+                    EngineConfig.from_dict(cfg.engine), cfg.pipeline, cfg.device)
 
 
 def check_models(registry: Registry, strict: bool) -> dict[str, str]:

@@ -15,14 +15,14 @@ class Mp4Writer:
     """Append uint8 RGB frames [N,3,H,W] (any device); `close` muxes the waveform (mono, `sample_rate` Hz)."""
 
     def __init__(self, path: str | Path, width: int, height: int, with_audio: bool = True, crf: int = 20,
-                 sample_rate: int = SAMPLE_RATE):
+                 sample_rate: int = SAMPLE_RATE, preset: str = "veryfast"):
         self.path = Path(path).expanduser().resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(self.path), mode="w")
         self.video = self.container.add_stream("libx264", rate=FPS)
         self.video.width, self.video.height = width - width % 2, height - height % 2
         self.video.pix_fmt = "yuv420p"
-        self.video.options = {"crf": str(crf)}
+        self.video.options = {"crf": str(crf), "preset": preset}  # x264 speed/size trade-off
         self.frames = 0
         self.audio = None
         self.sample_rate = sample_rate

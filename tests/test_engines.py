@@ -93,7 +93,7 @@ def test_eager_engine_and_auto_choice():
     with pytest.raises(EngineError, match="refusing it"):
         build_engine(net, [(6, 160, 160), (32, 16, 16)],
                      EngineConfig.from_dict({"backend": "eager", "tolerance": {"fp32": -1.0}}), "cpu", "g")
-    with pytest.raises(EngineError, match="fp16 is not supported on CPU"):
+    with pytest.raises(EngineError, match="fp16 is not supported on this CPU"):
         build_engine(net, [(6, 160, 160), (32, 16, 16)],
                      EngineConfig.from_dict({"backend": "eager", "precision": "fp16"}), "cpu")
 

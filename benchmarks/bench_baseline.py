@@ -1,0 +1,161 @@
+"""`lipsync render` against SyncTalk_2D's own inference loop, on the same input, in one run.
+
+The baseline is inference_328.py's algorithm written from its documented behaviour: audio features computed up
+front (AudioEncoder, eager fp32), then per output frame: read the frame image and its landmarks from the dataset
+directory, crop the landmark square, resize it to 328 (INTER_CUBIC), take the 320 ROI and a copy with the mouth
+rectangle blacked out, run the generator eagerly at batch 1 in NCHW fp32, write the 8-bit prediction back into the
+328 crop, resize it to the rect and paste it into the frame, and append the frame to an MJPG video (cv2). Frames
+follow its ping-pong order (`--start-frame 1` in lipsync).
+
+`lipsync render` runs with default settings (engine and micro-batch chosen by measurement) into an MP4 and is
+timed by its own summary line; a second, untimed render writes PNG frames whose mouth squares are compared with
+the baseline's (PSNR). Same seeded weights, synthetic SyncTalk_2D-layout avatar and speech each run.
+
+    python benchmarks/bench_baseline.py --out benchmarks/results/baseline-cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import CACHE, environment, write  # noqa: E402
+from lipsync import audio  # noqa: E402
+from lipsync.autotune import cpu_name  # noqa: E402
+from lipsync.demo import make_avatar, make_weights  # noqa: E402
+from lipsync.models import load_audio_encoder, load_generator  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prepare(width: int, height: int, frames: int, seconds: float) -> dict[str, Path]:
+    """Seeded weights, a SyncTalk_2D dataset directory and `seconds` of speech (assets/speech.wav repeated)."""
+    root = CACHE / f"baseline-{width}x{height}x{frames}"
+    dataset = root / "dataset"
+    if not (dataset / "landmarks" / f"{frames - 1}.lms").is_file():
+        make_avatar(dataset, frames, width, height, layout="synctalk")
+    if not (root / "generator_328.pth").is_file():
+        make_weights(root, "328", seed=0)
+    speech = root / f"speech-{seconds:g}s.wav"
+    if not speech.is_file():
+        wave16k = audio.load_audio(ROOT / "assets" / "speech.wav")
+        total = int(seconds * 16000)
+        tiled = wave16k.repeat(math.ceil(total / wave16k.numel()))[:total]
+        with wave.open(str(speech), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(16000)
+            out.writeframes((tiled.clamp(-1, 1) * 32767).round().short().numpy().tobytes())
+    return {"checkpoint": root / "generator_328.pth", "audio_encoder": root / "audio_visual_encoder.pth",
+            "dataset": dataset, "speech": speech, "root": root}
+
+
+def crop_rect(lms_file: Path) -> tuple[int, int, int, int]:
+    points = np.loadtxt(lms_file, dtype=np.float32).astype(np.int32)  # float → int by truncation
+    x1, y1, x2 = int(points[1][0]), int(points[52][1]), int(points[31][0])
+    return x1, y1, x2, y1 + (x2 - x1)
+
+
+def baseline(files: dict[str, Path], video_path: Path) -> tuple[float, int, list[np.ndarray], list[tuple]]:
+    """The original loop. Returns (seconds, frames, the pasted mouth squares (BGR), their rects)."""
+    torch.set_grad_enabled(False)
+    started = time.perf_counter()
+    encoder = load_audio_encoder(files["audio_encoder"])
+    net = load_generator(files["checkpoint"]).eval()
+    features = audio.frame_features(audio.load_audio(files["speech"]), encoder).numpy()
+    images = sorted((files["dataset"] / "full_body_img").glob("*.jpg"), key=lambda p: int(p.stem))
+    last = len(images) - 1
+    first = cv2.imread(str(images[0]))
+    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"MJPG"), 25, first.shape[1::-1])
+    squares, rects = [], []
+    index, stride = 0, 1
+    for i in range(features.shape[0]):
+        if index > last - 1:
+            stride = -1
+        if index < 1:
+            stride = 1
+        index += stride
+        img = cv2.imread(str(files["dataset"] / "full_body_img" / f"{index}.jpg"))
+        x1, y1, x2, y2 = crop_rect(files["dataset"] / "landmarks" / f"{index}.lms")
+        crop = img[y1:y2, x1:x2]
+        h, w = crop.shape[:2]
+        crop = cv2.resize(crop, (328, 328), interpolation=cv2.INTER_CUBIC)
+        template = crop.copy()
+        roi = crop[4:324, 4:324].copy()
+        masked = cv2.rectangle(roi.copy(), (5, 5, 310, 305), (0, 0, 0), -1)
+        visual = np.concatenate([roi.transpose(2, 0, 1), masked.transpose(2, 0, 1)]).astype(np.float32) / 255.0
+        pred = net(torch.from_numpy(visual)[None], torch.from_numpy(features[i])[None])[0]
+        template[4:324, 4:324] = (pred.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
+        img[y1:y2, x1:x2] = cv2.resize(template, (w, h), interpolation=cv2.INTER_CUBIC)
+        writer.write(img)
+        squares.append(img[y1:y2, x1:x2].copy())
+        rects.append((x1, y1, x2, y2))
+    writer.release()
+    return time.perf_counter() - started, features.shape[0], squares, rects
+
+
+def render(files: dict[str, Path], extra: list[str]) -> tuple[float, str]:
+    """`lipsync render` in its own process with default settings; returns (frames/s it reports, its output)."""
+    command = [sys.executable, "-m", "lipsync", "render", "--checkpoint", str(files["checkpoint"]),
+               "--audio-encoder", str(files["audio_encoder"]), "--avatar", str(files["dataset"]),
+               "--audio", str(files["speech"]), "--start-frame", "1", *extra]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"render failed:\n{done.stdout}\n{done.stderr}")
+    match = re.search(r"rendered (\d+) frames in ([\d.]+) s \(([\d.]+) frames/s\)", done.stdout)
+    return float(match.group(3)), done.stdout + done.stderr
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--avatar-frames", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--out", help="JSON results file")
+    args = parser.parse_args()
+    files = prepare(args.width, args.height, args.avatar_frames, args.seconds)
+    work = files["root"]
+    print("baseline loop (SyncTalk_2D inference_328.py algorithm) ...", file=sys.stderr)
+    base_s, frames, squares, rects = baseline(files, work / "baseline.avi")
+    base_fps = frames / base_s
+    print(f"baseline: {frames} frames in {base_s:.1f} s ({base_fps:.2f} frames/s)", file=sys.stderr)
+    print("lipsync render (default settings) ...", file=sys.stderr)
+    render_fps, log = render(files, ["--out", str(work / "render.mp4")])
+    print(f"lipsync render: {render_fps:.2f} frames/s", file=sys.stderr)
+    png_dir = work / "render-png"
+    render(files, ["--frames-out", str(png_dir), "--format", "png"])
+    values = []
+    for i, (square, (x1, y1, x2, y2)) in enumerate(zip(squares, rects)):
+        frame = cv2.imread(str(png_dir / f"{i:06d}.png"))
+        values.append(psnr(frame[y1:y2, x1:x2], square))
+    engine = re.findall(r"(chose .*|.*measured earlier on this machine.*)", log)
+    write({"benchmark": "baseline", "environment": {**environment(torch.device("cpu")), "cpu": cpu_name()},
+           "input": {"width": args.width, "height": args.height, "avatar_frames": args.avatar_frames,
+                     "seconds": args.seconds, "frames": frames},
+           "baseline_frames_per_s": round(base_fps, 3), "render_frames_per_s": round(render_fps, 3),
+           "speedup": round(render_fps / base_fps, 2),
+           "mouth_psnr_db": {"min": round(min(values), 2), "mean": round(float(np.mean(
+               [v for v in values if math.isfinite(v)] or [float("inf")])), 2)},
+           "engine": engine[-1].strip() if engine else None,
+           "render_summary": [line for line in log.splitlines() if line.startswith("rendered")]}, args.out)
+
+
+if __name__ == "__main__":
+    main()

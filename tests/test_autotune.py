@@ -1,0 +1,141 @@
+"""Engine selection by measurement: the fastest candidate that passes the accuracy gate wins, the decision is
+cached per machine, and a tuned pipeline renders the same frames as the eager one."""
+from __future__ import annotations
+
+import logging
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import worst_psnr
+from lipsync import autotune
+from lipsync.engines import EngineConfig, build_engine, cpu_bf16_supported, psnr_8bit
+from lipsync.pipeline import load_pipeline
+from lipsync.render import synthesize
+
+SHAPES = [(3, 16, 16)]
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1),
+                         nn.Sigmoid()).eval()
+
+
+def config(tmp_path, **extra) -> EngineConfig:
+    return EngineConfig.from_dict({"backend": "auto", "cache_dir": str(tmp_path), "tune_seconds": 0.2,
+                                   "tune_batches": {"cpu": [1, 2]}, **extra})
+
+
+class Builds:
+    """build_engine, counted per candidate, with `delay_s` added to every call of the engines of `slow`."""
+
+    def __init__(self, slow: str = "", delay_s: float = 0.02):
+        self.slow, self.delay_s, self.count = slow, delay_s, {}
+
+    def __call__(self, net, shapes, cfg, device, name, key_parts, **kwargs):
+        candidate = f"{cfg.backend}/{cfg.precision}"
+        self.count[candidate] = self.count.get(candidate, 0) + 1
+        engine = build_engine(net, shapes, cfg, device, name, key_parts, **kwargs)
+        if candidate == self.slow:
+            run = engine._run
+
+            def slowed(*inputs):
+                time.sleep(self.delay_s)
+                return run(*inputs)
+            engine._run = slowed
+        return engine
+
+
+@pytest.mark.parametrize("slow", ["onnxruntime/fp32", "eager/fp32"])
+def test_a_slower_candidate_is_never_chosen(tmp_path, slow):
+    cfg = config(tmp_path, candidates={"cpu": ["onnxruntime/fp32", "eager/fp32"]})
+    builds = Builds(slow)
+    engine, decision = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 1},
+                                             build=builds)
+    fast = ({"onnxruntime/fp32", "eager/fp32"} - {slow}).pop()
+    assert f"{decision.backend}/{decision.precision}" == fast and engine.backend == decision.backend
+    rates = {(r["candidate"], r["batch"]): r["frames_per_s"] for r in decision.measured}
+    assert set(rates) == {(c, b) for c in ("onnxruntime/fp32", "eager/fp32") for b in (1, 2)}
+    assert max(v for (c, _), v in rates.items() if c == slow) < rates[(fast, decision.batch)]
+    x = torch.rand(3, *SHAPES[0])
+    torch.testing.assert_close(engine(x), small_net()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_decide_prefers_earlier_and_smaller_on_ties():
+    rows = [{"candidate": "a", "batch": 1, "frames_per_s": 10.0}, {"candidate": "a", "batch": 4, "frames_per_s": 10.4},
+            {"candidate": "b", "batch": 1, "frames_per_s": 10.2}, {"candidate": "c", "refused": "gate"},
+            {"candidate": "b", "batch": 4, "frames_per_s": 11.0}]
+    assert autotune.decide(rows, 0.05) == rows[4]  # 11.0 > 10.0 * 1.05; 10.4 and 10.2 are within the margin
+    assert autotune.decide(rows[:4], 0.05) == rows[0]
+    assert autotune.decide([{"candidate": "c", "refused": "gate"}], 0.05) is None
+
+
+def test_a_candidate_failing_the_accuracy_gate_is_refused(tmp_path, caplog):
+    if not cpu_bf16_supported():
+        pytest.skip("this CPU has no native bf16, so the bf16 candidate is skipped before its gate")
+    cfg = config(tmp_path, candidates={"cpu": ["eager/bf16", "eager/fp32"]}, tolerance={"bf16": 0.0})
+    with caplog.at_level(logging.WARNING, logger="lipsync.autotune"):
+        engine, decision = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 2})
+    assert (decision.backend, decision.precision) == ("eager", "fp32") and engine.precision == "fp32"
+    refused = [r for r in decision.measured if r["candidate"] == "eager/bf16"]
+    assert len(refused) == 1 and "differs from eager fp32" in refused[0]["refused"]
+    assert "refusing eager/bf16" in caplog.text
+
+
+def test_reduced_precision_needs_the_psnr_bound(tmp_path):
+    if not cpu_bf16_supported():
+        pytest.skip("this CPU has no native bf16")
+    net = small_net()
+    ok = build_engine(net, SHAPES, EngineConfig.from_dict({"backend": "eager", "precision": "bf16"}), "cpu")
+    assert 40 <= ok.psnr_db
+    with pytest.raises(Exception, match="dB PSNR from eager fp32"):
+        build_engine(net, SHAPES, EngineConfig.from_dict({"backend": "eager", "precision": "bf16",
+                                                          "min_psnr_db": 1000.0}), "cpu")
+
+
+def test_psnr_8bit_matches_opencv():
+    rng = np.random.default_rng(0)
+    a = rng.random((2, 3, 32, 32), dtype=np.float32)
+    b = np.clip(a + rng.normal(0, 0.01, a.shape).astype(np.float32), 0, 1)
+    to8 = [np.round(np.clip(x, 0, 1) * 255).astype(np.uint8) for x in (a, b)]
+    assert psnr_8bit(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(cv2.PSNR(*to8), abs=1e-6)
+
+
+def test_the_decision_is_reused_and_invalidated_with_the_machine(tmp_path, monkeypatch, caplog):
+    cfg = config(tmp_path, candidates={"cpu": ["eager/fp32", "onnxruntime/fp32"]})
+    builds = Builds()
+    first = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 3}, build=builds)[1]
+    assert builds.count == {"eager/fp32": 1, "onnxruntime/fp32": 1}
+    assert len(list((tmp_path / "decisions").glob("*.json"))) == 1
+    chosen = f"{first.backend}/{first.precision}"
+    with caplog.at_level(logging.INFO, logger="lipsync.autotune"):
+        again = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 3},
+                                      build=builds)[1]
+    assert again == first and builds.count[chosen] == 2 and sum(builds.count.values()) == 3  # only the winner
+    assert "measured earlier on this machine" in caplog.text
+    real_key = autotune.machine_key
+    monkeypatch.setattr(autotune, "machine_key", lambda device: {**real_key(device), "cpu": "another CPU"})
+    moved = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 3}, build=builds)[1]
+    assert moved.key != first.key and sum(builds.count.values()) == 5  # both candidates measured again
+    assert len(list((tmp_path / "decisions").glob("*.json"))) == 2
+    other_model = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 4},
+                                        build=builds)[1]
+    assert other_model.key not in (first.key, moved.key)
+
+
+@pytest.mark.slow
+def test_a_tuned_pipeline_renders_the_eager_frames(tiny_spec, pipeline, speech, tmp_path):
+    cfg = config(tmp_path, candidates={"cpu": ["onnxruntime/fp32", "eager/fp32"]}, tune_seconds=0.5)
+    tuned = load_pipeline(tiny_spec, cfg, "cpu")
+    assert tuned.micro_batch in (1, 2) and tuned.generator.backend in ("onnxruntime", "eager")
+    assert tuned.generator.max_error <= 1e-3
+    wave = speech[:16000]
+    assert worst_psnr(synthesize(tuned, wave).frames, synthesize(pipeline, wave).frames) >= 40
+    pinned = load_pipeline(tiny_spec, EngineConfig.from_dict({**vars(cfg), "backend": "onnxruntime"}), "cpu", 2)
+    assert pinned.generator.backend == "onnxruntime" and pinned.micro_batch == 2
+    assert worst_psnr(synthesize(pinned, wave).frames, synthesize(pipeline, wave).frames) >= 40
