@@ -326,7 +326,7 @@ def _onnxruntime(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
              "shapes": sample_shapes, "format": "onnx"}
     names = [f"input{i}" for i in range(len(sample_shapes))]
 
-    def build() -> Path:
+    def build() -> nn.Module:  # the export itself happens in `save`, straight into the cache entry
         BUILDS["onnxruntime"] += 1
         log.info("exporting %s to ONNX for onnxruntime (once per checkpoint; cached)", name)
         return net
