@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .engines import (Engine, EngineConfig, EngineError, build_engine, cache_key, cpu_bf16_supported,
-                      onnxruntime_available, tensorrt_available)
+                      onnxruntime_available, sized, tensorrt_available)
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ class DecisionCache:
 
 def _config_for(config: EngineConfig, candidate: str, batch: int) -> EngineConfig:
     backend, _, precision = candidate.partition("/")
-    return dataclasses.replace(config, backend=backend, precision=precision, max_batch=batch,
-                               opt_batch=min(config.opt_batch, batch), min_batch=min(config.min_batch, batch),
+    return dataclasses.replace(sized(config, batch), backend=backend, precision=precision,
                                cuda_graphs=config.cuda_graphs or backend == "compile")
 
 

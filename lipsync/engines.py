@@ -8,6 +8,7 @@ export, cached on disk), `eager` (fp32/bf16 on CPU, fp16/bf16 on CUDA, channels_
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -78,6 +79,12 @@ class EngineConfig:
         if not 1 <= config.min_batch <= config.opt_batch <= config.max_batch:
             raise ValueError("engine batch profile must satisfy 1 <= min_batch <= opt_batch <= max_batch")
         return config
+
+
+def sized(config: EngineConfig, batch: int) -> EngineConfig:
+    """`config` for engines that never see more than `batch` frames (nothing larger is compiled or warmed)."""
+    return dataclasses.replace(config, max_batch=batch, opt_batch=min(config.opt_batch, batch),
+                               min_batch=min(config.min_batch, batch))
 
 
 def tensorrt_available() -> tuple[bool, str]:

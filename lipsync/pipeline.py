@@ -4,7 +4,6 @@ Between decoded PCM and JPEG bytes every tensor stays on the model's device.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from . import audio, compose
 from .autotune import tuned_engine
 from .avatar import Avatar, AvatarError, find_source, load_avatar
 from .config import settings
-from .engines import Engine, EngineConfig, EngineError, build_engine, file_digest
+from .engines import Engine, EngineConfig, EngineError, build_engine, file_digest, sized
 from .models import AUDIO_FEATURE_SHAPE, INPUT_SIZE, CheckpointError, load_audio_encoder, load_generator
 
 log = logging.getLogger(__name__)
@@ -171,9 +170,7 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     if not tune:
         micro_batch = micro_batch or engine_config.max_batch
     if micro_batch and micro_batch < engine_config.max_batch:  # the engines never see more: build no larger batch
-        engine_config = dataclasses.replace(engine_config, max_batch=micro_batch,
-                                            opt_batch=min(engine_config.opt_batch, micro_batch),
-                                            min_batch=min(engine_config.min_batch, micro_batch))
+        engine_config = sized(engine_config, micro_batch)
     t0 = time.perf_counter()
     with _role("checkpoint"):
         generator_net = load_generator(spec.checkpoint, spec.variant, spec.asr)
@@ -193,9 +190,7 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
                                            probe=reference_input(avatar, shapes[1]),
                                            batches=[micro_batch] if micro_batch else None, progress=progress)
         micro_batch = decision.batch
-        engine_config = dataclasses.replace(engine_config, max_batch=micro_batch,
-                                            opt_batch=min(engine_config.opt_batch, micro_batch),
-                                            min_batch=min(engine_config.min_batch, micro_batch))
+        engine_config = sized(engine_config, micro_batch)
     else:
         generator = build_engine(generator_net, shapes, engine_config, device, name, key, spec.engine_file, progress,
                                  probe=reference_input(avatar, shapes[1]))
