@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := lipsync/_proto/__init__.py
 
-.PHONY: setup test demo bench gpu-check clean
+.PHONY: setup test demo web bench gpu-check clean
 
 ## setup: .venv with the pinned torch 2.11 family, lipsync editable with its dev extras, gRPC stubs (idempotent)
 setup: $(STAMP) $(STUBS)
@@ -25,6 +25,13 @@ test: setup
 ## demo: serve the demo model, stream assets/speech.wav through it, write out/demo.mp4
 demo: setup
 	$(PY) -m lipsync.demo_run
+
+## web: serve the demo model on SERVER_PORT and the browser page on WEB_PORT (http://127.0.0.1:8080/); Ctrl-C stops both
+SERVER_PORT ?= 50051
+WEB_PORT ?= 8080
+web: setup
+	@$(PY) -m lipsync serve server.port=$(SERVER_PORT) & server=$$!; trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
+	$(PY) -m lipsync web --server 127.0.0.1:$(SERVER_PORT) --port $(WEB_PORT)
 
 ## bench: this machine's pipeline figures into benchmarks/results/
 bench: setup

@@ -132,21 +132,27 @@ def load_wav(path: str | Path, device: str | torch.device = "cpu") -> Tensor:
 
 
 def read_audio(path: str | Path) -> tuple[bytes, AudioFormat]:
-    """Any audio file → PCM bytes and format: WAV is read as is; anything else PyAV decodes (mp3, ogg, m4a,
-    flac …) becomes mono float32 at its own rate (brought within 8–48 kHz)."""
+    """Any audio file → PCM bytes and format (see decode_audio)."""
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise AudioFormatError(f"audio file not found: {file}")
-    with open(file, "rb") as fh:
-        if fh.read(12)[8:12] == b"WAVE":
-            return read_wav(file)
+    return decode_audio(file.read_bytes(), str(file))
+
+
+def decode_audio(blob: bytes, name: str = "audio data") -> tuple[bytes, AudioFormat]:
+    """Audio file bytes → PCM bytes and format: WAV is read as is; anything else PyAV decodes (mp3, ogg, m4a,
+    flac …) becomes mono float32 at its own rate (brought within 8–48 kHz). `name` is what errors call it."""
+    if blob[8:12] == b"WAVE":
+        return parse_wav(blob, name)
+    import io
+
     import av
     import numpy as np
 
     try:
-        with av.open(str(file)) as container:
+        with av.open(io.BytesIO(blob)) as container:
             if not container.streams.audio:
-                raise AudioFormatError(f"{file} has no audio stream")
+                raise AudioFormatError(f"{name} has no audio stream")
             stream = container.streams.audio[0]
             rate = min(max(stream.rate or SAMPLE_RATE, MIN_RATE), MAX_RATE)
             converter = av.AudioResampler(format="flt", layout="mono", rate=rate)
@@ -154,9 +160,14 @@ def read_audio(path: str | Path) -> tuple[bytes, AudioFormat]:
                       for f in converter.resample(frame)]
             chunks += [f.to_ndarray().reshape(-1) for f in converter.resample(None)]
     except av.error.FFmpegError as exc:
-        raise AudioFormatError(f"{file}: not a readable audio file ({exc})") from None
+        raise AudioFormatError(f"{name}: not a readable audio file ({exc})") from None
     samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     return samples.tobytes(), AudioFormat("f32le", rate, 1)
+
+
+def encode_s16(wave: Tensor) -> bytes:
+    """float waveform in [-1, 1] → s16le bytes (the inverse of decode_pcm for s16le input)."""
+    return (wave.detach().float().cpu() * 32768.0).round_().clamp_(-32768, 32767).to(torch.int16).numpy().tobytes()
 
 
 def load_audio(path: str | Path, device: str | torch.device = "cpu") -> Tensor:

@@ -18,6 +18,11 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
 
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:  # nothing worth saying ("default: None")
+            return action.help
+        return super()._get_help_string(action)
+
 
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -202,6 +207,48 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- web
+def add_web(sub: argparse._SubParsersAction) -> None:
+    from .client import add_connection_options
+
+    p = sub.add_parser("web", help="a browser page to watch and talk to an avatar live over WebRTC "
+                                   "(pip install 'lipsync[web]')", formatter_class=DefaultsFormatter)
+    add_connection_options(p)
+    p.add_argument("--host", help="address the page listens on (default: web.host of conf/web.yaml, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="the page's port (default: web.port of conf/web.yaml, 8080; 0 = any)")
+    p.add_argument("overrides", nargs="*", help="hydra overrides of conf/web.yaml, e.g. web.gate_threshold_dbfs=-50")
+    p.set_defaults(func=run_web)
+
+
+def run_web(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from .client import credentials_from_args
+    from .config import load_config
+    try:
+        from .web import WebConfig, serve
+    except ImportError as exc:
+        print(f"lipsync web: error: {exc.name or exc} is not installed; pip install 'lipsync[web]'", file=sys.stderr)
+        return 2
+    overrides = list(args.overrides)
+    overrides += [f"web.host={args.host}"] if args.host else []
+    overrides += [f"web.port={args.port}"] if args.port is not None else []
+    config = WebConfig.from_dict(load_config(overrides, name="web").web)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(serve(args.server, config, credentials_from_args(args)))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    asyncio.run(main())
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.",
@@ -220,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     add_serve(sub)
     add_client(sub)
     add_cluster(sub)
+    add_web(sub)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:

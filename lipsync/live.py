@@ -220,16 +220,16 @@ class LiveSession:
             self._finish(u, interrupted=False)
             return
         if u.out_resampler is not None:
-            u.out_audio += _s16(u.out_resampler.finish())
+            u.out_audio += audio.encode_s16(u.out_resampler.finish())
         await self._features(u, u.resampler.finish(), end=True)
 
     def _decode(self, u: Utterance, data: bytes) -> torch.Tensor:
         """Input bytes → 16 kHz samples for features; the carried audio at the output rate is appended."""
         wave = audio.decode_pcm(data, self.in_format, allow_empty=True)
         if u.out_resampler is None:
-            u.out_audio += _s16(wave)
+            u.out_audio += audio.encode_s16(wave)
         else:
-            u.out_audio += _s16(u.out_resampler.push(wave))
+            u.out_audio += audio.encode_s16(u.out_resampler.push(wave))
         return u.resampler.push(wave)
 
     async def _features(self, u: Utterance, wave: torch.Tensor, end: bool) -> None:
@@ -396,11 +396,6 @@ class LiveSession:
             worker.cancel()
             self.scheduler.live_sessions.discard(self)
             self.interrupt()
-
-
-def _s16(wave: torch.Tensor) -> bytes:
-    """float waveform in [-1, 1] → s16le bytes (the inverse of decode_pcm for s16le input)."""
-    return (wave.detach().float().cpu() * 32768.0).round_().clamp_(-32768, 32767).to(torch.int16).numpy().tobytes()
 
 
 def _consume(future: asyncio.Future) -> None:

@@ -1,0 +1,299 @@
+"""`lipsync web`: the microphone's level gate on real speech, the page's HTTP API driven by a Python WebRTC peer, and
+the page itself in headless chromium with a fake microphone — all against a real `lipsync serve`."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_server import ServerProcess, model_override
+
+pytest.importorskip("aiortc", reason="aiortc is not installed (the web extra)")
+import aiohttp  # noqa: E402
+import av  # noqa: E402
+from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
+from aiortc.mediastreams import MediaStreamError  # noqa: E402
+
+from lipsync.audio import encode_s16, resample  # noqa: E402
+from lipsync.web import SpeechGate  # noqa: E402
+
+RATE = 48000
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+OUT = Path(__file__).resolve().parent.parent / "out"
+
+
+def s16_at_48k(speech, seconds: tuple[float, float]) -> np.ndarray:
+    """A slice of the 16 kHz test speech, at 48 kHz s16."""
+    piece = speech[int(seconds[0] * 16000):int(seconds[1] * 16000)]
+    return np.frombuffer(encode_s16(resample(piece, 16000, RATE)), np.int16)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), np.int16)
+
+
+def test_speech_gate_cuts_the_microphone_into_utterances(speech):
+    first, second = s16_at_48k(speech, (0.0, 1.5)), s16_at_48k(speech, (1.5, 3.0))
+    click = (np.sin(np.arange(int(0.06 * RATE)) * 0.3) * 20000).astype(np.int16)  # 60 ms: too short for speech
+    parts = [silence(0.5), first, silence(1.0), click, silence(1.0), second, silence(1.0)]
+    mic = np.concatenate(parts)
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    gate = SpeechGate(RATE, threshold_dbfs=-45, min_speech_ms=250, hangover_ms=600, preroll_ms=200,
+                      max_utterance_s=30)
+    rng = np.random.default_rng(0)
+    out, pos = [], 0
+    while pos < len(mic):  # arbitrary chunking, as a browser delivers it
+        step = int(rng.integers(1, 2400))
+        out += gate.push(mic[pos:pos + step])
+        pos += step
+    assert len(out) == 2, [len(u) // 2 / RATE for u in out]
+    block = RATE // 50
+    for utterance, (lo, hi) in zip(out, [(starts[1], starts[2]), (starts[5], starts[6])]):
+        samples = np.frombuffer(utterance, np.int16)
+        at = next(k for k in range(0, len(mic) - len(samples) + 1, block)
+                  if np.array_equal(mic[k:k + len(samples)], samples))  # an exact, block-aligned slice of the input
+        loud = lo + int(np.argmax(np.abs(mic[lo:hi]) > 400))  # the speech's onset
+        assert loud - 11 * block <= at <= loud  # begins with at most the 200 ms pre-roll (+ the onset's block)
+        assert hi <= at + len(samples) <= hi + 11 * block  # keeps all of the speech and at most 200 ms after it
+
+
+def test_long_speech_is_cut_at_the_limit(speech):
+    gate = SpeechGate(RATE, -45, 250, 600, 200, max_utterance_s=1.0)
+    out = gate.push(s16_at_48k(speech, (0.0, 3.0)))
+    assert out and len(out[0]) == 2 * RATE  # cut at 1 s exactly (50 blocks)
+
+
+# --------------------------------------------------------------------------- against a real server
+@pytest.fixture(scope="module")
+def server(weights, tiny_avatar, tmp_path_factory):
+    # the 160 variant renders faster on this CPU, so speech starts sooner in the browser test
+    tiny160 = {"328": weights["160"], "encoder": weights["encoder"]}
+    srv = ServerProcess([model_override("tiny", tiny160, tiny_avatar, ',variant:"160"')],
+                        tmp_path_factory.mktemp("web"))
+    yield srv
+    srv.stop()
+
+
+class WebProcess:
+    def __init__(self, target: str, *overrides: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "lipsync", "web", "--server", target, "--port", "0",
+                                      *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("WEB "):
+            self.proc.kill()
+            raise RuntimeError(f"lipsync web did not start: {line!r} {self.proc.stderr.read()}")
+        self.url = line.split()[1]
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def bridge(server):
+    web = WebProcess(server.target)
+    yield web
+    code, err = web.stop()
+    assert code == 0, err
+    assert "Traceback" not in err, err
+
+
+def flac(pcm: np.ndarray, rate: int = RATE) -> bytes:
+    """s16 mono samples → a FLAC file (PyAV), so the upload goes through the decoder, not the WAV parser."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_page_api_with_a_webrtc_peer(bridge, speech):
+    """A Python peer stands in for the browser: offer, video and audio tracks, a FLAC upload that speaks,
+    interrupt, and the errors the page shows."""
+    async def main():
+        async with aiohttp.ClientSession(bridge.url) as http:
+            async def call(path: str, body=None, raw: bytes | None = None):
+                if raw is not None:
+                    response = await http.post(path, data=raw)
+                elif body is not None:
+                    response = await http.post(path, json=body)
+                else:
+                    response = await http.get(path)
+                return response.status, await response.json()
+
+            status, config = await call("/api/config")
+            assert status == 200 and [m["id"] for m in config["models"]] == ["tiny"]
+            assert config["tts"] == bool(shutil.which("espeak-ng"))
+            page = await http.get("/")
+            assert page.status == 200 and "RTCPeerConnection" in await page.text()
+
+            pc = RTCPeerConnection()
+            pc.addTransceiver("audio", direction="recvonly")
+            pc.addTransceiver("video", direction="recvonly")
+            tracks = {}
+            pc.on("track", lambda track: tracks.setdefault(track.kind, track))
+            await pc.setLocalDescription(await pc.createOffer())
+            offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+            assert (await call("/api/sessions", {**offer, "model": "nobody"}))[0] == 404
+            assert (await call("/api/sessions", {"model": "tiny"}))[0] == 400
+            status, answer = await call("/api/sessions", {**offer, "model": "tiny"})
+            assert status == 200, answer
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+            sid = answer["session"]
+            frames: list = []
+            heard: list[np.ndarray] = []
+
+            async def pull(track, into):
+                try:
+                    while True:
+                        into.append(await track.recv())
+                except MediaStreamError:
+                    pass
+            readers = [asyncio.ensure_future(pull(tracks["video"], frames)),
+                       asyncio.ensure_future(pull(tracks["audio"], heard))]
+
+            async def until(condition, timeout_s: float = 120) -> None:
+                deadline = time.monotonic() + timeout_s
+                while not condition():
+                    assert time.monotonic() < deadline, "timed out"
+                    await asyncio.sleep(0.05)
+            await until(lambda: len(frames) >= 10)
+            assert (frames[-1].width, frames[-1].height) == (256, 192)
+
+            assert (await call(f"/api/sessions/{sid}/audio", raw=b"not audio at all"))[0] == 400
+            status, body = await call(f"/api/sessions/{sid}/audio", raw=flac(silence(31.0)))
+            assert status == 413 and "web.max_utterance_s" in body["error"]
+            assert (await call("/api/sessions/nope/interrupt", {}))[0] == 404
+            status, body = await call(f"/api/sessions/{sid}/audio", raw=flac(s16_at_48k(speech, (0.0, 3.0))))
+            assert status == 200 and abs(body["seconds"] - 3.0) < 0.01, body
+
+            async def session_stats(condition, timeout_s: float = 120) -> dict:
+                deadline = time.monotonic() + timeout_s
+                while not condition(stats := (await call(f"/api/sessions/{sid}"))[1]):
+                    assert time.monotonic() < deadline, stats
+                    await asyncio.sleep(0.1)
+                return stats
+            await session_stats(lambda s: s["speech_frames"] >= 10)
+            heard_before = len(heard)
+            await call(f"/api/sessions/{sid}/interrupt", {})
+            stats = await session_stats(lambda s: s["state"] == "idle", 10)
+            assert stats["utterances_interrupted"] == 1 and stats["state"] == "idle", stats
+            assert stats["error"] == "" and stats["frames"] >= 10
+            speech_audio = np.concatenate([f.to_ndarray().reshape(-1) for f in heard[:heard_before]])
+            assert np.abs(speech_audio).max() > 1000  # the utterance's audio reached the peer (Opus-decoded)
+            if config["tts"]:
+                status, body = await call(f"/api/sessions/{sid}/say", {"text": "Hello there."})
+                assert status == 200 and body["seconds"] > 0.3, body
+                await call(f"/api/sessions/{sid}/interrupt", {})
+            assert (await call(f"/api/sessions/{sid}/close", {}))[0] == 200
+            await until(lambda: all(r.done() for r in readers), 30)  # the tracks end with the session
+            await pc.close()
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- the page in a real browser
+def mouth_region(tiny_avatar: Path) -> tuple[slice, slice]:
+    """The lower half of frame 0's crop square (where the generator paints the mouth)."""
+    x1, y1, x2, y2 = json.loads((tiny_avatar / "crop_rects.json").read_text())[0]
+    return slice((y1 + y2) // 2, y2), slice(x1, x2)
+
+
+def png(data_url: str) -> np.ndarray:
+    import cv2
+    image = cv2.imdecode(np.frombuffer(base64.b64decode(data_url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+    return image.astype(np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromedriver are not installed "
+                    "(Debian: apt install chromium chromium-driver)")
+def test_browser_page_plays_speaks_and_interrupts(bridge, tiny_avatar, speech, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
+    from selenium.webdriver.chrome.service import Service
+
+    mic = tmp_path / "mic.wav"  # the fake microphone loops: 1 s quiet, 3 s of speech, 3 s quiet
+    with wave.open(str(mic), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(RATE)
+        f.writeframes(np.concatenate([silence(1.0), s16_at_48k(speech, (0.0, 3.0)), silence(3.0)]).tobytes())
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={mic}", "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    rows, cols = mouth_region(tiny_avatar)
+
+    def stats() -> dict:
+        return driver.execute_script("return window.lipsync.stats") or {}
+
+    def wait(condition, timeout_s: float = 120, what: str = "") -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {stats()}"
+            time.sleep(0.1)
+
+    def mouths(count: int, every_s: float = 0.1) -> list[np.ndarray]:
+        out = []
+        for _ in range(count):
+            out.append(png(driver.execute_script("return window.lipsync.snapshot()"))[rows, cols])
+            time.sleep(every_s)
+        return out
+
+    def distance(mouth: np.ndarray, references: list[np.ndarray]) -> float:
+        """Mean absolute difference to the closest idle reference (idle frames move: the head bobs)."""
+        return min(float(np.abs(mouth - ref).mean()) for ref in references)
+    try:
+        driver.get(bridge.url)
+        wait(lambda: driver.execute_script("return document.getElementById('model').options.length") > 0,
+             30, "the model list")
+        driver.find_element("id", "start").click()
+        wait(lambda: stats().get("browser", {}).get("decoded_frames", 0) >= 25, 60, "video")
+        first = stats()["browser"]
+        time.sleep(4.0)
+        later = stats()["browser"]
+        fps = (later["decoded_frames"] - first["decoded_frames"]) / 4.0  # polled every 0.5 s: ±0.25 frames/s
+        assert 21 <= fps <= 29, fps
+        assert (later["width"], later["height"]) == (256, 192)
+        assert later["audio_samples"] > first["audio_samples"]  # the audio track plays (silence while idle)
+        idle = mouths(15)  # 1.5 s: every position of the 6-frame pingpong avatar
+        assert max(distance(m, idle[:5] + idle[6:]) for m in idle[5:6]) < 12
+
+        driver.find_element("id", "mic").click()  # the fake microphone speaks: one utterance, then off
+        wait(lambda: stats().get("utterances_sent", 0) >= 1, 30, "an utterance from the microphone")
+        driver.find_element("id", "mic").click()
+        wait(lambda: stats().get("state") == "speaking", 120, "speech")
+        energy = stats()["browser"]["audio_energy"]
+        speaking = mouths(10)
+        assert max(distance(m, idle) for m in speaking) > 25  # the mouth region changes while it speaks
+        assert stats()["browser"]["audio_energy"] > energy  # and the speech is heard
+        OUT.mkdir(exist_ok=True)
+        driver.save_screenshot(str(OUT / "web-page.png"))
+
+        driver.find_element("id", "interrupt").click()
+        wait(lambda: stats().get("state") == "idle", 10, "idle after the interrupt")
+        time.sleep(0.5)  # the browser's jitter buffer
+        after = mouths(5)
+        assert max(distance(m, idle) for m in after) < 12  # back to the avatar's own frames
+        final = stats()
+        assert final["utterances_interrupted"] == 1 and final["error"] == "", final
+    finally:
+        driver.quit()
