@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := lipsync/_proto/__init__.py
 
-.PHONY: setup test demo web bench gpu-check clean
+.PHONY: setup test demo demo-model web bench gpu-check clean
 
 ## setup: .venv with the pinned torch 2.11 family, lipsync editable with its dev extras, gRPC stubs (idempotent)
 setup: $(STAMP) $(STUBS)
@@ -25,6 +25,16 @@ test: setup
 ## demo: serve the demo model, stream assets/speech.wav through it, write out/demo.mp4
 demo: setup
 	$(PY) -m lipsync.demo_run
+
+## demo-model: train the demo presenter again: data (espeak-ng) → train → evaluate on held-out speech
+##   (~1 h on 2 CPU cores; DEVICE=cuda takes minutes). Writes assets/demo_model and benchmarks/results/demo-model
+DEVICE ?= cpu
+demo-model: setup
+	$(PY) train/make_dataset.py --out out/presenter
+	$(PY) train/train.py --data out/presenter/train --eval-data out/presenter/eval --out assets/demo_model \
+		--log benchmarks/results/demo-model/train-log.jsonl --device $(DEVICE)
+	$(PY) train/evaluate.py --data out/presenter/eval --model assets/demo_model --out benchmarks/results/demo-model \
+		--device $(DEVICE)
 
 ## web: serve the demo model on SERVER_PORT and the browser page on WEB_PORT (http://127.0.0.1:8080/); Ctrl-C stops both
 SERVER_PORT ?= 50051

@@ -60,7 +60,6 @@ def run_render(args: argparse.Namespace) -> int:
 
     from .audio import load_audio
     from .config import load_config
-    from .demo import UNTRAINED_NOTICE
     from .engines import EngineConfig
     from .jpeg import encode_frames
     from .pipeline import ModelSpec, load_pipeline, micro_batch_setting, pick_device
@@ -81,8 +80,6 @@ def run_render(args: argparse.Namespace) -> int:
     quality = args.quality if args.quality is not None else int(cfg.pipeline.jpeg_quality)
     pipeline = load_pipeline(spec, engine_cfg, device, micro_batch_setting(cfg.pipeline, engine_cfg, device.type),
                              progress=True)
-    if "demo_model" in str(spec.checkpoint):
-        print(UNTRAINED_NOTICE, file=sys.stderr)
     frames_dir = Path(args.frames_out).expanduser().resolve() if args.frames_out else None
     if frames_dir:
         frames_dir.mkdir(parents=True, exist_ok=True)

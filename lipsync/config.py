@@ -10,6 +10,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the source tree: assets/ (shipped files), out/ (generated)
+OmegaConf.register_new_resolver("lipsync.root", lambda: str(SOURCE_ROOT), replace=True)
+
 
 def conf_dir() -> Path:
     """The `conf/` directory: $LIPSYNC_CONF if set, else the one beside the package."""

@@ -1,12 +1,16 @@
-"""Demo assets: a synthetic avatar and seeded, untrained weights, so everything runs out of the box.
+"""Demo and test assets.
 
-The weights are random (seed 0): the mouth region the generator paints is noise, not lip sync. Bring a
-trained SyncTalk_2D checkpoint for real output.
+- `ensure_demo_model`: the demo model's files — the trained demo presenter's weights ship in assets/demo_model;
+  its avatar (lipsync.presenter) is drawn on first use.
+- `make_avatar` / `make_weights`: a small cartoon avatar and seeded, untrained weights, for tests and benchmarks
+  that need a model fast and do not look at what its mouth does.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +19,6 @@ from torchvision.io import write_jpeg
 
 from .models import AudioEncoder, Generator
 
-UNTRAINED_NOTICE = ("NOTE: the demo model has seeded, untrained weights; its mouth region is noise, not lip sync. "
-                    "Point --checkpoint/--audio-encoder at a trained SyncTalk_2D model for real output.")
 
 
 def _draw_frame(i: int, frames: int, width: int, height: int) -> tuple[np.ndarray, list[int]]:
@@ -87,15 +89,21 @@ def make_weights(out_dir: str | Path, variant: str = "328", seed: int = 0) -> tu
     return gen_path, enc_path
 
 
-def make_demo_model(out_dir: str | Path, variant: str = "328", frames: int = 24, width: int = 640,
-                    height: int = 360) -> dict[str, Path]:
-    """Everything the demo model config points at, written under `out_dir` (idempotent)."""
-    out = Path(out_dir).expanduser().resolve()
-    avatar = out / "avatar"
-    if not (avatar / "crop_rects.json").is_file():
-        make_avatar(avatar, frames, width, height)
-    gen, enc = out / f"generator_{variant}.pth", out / "audio_visual_encoder.pth"
-    if not (gen.is_file() and enc.is_file()):
-        gen, enc = make_weights(out, variant)
-    return {"checkpoint": gen, "audio_encoder": enc, "avatar": avatar}
+def ensure_demo_model(checkpoint: Path, audio_encoder: Path, avatar: Path) -> None:
+    """The demo model's files: its shipped weights must be there; its avatar is drawn when missing (written
+    beside and renamed into place, so concurrent workers never see half an avatar)."""
+    for role, path in (("checkpoint", checkpoint), ("audio encoder", audio_encoder)):
+        if not path.is_file():
+            raise FileNotFoundError(f"the demo model's {role} is missing: {path} (it ships in the source tree's "
+                                    "assets/demo_model; `make demo-model` trains it again)")
+    if (avatar / "crop_rects.json").is_file():
+        return
+    from . import presenter
 
+    partial = avatar.with_name(f"{avatar.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    presenter.write_avatar(partial)
+    try:
+        partial.rename(avatar)
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)

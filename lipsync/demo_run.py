@@ -9,8 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from .client import add_parser as add_client_parser
 from .client import run as run_client
-from .demo import UNTRAINED_NOTICE
 from .server import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,14 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     out = ROOT / "out" / "demo.mp4"
-    print(UNTRAINED_NOTICE)
-    print("starting `lipsync serve` on the demo model …", flush=True)
+    print("starting `lipsync serve` on the demo model (a SyncTalk_2D model trained on a drawn presenter; the first "
+          "start draws its avatar) …", flush=True)
     server, port = spawn(["server.metrics_port=-1", "+models.demo.preload=true"], cwd=str(ROOT))
     try:
-        args = argparse.Namespace(server=f"127.0.0.1:{port}", model="demo",
-                                  audio=str(ROOT / "assets" / "speech.wav"), stream=True, realtime=False,
-                                  chunk_ms=200.0, batch=0, start_frame=0, quality=0, clients=1, timeout=None,
-                                  frames_out=None, out=str(out), converse=None, output_rate=0)
+        parser = argparse.ArgumentParser(prog="lipsync")
+        add_client_parser(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["client", "--server", f"127.0.0.1:{port}", "--model", "demo", "--audio",
+                                  str(ROOT / "assets" / "speech.wav"), "--stream", "--out", str(out)])
         print("streaming assets/speech.wav through the Stream RPC …", flush=True)
         summary = asyncio.run(run_client(args))
         print(json.dumps(summary, indent=2))

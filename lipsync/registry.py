@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import settings
-from .demo import make_demo_model
+from .demo import ensure_demo_model
 from .engines import EngineConfig, EngineError
 from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, clip
 from .pipeline import (ModelFileError, ModelSpec, Pipeline, check_model_files, load_pipeline, micro_batch_setting,
@@ -296,10 +296,9 @@ class Registry:
         if device.startswith("cuda"):
             torch.cuda.set_device(pick_device(device))
         if entry.synthetic:
-            files = (entry.spec.checkpoint, entry.spec.audio_encoder, entry.spec.avatar)
-            if not all(p.exists() for p in files):
-                log.info("creating the synthetic demo model under %s", entry.spec.checkpoint.parent)
-                make_demo_model(entry.spec.checkpoint.parent, entry.spec.variant)
+            if not (entry.spec.avatar / "crop_rects.json").is_file():
+                log.info("drawing the demo presenter's avatar into %s", entry.spec.avatar)
+            ensure_demo_model(entry.spec.checkpoint, entry.spec.audio_encoder, entry.spec.avatar)
         micro = micro_batch_setting(self.pipeline_cfg, self.engine, torch.device(device).type)
         return load_pipeline(entry.spec, self.engine, device, micro)
 

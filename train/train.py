@@ -1,0 +1,234 @@
+"""Train the demo presenter's SyncTalk_2D model — the 328 generator and the audio encoder, SPEC §4 and §6 — from
+scratch on a dataset from make_dataset.py, and write them as fp16 state dicts that lipsync loads like any user's.
+
+Recipe (seeded; every number is a flag):
+- a sample is a video frame t: its ROI (SPEC §7.3) is the target, the same ROI masked is the generator's masked
+  input, and the reference input is the ROI of a frame in the same pose (t mod POSE_PERIOD) whose mouth is shut
+  (a pause in the recording) — as at inference, where the reference is the avatar's own frame, mouth shut, so the
+  mouth can only come from the audio;
+- the audio input is SPEC §5's features of frame t from the audio encoder, trained jointly (BatchNorm in
+  training mode over the batch's windows);
+- loss: L1 over the ROI plus `mouth_weight` × L1 over the mouth's zone;
+- AdamW, linear warm-up then cosine decay; bf16 autocast where the device has it.
+
+    python train/train.py --data out/presenter/train --out assets/demo_model \
+        --log benchmarks/results/demo-model/train-log.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lipsync import audio, presenter  # noqa: E402
+from lipsync.avatar import MASK_SLICES, rect_from_landmarks  # noqa: E402
+from lipsync.compose import TEMPLATE_BORDER, resize_bicubic  # noqa: E402
+from lipsync.engines import cpu_bf16_supported  # noqa: E402
+from lipsync.models import AudioEncoder, Generator  # noqa: E402
+
+SIZE, TEMPLATE = 320, 328
+MOUTH_ZONE = (slice(60, 200), slice(70, 250))  # rows, columns of the ROI around the presenter's mouth
+
+
+def load_rois(data: Path, limit: int = 0, progress: bool = True) -> torch.Tensor:
+    """Every frame's ROI (SPEC §7.3 steps 1–2) as uint8 RGB [F, 3, 320, 320] (the first `limit` if set)."""
+    from torchvision.io import decode_jpeg, read_file
+
+    count = len(list((data / "full_body_img").glob("*.jpg")))
+    count = min(count, limit) if limit else count
+    rois = torch.empty(count, 3, SIZE, SIZE, dtype=torch.uint8)
+    started = time.perf_counter()
+    for i in range(count):
+        x1, y1, x2, y2 = rect_from_landmarks(data / "landmarks" / f"{i}.lms")
+        frame = decode_jpeg(read_file(str(data / "full_body_img" / f"{i}.jpg")))
+        crop = resize_bicubic(frame[:, y1:y2, x1:x2], (TEMPLATE, TEMPLATE))
+        rois[i] = crop[:, TEMPLATE_BORDER:TEMPLATE_BORDER + SIZE, TEMPLATE_BORDER:TEMPLATE_BORDER + SIZE]
+        if progress and ((i + 1) % 2000 == 0 or i + 1 == count):
+            print(f"  {data.name}: {i + 1}/{count} ROIs ({time.perf_counter() - started:.0f} s)", flush=True)
+    return rois
+
+
+def mel_windows(data: Path) -> torch.Tensor:
+    """SPEC §2–§3 windows of the dataset's audio: [D, 1, 80, 16]."""
+    mel = audio.melspectrogram(audio.load_wav(data / "aud.wav"))
+    count = audio.window_count(mel.shape[0])
+    starts = [min(audio.window_start(v), mel.shape[0] - audio.WINDOW_STEPS) for v in range(count)]
+    return torch.stack([mel[s:s + audio.WINDOW_STEPS].T for s in starts])[:, None]
+
+
+def audio_features(encoder: AudioEncoder, windows: torch.Tensor, frames: list[int]) -> torch.Tensor:
+    """SPEC §5 features [B,32,16,16] of the given frames; the encoder runs once on every window they need."""
+    count = windows.shape[0]
+    rows = torch.tensor([[r for r in range(t - 8, t + 8)] for t in frames])  # rows of P = [e0, e0, e1.., eD-1, eD-1]
+    valid = (rows >= 0) & (rows < count + 2)
+    window_of = (rows - 1).clamp(0, count - 1)
+    needed, inverse = torch.unique(window_of[valid], return_inverse=True)
+    embeddings = encoder(windows[needed.to(windows.device)])
+    block = embeddings.new_zeros(len(frames), 16, embeddings.shape[1])
+    block[valid.to(block.device)] = embeddings[inverse.to(block.device)]
+    return block.reshape(len(frames), 32, 16, 16)
+
+
+def visual_input(rois: torch.Tensor, frames: list[int], references: torch.Tensor, variant: str = "328"
+                 ) -> torch.Tensor:
+    """Generator input [B,6,S,S] BGR in [0,1]: the reference ROIs (uint8 RGB) and the targets' ROIs masked
+    (SPEC §7.3 3–4)."""
+    masked = rois[frames].flip(1).clone()
+    rows, cols = MASK_SLICES[variant]
+    masked[:, :, rows, cols] = 0
+    return torch.cat([references.flip(1), masked], 1).float().div_(255.0)
+
+
+def idle_rois(frames: list[int]) -> torch.Tensor:
+    """The presenter's own ROIs of these frames with the mouth shut — the avatar's frames at inference."""
+    out = []
+    for t in frames:
+        x1, y1, x2, y2 = presenter.crop_rect(t)
+        image = torch.from_numpy(presenter.render(t)).permute(2, 0, 1)
+        crop = resize_bicubic(image[:, y1:y2, x1:x2].contiguous(), (TEMPLATE, TEMPLATE))
+        out.append(crop[:, TEMPLATE_BORDER:TEMPLATE_BORDER + SIZE, TEMPLATE_BORDER:TEMPLATE_BORDER + SIZE])
+    return torch.stack(out)
+
+
+def shut_references(openness: list[float], count: int) -> dict[int, list[int]]:
+    """Per pose (t mod POSE_PERIOD), the dataset's frames in that pose whose mouth is shut (the oracle's openness
+    below 0.02: pauses between and within sentences) — what the avatar's own frame is at inference."""
+    by_pose: dict[int, list[int]] = {}
+    for t in range(count):
+        if openness[t] < 0.02:
+            by_pose.setdefault(t % presenter.POSE_PERIOD, []).append(t)
+    return by_pose
+
+
+def references_for(frames: list[int], count: int, shut: dict[int, list[int]], rng: random.Random) -> list[int]:
+    """For each frame, a frame in the same pose with the mouth shut (another same-pose frame if none is shut)."""
+    out = []
+    for t in frames:
+        choices = shut.get(t % presenter.POSE_PERIOD) or list(range(t % presenter.POSE_PERIOD, count,
+                                                                    presenter.POSE_PERIOD))
+        out.append(rng.choice(choices))
+    return out
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_fp16(generator: Generator, encoder: AudioEncoder, out: Path) -> dict[str, int]:
+    """fp16 state dicts: generator_328.pth and audio_visual_encoder.pth (keys without the `audio_encoder.` prefix,
+    as SyncTalk_2D stores them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    gen = {k: v.half() if v.is_floating_point() else v for k, v in generator.state_dict().items()}
+    enc = {k.removeprefix("audio_encoder."): v.half() if v.is_floating_point() else v
+           for k, v in encoder.state_dict().items()}
+    torch.save(gen, out / "generator_328.pth")
+    torch.save(enc, out / "audio_visual_encoder.pth")
+    return {name: (out / name).stat().st_size for name in ("generator_328.pth", "audio_visual_encoder.pth")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="out/presenter/train")
+    parser.add_argument("--eval-data", default="out/presenter/eval", help="held-out set for the logged eval loss")
+    parser.add_argument("--out", default="assets/demo_model")
+    parser.add_argument("--log", default="benchmarks/results/demo-model/train-log.jsonl")
+    parser.add_argument("--steps", type=int, default=850)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--mouth-weight", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--max-frames", type=int, default=0, help="use only the first N frames (quick checks)")
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="also save to --checkpoint-dir every N steps")
+    parser.add_argument("--checkpoint-dir", default="out/demo_model_checkpoint")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    data, eval_data = Path(args.data), Path(args.eval_data)
+    started = time.perf_counter()
+    rois, windows = load_rois(data, args.max_frames), mel_windows(data).to(device)
+    eval_rois, eval_windows = load_rois(eval_data, args.max_frames), mel_windows(eval_data).to(device)
+    count = rois.shape[0]
+    shut = shut_references(json.loads((data / "mouth.json").read_text())["openness"], count)
+    print(f"data: {count} training frames, {eval_rois.shape[0]} held-out ({time.perf_counter() - started:.0f} s)",
+          flush=True)
+    generator, encoder = Generator("328").to(device), AudioEncoder().to(device)
+    if device.type == "cpu":
+        generator = generator.to(memory_format=torch.channels_last)
+    params = list(generator.parameters()) + list(encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    bf16 = device.type == "cuda" or cpu_bf16_supported()
+    log_path = Path(args.log)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")
+    log.write(json.dumps({"event": "start", "args": vars(args), "frames": count, "bf16": bf16,
+                          "poses_with_shut_references": len(shut),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()}) + "\n")
+    eval_frames = list(range(8, eval_rois.shape[0] - 8, max(1, eval_rois.shape[0] // 32)))[:32]
+    eval_start = json.loads((eval_data / "mouth.json").read_text())["start_frame"]
+    eval_references = idle_rois([eval_start + t for t in eval_frames])
+
+    def loss_of(rois_, windows_, frames, references) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = visual_input(rois_, frames, references).to(device)
+        if device.type == "cpu":
+            visual = visual.contiguous(memory_format=torch.channels_last)
+        target = rois_[frames].flip(1).float().div(255.0).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            predicted = generator(visual, audio_features(encoder, windows_, frames)).float()
+        error = (predicted - target).abs()
+        rows, cols = MOUTH_ZONE
+        return error.mean(), error[:, :, rows, cols].mean()
+
+    train_start = time.perf_counter()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        frames = [rng.randrange(count) for _ in range(args.batch)]
+        whole, mouth = loss_of(rois, windows, frames, rois[references_for(frames, count, shut, rng)])
+        loss = whole + args.mouth_weight * mouth
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            record = {"step": step, "loss": round(loss.item(), 5), "l1": round(whole.item(), 5),
+                      "mouth_l1": round(mouth.item(), 5), "lr": optimizer.param_groups[0]["lr"],
+                      "minutes": round((time.perf_counter() - train_start) / 60, 2)}
+            if step % (4 * args.log_every) == 0 or step == args.steps - 1:
+                generator.eval(), encoder.eval()
+                with torch.no_grad():  # held-out voice and sentences; the reference is the same pose, mouth shut
+                    whole_e, mouth_e = loss_of(eval_rois, eval_windows, eval_frames, eval_references)
+                record.update(eval_l1=round(whole_e.item(), 5), eval_mouth_l1=round(mouth_e.item(), 5))
+                generator.train(), encoder.train()
+            print(json.dumps(record), flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if args.checkpoint_every and step and step % args.checkpoint_every == 0:
+            save_fp16(generator, encoder, Path(args.checkpoint_dir))
+    generator.eval(), encoder.eval()
+    sizes = save_fp16(generator.to(memory_format=torch.contiguous_format).cpu(), encoder.cpu(), Path(args.out))
+    minutes = (time.perf_counter() - started) / 60
+    log.write(json.dumps({"event": "done", "minutes_total": round(minutes, 2), "files": sizes}) + "\n")
+    log.close()
+    print(f"trained in {minutes:.1f} min (data loading included); wrote {args.out}: {sizes}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
