@@ -99,7 +99,7 @@ _BASES: dict[int, np.ndarray] = {}  # frame t % POSE_PERIOD without its mouth
 
 
 def _base(t: int) -> np.ndarray:
-    """Everything but the mouth (float RGB), cached per pose (a full period is ~0.4 GB)."""
+    """Everything but the mouth (uint8 RGB), cached per pose (a full period is ~0.4 GB; `forget_poses` frees it)."""
     key = t % POSE_PERIOD
     if key in _BASES:
         return _BASES[key]
@@ -132,8 +132,13 @@ def _base(t: int) -> np.ndarray:
         paint((_ellipse(xx, yy, ex, ey - 30, 30, 7) <= 1) & (yy < ey - 28), HAIR)
     paint(_ellipse(xx, yy, cx, cy + 0.16 * ry, 15, 30) <= 1, SKIN * 0.86)  # nose
     paint(_ellipse(xx, yy, cx, cy + 0.27 * ry, 20, 8) <= 1, SKIN * 0.8)
-    _BASES[key] = img
-    return img
+    _BASES[key] = img.clip(0, 255).astype(np.uint8)
+    return _BASES[key]
+
+
+def forget_poses() -> None:
+    """Free the cached poses."""
+    _BASES.clear()
 
 
 def render(t: int, openness: float = 0.0, width: float = 0.5) -> np.ndarray:
@@ -148,12 +153,12 @@ def render(t: int, openness: float = 0.0, width: float = 0.5) -> np.ndarray:
     half_w = 150.0 * (0.33 + 0.12 * (width - 0.5)) * (1 - 0.15 * openness)
     inside_h = 1.6 + 30 * openness
     centre = my + 0.3 * inside_h
-    box[_ellipse(xx, yy, mx, centre, half_w + 5, inside_h + 10) <= 1] = LIPS
+    box[_ellipse(xx, yy, mx, centre, half_w + 5, inside_h + 10) <= 1] = LIPS.astype(np.uint8)
     inside = _ellipse(xx, yy, mx, centre, half_w * 0.86, inside_h) <= 1
-    box[inside] = INSIDE
+    box[inside] = INSIDE.astype(np.uint8)
     if openness > 0.12:
-        box[inside & (yy < centre - 0.62 * inside_h + 3)] = TEETH
-    return img.clip(0, 255).astype(np.uint8)
+        box[inside & (yy < centre - 0.62 * inside_h + 3)] = TEETH.astype(np.uint8)
+    return img
 
 
 # --------------------------------------------------------------------------- reading a mouth back
@@ -192,4 +197,5 @@ def write_avatar(out_dir: str | Path, frames: int = POSE_PERIOD) -> Path:
         write_jpeg(image, str(out / f"frame_{t:04d}.jpg"), quality=92)
         rects.append(crop_rect(t))
     (out / "crop_rects.json").write_text(json.dumps(rects))
+    forget_poses()  # a server that drew its demo avatar keeps no 0.4 GB cache
     return out
