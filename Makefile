@@ -12,7 +12,7 @@ setup: $(STAMP) $(STUBS)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 $(STUBS): protos/lipsync/v1/lipsync.proto protos/monolithic.proto $(STAMP)
