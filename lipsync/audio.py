@@ -354,6 +354,13 @@ def features_from_rows(rows: Tensor) -> Tensor:
     return blocks.transpose(1, 2).reshape(-1, 32, 16, 16)
 
 
+def context_embeddings(frame: int, windows: int) -> list[int]:
+    """§5 steps 2–3 for output frame `frame` of an utterance of D = `windows` embeddings: for each of its 16 rows
+    P[frame−8 … frame+7], the embedding it holds (P[r] = e[clamp(r − 1, 0, D − 1)]), or −1 for a zero row."""
+    return [min(max(r - 1, 0), windows - 1) if 0 <= r < windows + 2 else -1
+            for r in range(frame - CONTEXT_BEFORE, frame + CONTEXT_AFTER)]
+
+
 def final_windows(mel_frames: int) -> int:
     """How many windows v have all 16 mel frames among the first `mel_frames` (no end clamp can move them)."""
     spare = mel_frames - WINDOW_STEPS

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.io import encode_jpeg
+from torchvision.io import decode_jpeg, encode_jpeg
 
 MIN_QUALITY, MAX_QUALITY = 1, 100
 
@@ -21,3 +21,8 @@ def encode_frames(frames: Tensor, quality: int = 75) -> list[bytes]:
     for n in sizes:
         offsets.append(offsets[-1] + n)
     return [blob[a:b] for a, b in zip(offsets, offsets[1:])]
+
+
+def decode_rgb(jpeg: bytes) -> Tensor:
+    """JPEG bytes (a frame the server sent) → contiguous uint8 RGB [H,W,3] on the CPU, for media libraries."""
+    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)).permute(1, 2, 0).contiguous()

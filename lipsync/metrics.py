@@ -58,14 +58,23 @@ class _StateCollector:
         except Exception:
             return None
 
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (GaugeMetricFamily("lipsync_queue_frames", "Frames waiting for the generator", labels=["model"]),
+                GaugeMetricFamily("lipsync_loaded_models", "Loaded models", labels=["device"]),
+                GaugeMetricFamily("lipsync_device_memory_bytes", "Memory measured for loaded models",
+                                  labels=["device"]))
+
+    def describe(self):
+        """The families without values: what registering asks for. Without it the registry would call `collect`
+        on the event loop's own thread, which waits for that thread (a 5 s stall at every start)."""
+        return self._families()
+
     def collect(self):
         state = self._take()
         if state is None:
             return
-        queue = GaugeMetricFamily("lipsync_queue_frames", "Frames waiting for the generator", labels=["model"])
-        loaded = GaugeMetricFamily("lipsync_loaded_models", "Loaded models", labels=["device"])
-        memory = GaugeMetricFamily("lipsync_device_memory_bytes", "Memory measured for loaded models",
-                                   labels=["device"])
+        queue, loaded, memory = self._families()
         for name, frames in state["queue"].items():
             queue.add_metric([name], frames)
         for device, count in state["loaded"].items():

@@ -29,12 +29,12 @@ import torch
 from aiohttp import web
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from torchvision.io import decode_jpeg
 
 from . import audio
 from ._proto import lipsync_pb2 as pb
 from ._proto import lipsync_pb2_grpc as pb_grpc
 from .client import Credentials, channel, open_stream, routing
+from .jpeg import decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -154,66 +154,67 @@ class SpeechGate:
 
 # --------------------------------------------------------------------------- session frames → WebRTC tracks
 def jpeg_to_video_frame(jpeg: bytes, index: int) -> av.VideoFrame:
-    rgb = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)).permute(1, 2, 0).contiguous()
-    frame = av.VideoFrame.from_ndarray(rgb.numpy(), format="rgb24")
+    frame = av.VideoFrame.from_ndarray(decode_rgb(jpeg).numpy(), format="rgb24")
     frame.pts, frame.time_base = index * VIDEO_CLOCK // audio.FPS, fractions.Fraction(1, VIDEO_CLOCK)
     return frame
 
 
-class SessionVideoTrack(MediaStreamTrack):
-    """The session's frames as a video track: the encoder takes them as they arrive (the server paces them)."""
-    kind = "video"
+class QueuedTrack(MediaStreamTrack):
+    """A track fed by the session reader: at most `backlog` items wait for the encoder; beyond, the oldest is
+    dropped (counted), so a slow peer sees a skip rather than a growing delay."""
 
     def __init__(self, backlog: int):
         super().__init__()
-        self.frames: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
-        self.backlog, self.dropped, self.sent = backlog, 0, 0
-        self.decode_ms = 0.0  # JPEG → frame, mean
+        self.items: asyncio.Queue = asyncio.Queue()
+        self.backlog, self.dropped = backlog, 0
 
-    def put(self, index: int, jpeg: bytes) -> None:
-        while self.frames.qsize() >= self.backlog:
-            self.frames.get_nowait()
+    def put(self, item) -> None:
+        while self.items.qsize() >= self.backlog:
+            self.items.get_nowait()
             self.dropped += 1
-        self.frames.put_nowait((index, jpeg))
+        self.items.put_nowait(item)
 
     def end(self) -> None:
-        self.frames.put_nowait(None)
+        self.items.put_nowait(None)
 
-    async def recv(self) -> av.VideoFrame:
-        item = await self.frames.get()
+    async def next_item(self):
+        """The next item; the track stops once the session ended or the peer went away."""
+        item = await self.items.get()
         if item is None or self.readyState != "live":
             self.stop()
             raise MediaStreamError
+        return item
+
+
+class SessionVideoTrack(QueuedTrack):
+    """The session's frames, (index, JPEG) items, as a video track: the encoder takes them as they arrive (the server
+    paces them)."""
+    kind = "video"
+
+    def __init__(self, backlog: int):
+        super().__init__(backlog)
+        self.sent = 0
+        self.decode_ms = 0.0  # JPEG → frame, mean
+
+    async def recv(self) -> av.VideoFrame:
+        index, jpeg = await self.next_item()
         started = time.perf_counter()
-        frame = await asyncio.to_thread(jpeg_to_video_frame, item[1], item[0])
+        frame = await asyncio.to_thread(jpeg_to_video_frame, jpeg, index)
         self.sent += 1
         self.decode_ms += ((time.perf_counter() - started) * 1e3 - self.decode_ms) / min(self.sent, 100)
         return frame
 
 
-class SessionAudioTrack(MediaStreamTrack):
-    """The audio the session's frames carry (40 ms each, silence while idle) as an audio track."""
+class SessionAudioTrack(QueuedTrack):
+    """The audio the session's frames carry (40 ms of s16le each, silence while idle) as an audio track."""
     kind = "audio"
 
     def __init__(self, rate: int, backlog: int):
-        super().__init__()
-        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.rate, self.backlog, self.samples, self.dropped = rate, backlog, 0, 0
-
-    def put(self, pcm: bytes) -> None:
-        while self.chunks.qsize() >= self.backlog:
-            self.chunks.get_nowait()
-            self.dropped += 1
-        self.chunks.put_nowait(pcm)
-
-    def end(self) -> None:
-        self.chunks.put_nowait(None)
+        super().__init__(backlog)
+        self.rate, self.samples = rate, 0
 
     async def recv(self) -> av.AudioFrame:
-        pcm = await self.chunks.get()
-        if pcm is None or self.readyState != "live":
-            self.stop()
-            raise MediaStreamError
+        pcm = await self.next_item()
         frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, np.int16).reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = self.rate, self.samples, fractions.Fraction(1, self.rate)
         self.samples += frame.samples
@@ -301,7 +302,7 @@ class BrowserSession:
                 scheduled = now - frame.index * interval  # the session's start, as this frame's arrival implies
                 self.first_arrival = scheduled if self.first_arrival is None else min(self.first_arrival, scheduled)
                 self.lag_ms = (now - self.first_arrival - frame.index * interval) * 1e3
-                self.video.put(frame.index, frame.jpeg)
+                self.video.put((frame.index, frame.jpeg))
                 self.audio.put(frame.audio)
                 kind = pb.FrameKind.Name(frame.kind).lower()
                 self.counts[kind] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,18 @@ def synctalk_dataset(tmp_path_factory) -> Path:
 def speech() -> torch.Tensor:
     from lipsync.audio import load_wav
     return load_wav(SPEECH)
+
+
+@pytest.fixture(scope="session")
+def speech_1s_wav(tmp_path_factory, speech) -> Path:
+    """The first second of assets/speech.wav as a 16 kHz s16 WAV: enough speech for CLI round trips."""
+    import wave
+
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(16000)
+        out.writeframes((speech[:16000].numpy() * 32767).astype(np.int16).tobytes())
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lipsync import presenter
-from lipsync.audio import load_wav
+from lipsync.audio import frame_features, load_wav
 from lipsync.config import SOURCE_ROOT
 from lipsync.engines import EngineConfig
 from lipsync.models import load_audio_encoder, load_generator, parameter_count
@@ -91,3 +91,24 @@ def test_mouth_follows_each_sound_of_held_out_speech(spoken):
 def test_silence_keeps_the_mouth_shut(demo):
     predicted, _ = openness(demo, torch.zeros(16000))
     assert (predicted < SHUT).all(), predicted.round(3)
+
+
+def test_training_features_are_the_servers():
+    """The recipe's batched features (train/train.py, encoder run on just the windows a batch needs) equal
+    lipsync.audio.frame_features's for the same frames, edges included: the model learns what it will be served."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_train", SOURCE_ROOT / "train" / "train.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    encoder = load_audio_encoder(MODEL / "audio_visual_encoder.pth").eval()
+    wave = load_wav(HELDOUT)
+    windows = recipe.mel_windows_of(wave)
+    served = frame_features(wave, encoder)
+    frames = [0, 1, 7, 8, 9, 30, served.shape[0] - 2, served.shape[0] - 1]
+    with torch.no_grad():
+        trained = recipe.audio_features(encoder, windows, frames)
+    assert served.shape[0] == windows.shape[0] + 2
+    rows = trained.reshape(len(frames), 16, 512)
+    assert torch.equal(rows.abs().sum(2) == 0, served[frames].reshape(len(frames), 16, 512).abs().sum(2) == 0)
+    torch.testing.assert_close(trained, served[frames], rtol=1e-5, atol=1e-5)  # batch composition may round

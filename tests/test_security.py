@@ -289,16 +289,16 @@ def test_metrics_need_the_scrape_token(guarded, pki):
     assert 'lipsync_auth_failures_total{code="UNAUTHENTICATED"}' in text
 
 
-def test_cli_client_over_mutual_tls_with_a_token_from_the_environment(guarded, pki):
+def test_cli_client_over_mutual_tls_with_a_token_from_the_environment(guarded, pki, speech_1s_wav):
     env = {**os.environ, "LIPSYNC_TOKEN": INFER}
     done = subprocess.run([sys.executable, "-m", "lipsync", "client", "--server", guarded.target, "--model", "tiny",
-                           "--audio", str(ROOT / "assets" / "speech.wav"), "--tls-ca", str(pki["a"] / "ca.pem"),
+                           "--audio", str(speech_1s_wav), "--tls-ca", str(pki["a"] / "ca.pem"),
                            "--tls-cert", str(pki["a"] / "client.pem"), "--tls-key", str(pki["a"] / "client.key")],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout[done.stdout.index("{"):])["frames"] > 0
     refused = subprocess.run([sys.executable, "-m", "lipsync", "client", "--server", guarded.target, "--model", "tiny",
-                              "--audio", str(ROOT / "assets" / "speech.wav"), "--tls-ca", str(pki["a"] / "ca.pem"),
+                              "--audio", str(speech_1s_wav), "--tls-ca", str(pki["a"] / "ca.pem"),
                               "--tls-cert", str(pki["a"] / "client.pem"), "--tls-key", str(pki["a"] / "client.key")],
                              capture_output=True, text=True, timeout=120, env={**os.environ, "LIPSYNC_TOKEN": ""},
                              cwd=ROOT)
@@ -397,11 +397,9 @@ def test_check_warns_about_an_open_port():
         "anyone who can reach this port can call every RPC, including LoadModel and UnloadModel")
 
 
-def test_the_readme_security_setup(tmp_path, weights, tiny_avatar, speech):
+def test_the_readme_security_setup(tmp_path, weights, tiny_avatar, speech_1s_wav):
     """The README's Security block, command by command: certificates and tokens as written; the server and client
     lines with a free port, the tiny model and a short WAV."""
-    import wave
-
     text = (ROOT / "README.md").read_text()
     block = text[text.index("## Security"):]
     block = block[block.index("```bash\n") + 8:]
@@ -416,10 +414,8 @@ def test_the_readme_security_setup(tmp_path, weights, tiny_avatar, speech):
     args = serve.split()[2:] + ["models=none", model_override("tiny", weights, tiny_avatar)]
     srv = ServerProcess(args, tmp_path, cwd=tmp_path)
     try:
-        with wave.open(str(tmp_path / "speech.wav"), "wb") as out:
-            out.setnchannels(1), out.setsampwidth(2), out.setframerate(16000)
-            out.writeframes((speech[:16000].numpy() * 32767).astype(np.int16).tobytes())
-        line = client.replace("localhost:50051", f"localhost:{srv.port}").replace("assets/speech.wav", "speech.wav")
+        line = client.replace("localhost:50051", f"localhost:{srv.port}").replace("assets/speech.wav",
+                                                                                   str(speech_1s_wav))
         done = subprocess.run(["bash", "-c", line + " --model tiny"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -6,9 +6,12 @@ Recipe (seeded; every number is a flag):
   input, and the reference input is the ROI of a frame in the same pose (t mod POSE_PERIOD) whose mouth is shut
   (a pause in the recording) — as at inference, where the reference is the avatar's own frame, mouth shut, so the
   mouth can only come from the audio;
-- the audio input is SPEC §5's features of frame t from the audio encoder, trained jointly (BatchNorm in
-  training mode over the batch's windows);
-- loss: L1 over the ROI plus `mouth_weight` × L1 over the mouth's zone;
+- the audio encoder is first taught alone (`--pretrain-steps`, cheap: mel windows only) to say the oracle's
+  openness and width of the video frame at each window's centre through a linear head, so its embeddings carry the
+  mouth shape before the generator ever sees them; then it trains jointly with the generator on SPEC §5's
+  features of frame t (BatchNorm in training mode over the batch's windows), the head's loss kept as an auxiliary
+  term over random windows (`--aux-weight`, `--aux-batch`) so the embeddings stay tied to the mouth;
+- loss: L1 over the ROI plus `mouth_weight` × L1 over the mouth's zone (plus the auxiliary term);
 - AdamW, linear warm-up then cosine decay; bf16 autocast where the device has it.
 
     python train/train.py --data out/presenter/train --out assets/demo_model \
@@ -36,6 +39,7 @@ from lipsync.models import AudioEncoder, Generator  # noqa: E402
 
 SIZE, TEMPLATE = 320, 328
 MOUTH_ZONE = (slice(60, 200), slice(70, 250))  # rows, columns of the ROI around the presenter's mouth
+CENTRE_OFFSET = 2  # mel window v is centred on video frame v + 2
 
 
 def load_rois(data: Path, limit: int = 0, progress: bool = True) -> torch.Tensor:
@@ -58,7 +62,12 @@ def load_rois(data: Path, limit: int = 0, progress: bool = True) -> torch.Tensor
 
 def mel_windows(data: Path) -> torch.Tensor:
     """SPEC §2–§3 windows of the dataset's audio: [D, 1, 80, 16]."""
-    mel = audio.melspectrogram(audio.load_wav(data / "aud.wav"))
+    return mel_windows_of(audio.load_wav(data / "aud.wav"))
+
+
+def mel_windows_of(wave: torch.Tensor) -> torch.Tensor:
+    """SPEC §2–§3 windows of 16 kHz speech: [D, 1, 80, 16]."""
+    mel = audio.melspectrogram(wave)
     count = audio.window_count(mel.shape[0])
     starts = [min(audio.window_start(v), mel.shape[0] - audio.WINDOW_STEPS) for v in range(count)]
     return torch.stack([mel[s:s + audio.WINDOW_STEPS].T for s in starts])[:, None]
@@ -66,15 +75,62 @@ def mel_windows(data: Path) -> torch.Tensor:
 
 def audio_features(encoder: AudioEncoder, windows: torch.Tensor, frames: list[int]) -> torch.Tensor:
     """SPEC §5 features [B,32,16,16] of the given frames; the encoder runs once on every window they need."""
-    count = windows.shape[0]
-    rows = torch.tensor([[r for r in range(t - 8, t + 8)] for t in frames])  # rows of P = [e0, e0, e1.., eD-1, eD-1]
-    valid = (rows >= 0) & (rows < count + 2)
-    window_of = (rows - 1).clamp(0, count - 1)
-    needed, inverse = torch.unique(window_of[valid], return_inverse=True)
+    rows = torch.tensor([audio.context_embeddings(t, windows.shape[0]) for t in frames])  # [B,16], −1: zero row
+    valid = rows >= 0
+    needed, inverse = torch.unique(rows[valid], return_inverse=True)
     embeddings = encoder(windows[needed.to(windows.device)])
     block = embeddings.new_zeros(len(frames), 16, embeddings.shape[1])
     block[valid.to(block.device)] = embeddings[inverse.to(block.device)]
     return block.reshape(len(frames), 32, 16, 16)
+
+
+def centred_targets(mouth: dict, windows: int) -> torch.Tensor:
+    """Per mel window v, the oracle's (openness, width) of the video frame at its centre: window v covers
+    [40·v, 40·v + 200) ms, whose middle is frame v + 2's."""
+    frames = len(mouth["openness"])
+    centre = [min(v + CENTRE_OFFSET, frames - 1) for v in range(windows)]
+    return torch.tensor([[mouth["openness"][f], mouth["width"][f]] for f in centre], dtype=torch.float32)
+
+
+def head_correlation(encoder: AudioEncoder, head: torch.nn.Linear, windows: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[float, float]:
+    """Correlation of the head's openness with the oracle's on these windows: all, and speech only."""
+    with torch.no_grad():
+        said = torch.cat([head(encoder(chunk))[:, 0] for chunk in windows.split(1024)]).cpu()
+    truth = targets[:, 0]
+    speech = truth >= 0.02
+    corr = [float(torch.corrcoef(torch.stack([said[m], truth[m]]))[0, 1]) for m in (truth >= 0, speech)]
+    return round(corr[0], 4), round(corr[1], 4)
+
+
+def pretrain_encoder(encoder: AudioEncoder, windows: torch.Tensor, targets: torch.Tensor, eval_windows: torch.Tensor,
+                     eval_targets: torch.Tensor, steps: int, batch: int, lr: float, log) -> torch.nn.Linear:
+    """Teach the encoder (plus a linear head) the oracle's mouth shape per window; returns the head."""
+    head = torch.nn.Linear(512, 2).to(windows.device)
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    started = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, max(1, steps // 20))
+        pick = torch.randint(0, windows.shape[0], (batch,), generator=generator).to(windows.device)
+        loss = torch.nn.functional.mse_loss(head(encoder(windows[pick])), targets[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            record = {"pretrain_step": step, "loss": round(loss.item(), 6),
+                      "minutes": round((time.perf_counter() - started) / 60, 2)}
+            if step % 500 == 0 or step == steps - 1:
+                encoder.eval()
+                record["eval_openness_corr"], record["eval_speech_openness_corr"] = head_correlation(
+                    encoder, head, eval_windows, eval_targets)
+                encoder.train()
+            print(json.dumps(record), flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    return head
 
 
 def visual_input(rois: torch.Tensor, frames: list[int], references: torch.Tensor, variant: str = "328"
@@ -148,6 +204,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--mouth-weight", type=float, default=4.0)
+    parser.add_argument("--pretrain-steps", type=int, default=1500, help="encoder-alone steps on the oracle")
+    parser.add_argument("--pretrain-batch", type=int, default=128)
+    parser.add_argument("--pretrain-lr", type=float, default=2e-3)
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="the encoder head's loss in joint training")
+    parser.add_argument("--aux-batch", type=int, default=64, help="windows per step for the auxiliary term")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -166,14 +227,15 @@ def main() -> None:
     rois, windows = load_rois(data, args.max_frames), mel_windows(data).to(device)
     eval_rois, eval_windows = load_rois(eval_data, args.max_frames), mel_windows(eval_data).to(device)
     count = rois.shape[0]
-    shut = shut_references(json.loads((data / "mouth.json").read_text())["openness"], count)
+    mouth = json.loads((data / "mouth.json").read_text())
+    shut = shut_references(mouth["openness"], count)
+    targets = centred_targets(mouth, windows.shape[0]).to(device)
+    eval_targets = centred_targets(json.loads((eval_data / "mouth.json").read_text()), eval_windows.shape[0])
     print(f"data: {count} training frames, {eval_rois.shape[0]} held-out ({time.perf_counter() - started:.0f} s)",
           flush=True)
     generator, encoder = Generator("328").to(device), AudioEncoder().to(device)
     if device.type == "cpu":
         generator = generator.to(memory_format=torch.channels_last)
-    params = list(generator.parameters()) + list(encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     bf16 = device.type == "cuda" or cpu_bf16_supported()
     log_path = Path(args.log)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +243,10 @@ def main() -> None:
     log.write(json.dumps({"event": "start", "args": vars(args), "frames": count, "bf16": bf16,
                           "poses_with_shut_references": len(shut),
                           "torch": torch.__version__, "threads": torch.get_num_threads()}) + "\n")
+    head = pretrain_encoder(encoder, windows, targets, eval_windows, eval_targets.to(device), args.pretrain_steps,
+                            args.pretrain_batch, args.pretrain_lr, log)
+    params = list(generator.parameters()) + list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     eval_frames = list(range(8, eval_rois.shape[0] - 8, max(1, eval_rois.shape[0] // 32)))[:32]
     eval_start = json.loads((eval_data / "mouth.json").read_text())["start_frame"]
     eval_references = idle_rois([eval_start + t for t in eval_frames])
@@ -201,15 +267,18 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         frames = [rng.randrange(count) for _ in range(args.batch)]
-        whole, mouth = loss_of(rois, windows, frames, rois[references_for(frames, count, shut, rng)])
-        loss = whole + args.mouth_weight * mouth
+        whole, mouth_l1 = loss_of(rois, windows, frames, rois[references_for(frames, count, shut, rng)])
+        picks = torch.tensor([rng.randrange(windows.shape[0]) for _ in range(args.aux_batch)], device=device)
+        aux = torch.nn.functional.mse_loss(head(encoder(windows[picks])), targets[picks])
+        loss = whole + args.mouth_weight * mouth_l1 + args.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % args.log_every == 0 or step == args.steps - 1:
             record = {"step": step, "loss": round(loss.item(), 5), "l1": round(whole.item(), 5),
-                      "mouth_l1": round(mouth.item(), 5), "lr": optimizer.param_groups[0]["lr"],
+                      "mouth_l1": round(mouth_l1.item(), 5),
+                      "aux": round(aux.item(), 6), "lr": optimizer.param_groups[0]["lr"],
                       "minutes": round((time.perf_counter() - train_start) / 60, 2)}
             if step % (4 * args.log_every) == 0 or step == args.steps - 1:
                 generator.eval(), encoder.eval()

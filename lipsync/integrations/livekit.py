@@ -11,14 +11,13 @@ import asyncio
 import itertools
 from typing import AsyncIterator
 
-import torch
 from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, VideoGenerator
-from torchvision.io import decode_jpeg
 
 from .._proto import lipsync_pb2 as pb
 from .._proto import lipsync_pb2_grpc as pb_grpc
 from ..client import Credentials, channel, open_stream, routing
+from ..jpeg import decode_rgb
 
 
 class LipsyncVideoGenerator(VideoGenerator):
@@ -49,7 +48,7 @@ class LipsyncVideoGenerator(VideoGenerator):
         self._responses = self._call.__aiter__()
         self.session = (await self._responses.__anext__()).session
         self._first = await self._responses.__anext__()  # frame 0: its size is the video's (AvatarOptions)
-        self.height, self.width = self._rgb(self._first.frame).shape[:2]
+        self.height, self.width = decode_rgb(self._first.frame.jpeg).shape[:2]
         return self.session
 
     async def _messages(self) -> AsyncIterator[pb.ConverseRequest]:
@@ -82,10 +81,6 @@ class LipsyncVideoGenerator(VideoGenerator):
     def __aiter__(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
         return self._frames()
 
-    @staticmethod
-    def _rgb(frame: pb.LiveFrame) -> torch.Tensor:
-        return decode_jpeg(torch.frombuffer(bytearray(frame.jpeg), dtype=torch.uint8)).permute(1, 2, 0)
-
     async def _responses_from_start(self) -> AsyncIterator[pb.ConverseResponse]:
         if self._first is not None:
             first, self._first = self._first, None
@@ -96,9 +91,8 @@ class LipsyncVideoGenerator(VideoGenerator):
     async def _frames(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
         async for response in self._responses_from_start():
             live = response.frame
-            rgb = self._rgb(live)
-            yield rtc.VideoFrame(rgb.shape[1], rgb.shape[0], rtc.VideoBufferType.RGB24, rgb.contiguous().numpy()
-                                 .tobytes())
+            rgb = decode_rgb(live.jpeg)
+            yield rtc.VideoFrame(rgb.shape[1], rgb.shape[0], rtc.VideoBufferType.RGB24, rgb.numpy().tobytes())
             if live.utterance_id and live.audio:  # an utterance's audio (idle frames carry silence: not sent)
                 yield rtc.AudioFrame(live.audio, self.session.output_sample_rate, 1, len(live.audio) // 2)
             for event in response.events:

@@ -14,18 +14,17 @@ import itertools
 
 import grpc
 import numpy as np
-import torch
 from av import AudioFrame, AudioResampler
 from pipecat.frames.frames import (CancelFrame, EndFrame, Frame, InterruptionFrame, OutputImageRawFrame, StartFrame,
                                    TTSAudioRawFrame, TTSStoppedFrame)
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
-from torchvision.io import decode_jpeg
 
 from .._proto import lipsync_pb2 as pb
 from .._proto import lipsync_pb2_grpc as pb_grpc
 from ..client import Credentials, channel, open_stream, routing
+from ..jpeg import decode_rgb
 
 
 class LipsyncVideoService(AIService):
@@ -162,8 +161,8 @@ class LipsyncVideoService(AIService):
         try:
             while (response := await self._call.read()) is not grpc.aio.EOF:
                 live = response.frame
-                rgb = decode_jpeg(torch.frombuffer(bytearray(live.jpeg), dtype=torch.uint8)).permute(1, 2, 0)
-                image = OutputImageRawFrame(image=rgb.contiguous().numpy().tobytes(),
+                rgb = decode_rgb(live.jpeg)
+                image = OutputImageRawFrame(image=rgb.numpy().tobytes(),
                                             size=(rgb.shape[1], rgb.shape[0]), format="RGB")
                 image.pts = int(live.pts_ms * 1e6)
                 await self.push_frame(image)
