@@ -9,13 +9,21 @@ Recipe (seeded; every number is a flag):
 - the audio encoder is first taught alone (`--pretrain-steps`, cheap: mel windows only) to say the oracle's
   openness and width of the video frame at each window's centre through a linear head, so its embeddings carry the
   mouth shape before the generator ever sees them; then it trains jointly with the generator on SPEC §5's
-  features of frame t (BatchNorm in training mode over the batch's windows), the head's loss kept as an auxiliary
-  term over random windows (`--aux-weight`, `--aux-batch`) so the embeddings stay tied to the mouth;
+  features of frame t (BatchNorm in training mode over the batch's windows) at a tenth of the generator's learning
+  rate (`--encoder-lr-scale`), the head's loss kept as an auxiliary term over random windows (`--aux-weight`,
+  `--aux-batch`) so the embeddings stay tied to the mouth;
 - loss: L1 over the ROI plus `mouth_weight` × L1 over the mouth's zone (plus the auxiliary term);
 - AdamW, linear warm-up then cosine decay; bf16 autocast where the device has it.
 
+A second, short stage (`--init` the first stage's weights, `--freeze-encoder`, `--edge-share`) shows the generator
+the zero feature rows of SPEC §5 at utterance edges — rare in one long recording, common in served utterances — so
+a frame's mouth does not depend on where its utterance began or ends.
+
     python train/train.py --data out/presenter/train --out assets/demo_model \
         --log benchmarks/results/demo-model/train-log.jsonl
+    python train/train.py --data out/presenter/train --out assets/demo_model --init assets/demo_model \
+        --freeze-encoder --edge-share 0.5 --steps 150 --lr 3e-4 --warmup 10 --checkpoint-every 0 \
+        --log benchmarks/results/demo-model/edges-log.jsonl
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from lipsync import audio, presenter  # noqa: E402
 from lipsync.avatar import MASK_SLICES, rect_from_landmarks  # noqa: E402
 from lipsync.compose import TEMPLATE_BORDER, resize_bicubic  # noqa: E402
 from lipsync.engines import cpu_bf16_supported  # noqa: E402
-from lipsync.models import AudioEncoder, Generator  # noqa: E402
+from lipsync.models import AudioEncoder, Generator, load_audio_encoder, load_generator  # noqa: E402
 
 SIZE, TEMPLATE = 320, 328
 MOUTH_ZONE = (slice(60, 200), slice(70, 250))  # rows, columns of the ROI around the presenter's mouth
@@ -82,6 +90,21 @@ def audio_features(encoder: AudioEncoder, windows: torch.Tensor, frames: list[in
     block = embeddings.new_zeros(len(frames), 16, embeddings.shape[1])
     block[valid.to(block.device)] = embeddings[inverse.to(block.device)]
     return block.reshape(len(frames), 32, 16, 16)
+
+
+def utterance_edges(features: torch.Tensor, share: float, rng: random.Random) -> torch.Tensor:
+    """For a `share` of the samples, the zero rows SPEC §5 gives frames at an utterance's start (1–8 leading rows)
+    or end (1–7 trailing rows), so the generator learns that they say nothing about the mouth."""
+    if share <= 0:
+        return features
+    rows = features.reshape(features.shape[0], 16, -1).clone()
+    for b in range(rows.shape[0]):
+        if rng.random() < share:
+            if rng.random() < 0.5:
+                rows[b, :rng.randint(1, 8)] = 0
+            else:
+                rows[b, 16 - rng.randint(1, 7):] = 0
+    return rows.reshape(features.shape)
 
 
 def centred_targets(mouth: dict, windows: int) -> torch.Tensor:
@@ -204,11 +227,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--mouth-weight", type=float, default=4.0)
-    parser.add_argument("--pretrain-steps", type=int, default=1500, help="encoder-alone steps on the oracle")
+    parser.add_argument("--pretrain-steps", type=int, default=450, help="encoder-alone steps on the oracle")
     parser.add_argument("--pretrain-batch", type=int, default=128)
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
-    parser.add_argument("--aux-weight", type=float, default=1.0, help="the encoder head's loss in joint training")
-    parser.add_argument("--aux-batch", type=int, default=64, help="windows per step for the auxiliary term")
+    parser.add_argument("--aux-weight", type=float, default=10.0, help="the encoder head's loss in joint training")
+    parser.add_argument("--encoder-lr-scale", type=float, default=0.1,
+                        help="the taught encoder's learning rate in joint training, relative to the generator's")
+    parser.add_argument("--aux-batch", type=int, default=32, help="windows per step for the auxiliary term")
+    parser.add_argument("--edge-share", type=float, default=0.0,
+                        help="share of samples given an utterance edge's zero feature rows")
+    parser.add_argument("--init", default="", help="start from this directory's weights (a second stage)")
+    parser.add_argument("--freeze-encoder", action="store_true",
+                        help="keep the audio encoder as loaded (no pre-training, no auxiliary term)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -233,7 +263,11 @@ def main() -> None:
     eval_targets = centred_targets(json.loads((eval_data / "mouth.json").read_text()), eval_windows.shape[0])
     print(f"data: {count} training frames, {eval_rois.shape[0]} held-out ({time.perf_counter() - started:.0f} s)",
           flush=True)
-    generator, encoder = Generator("328").to(device), AudioEncoder().to(device)
+    if args.init:
+        generator = load_generator(Path(args.init) / "generator_328.pth", device=device).train()
+        encoder = load_audio_encoder(Path(args.init) / "audio_visual_encoder.pth", device=device)
+    else:
+        generator, encoder = Generator("328").to(device), AudioEncoder().to(device)
     if device.type == "cpu":
         generator = generator.to(memory_format=torch.channels_last)
     bf16 = device.type == "cuda" or cpu_bf16_supported()
@@ -243,21 +277,29 @@ def main() -> None:
     log.write(json.dumps({"event": "start", "args": vars(args), "frames": count, "bf16": bf16,
                           "poses_with_shut_references": len(shut),
                           "torch": torch.__version__, "threads": torch.get_num_threads()}) + "\n")
-    head = pretrain_encoder(encoder, windows, targets, eval_windows, eval_targets.to(device), args.pretrain_steps,
-                            args.pretrain_batch, args.pretrain_lr, log)
-    params = list(generator.parameters()) + list(encoder.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    groups = [{"params": list(generator.parameters()), "scale": 1.0}]
+    if args.freeze_encoder:
+        head = None
+        encoder.eval().requires_grad_(False)
+    else:
+        head = pretrain_encoder(encoder, windows, targets, eval_windows, eval_targets.to(device),
+                                args.pretrain_steps, args.pretrain_batch, args.pretrain_lr, log)
+        groups.append({"params": list(encoder.parameters()) + list(head.parameters()),
+                       "scale": args.encoder_lr_scale})
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-4)
     eval_frames = list(range(8, eval_rois.shape[0] - 8, max(1, eval_rois.shape[0] // 32)))[:32]
     eval_start = json.loads((eval_data / "mouth.json").read_text())["start_frame"]
     eval_references = idle_rois([eval_start + t for t in eval_frames])
 
-    def loss_of(rois_, windows_, frames, references) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_of(rois_, windows_, frames, references, edges: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         visual = visual_input(rois_, frames, references).to(device)
         if device.type == "cpu":
             visual = visual.contiguous(memory_format=torch.channels_last)
         target = rois_[frames].flip(1).float().div(255.0).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            predicted = generator(visual, audio_features(encoder, windows_, frames)).float()
+            features = utterance_edges(audio_features(encoder, windows_, frames), edges, rng)
+            predicted = generator(visual, features).float()
         error = (predicted - target).abs()
         rows, cols = MOUTH_ZONE
         return error.mean(), error[:, :, rows, cols].mean()
@@ -265,11 +307,14 @@ def main() -> None:
     train_start = time.perf_counter()
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+            group["lr"] = group["scale"] * learning_rate(step, args.steps, args.lr, args.warmup)
         frames = [rng.randrange(count) for _ in range(args.batch)]
-        whole, mouth_l1 = loss_of(rois, windows, frames, rois[references_for(frames, count, shut, rng)])
-        picks = torch.tensor([rng.randrange(windows.shape[0]) for _ in range(args.aux_batch)], device=device)
-        aux = torch.nn.functional.mse_loss(head(encoder(windows[picks])), targets[picks])
+        whole, mouth_l1 = loss_of(rois, windows, frames, rois[references_for(frames, count, shut, rng)],
+                                  args.edge_share)
+        aux = torch.zeros((), device=device)
+        if head is not None:
+            picks = torch.tensor([rng.randrange(windows.shape[0]) for _ in range(args.aux_batch)], device=device)
+            aux = torch.nn.functional.mse_loss(head(encoder(windows[picks])), targets[picks])
         loss = whole + args.mouth_weight * mouth_l1 + args.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -285,7 +330,7 @@ def main() -> None:
                 with torch.no_grad():  # held-out voice and sentences; the reference is the same pose, mouth shut
                     whole_e, mouth_e = loss_of(eval_rois, eval_windows, eval_frames, eval_references)
                 record.update(eval_l1=round(whole_e.item(), 5), eval_mouth_l1=round(mouth_e.item(), 5))
-                generator.train(), encoder.train()
+                generator.train(), encoder.train(not args.freeze_encoder)
             print(json.dumps(record), flush=True)
             log.write(json.dumps(record) + "\n")
             log.flush()
