@@ -1,7 +1,7 @@
 """Engine latency and throughput: generator + audio encoder per backend × batch size × precision.
 
     python benchmarks/bench_engines.py --device cpu \
-        --backends eager-nchw:fp32,eager:fp32,eager:bf16,onnxruntime:fp32,compile:fp32 \
+        --backends eager-nchw:fp32,eager:fp32,eager:bf16,onnxruntime:fp32,openvino:fp32,openvino:bf16,compile:fp32 \
         --batches 1,2,4 --repeats 5 --out benchmarks/results/engines-cpu.json
     python benchmarks/bench_engines.py --device cuda --backends eager,compile,compile+cudagraphs,tensorrt \
         --precisions fp16
@@ -47,7 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backends", default="eager", help="comma list of eager, compile, compile+cudagraphs, "
-                                                            "tensorrt, onnxruntime, eager-nchw; BACKEND:PRECISION "
+                                                            "tensorrt, onnxruntime, openvino, eager-nchw; "
+                                                            "BACKEND:PRECISION "
                                                             "fixes the precision of one entry")
     parser.add_argument("--precisions", default="auto")
     parser.add_argument("--batches", default="1,8,24,32")

@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "onnxruntime",
-                                                                  "tensorrt"])
+                                                                  "openvino", "tensorrt"])
     parser.add_argument("--batches", default="1,8,24,32")
     parser.add_argument("--frames", type=int, default=0, help="frames per batch size (default: 4×batch on CPU, "
                                                               "32×batch on CUDA)")

@@ -443,7 +443,8 @@ class FeatureStream:
         lo, hi = first - CONTEXT_BEFORE, stop - 1 + CONTEXT_AFTER  # P rows [lo, hi) feed these frames
         rows_end = self.rows_start + self.rows.shape[0]
         take = self.rows[max(lo, 0) - self.rows_start:min(hi, rows_end) - self.rows_start]
-        block = torch.cat([self.rows.new_zeros(max(0, -lo), 512), take, self.rows.new_zeros(max(0, hi - rows_end), 512)])
+        block = torch.cat([self.rows.new_zeros(max(0, -lo), 512), take,
+                           self.rows.new_zeros(max(0, hi - rows_end), 512)])
         self.frames_done = stop
         drop = max(0, stop - CONTEXT_BEFORE - self.rows_start)
         self.rows, self.rows_start = self.rows[drop:], self.rows_start + drop

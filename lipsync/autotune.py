@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .engines import (Engine, EngineConfig, EngineError, build_engine, cache_key, cpu_bf16_supported,
-                      onnxruntime_available, sized, tensorrt_available)
+                      onnxruntime_available, openvino_available, sized, tensorrt_available)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def cpu_name() -> str:
 def machine_key(device: torch.device) -> dict[str, Any]:
     """Everything about this machine a measurement depends on."""
     versions: dict[str, Any] = {"torch": torch.__version__}
-    for module in ("onnxruntime", "torch_tensorrt"):
+    for module in ("onnxruntime", "openvino", "torch_tensorrt"):
         try:
             versions[module] = __import__(module).__version__
         except Exception:
@@ -73,6 +73,10 @@ def available(candidate: str, device: torch.device) -> tuple[bool, str]:
         return tensorrt_available()
     if backend == "onnxruntime":
         return onnxruntime_available() if device.type == "cpu" else (False, "CPU only")
+    if backend == "openvino" and device.type != "cpu":
+        return False, "CPU only"
+    if backend == "openvino" and not openvino_available()[0]:
+        return openvino_available()
     if device.type == "cpu" and precision == "bf16" and not cpu_bf16_supported():
         return False, "this CPU has no native bf16 (AVX512-BF16/AMX)"
     if device.type == "cpu" and precision == "fp16":
@@ -149,7 +153,8 @@ def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
         raise EngineError(f"{name}: no engine candidates configured for {device.type} (engine.candidates)")
     key = cache_key(machine=machine_key(device), model=key_parts, shapes=sample_shapes, candidates=candidates,
                     batches=batches, margin=config.tune_margin, gates=[config.tolerance, config.min_psnr_db],
-                    options=[config.channels_last, config.onnxruntime_threads, config.onnxruntime_spinning])
+                    options=[config.channels_last, config.onnxruntime_threads, config.onnxruntime_spinning,
+                             config.openvino_threads])
     cache = DecisionCache(config.cache_dir)
     decision = cache.get(key)
     if decision is not None:

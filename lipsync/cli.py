@@ -46,7 +46,8 @@ def add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="png", choices=["png", "jpeg"], help="frame format for --frames-out")
     p.add_argument("--quality", type=int, default=None, help="JPEG quality for --format jpeg (default: config)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "eager", "compile", "onnxruntime", "openvino", "tensorrt"])
     p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
     p.add_argument("--feather", type=int, default=0, help="feather the pasted square over N template pixels")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.max_batch=8")

@@ -4,6 +4,7 @@ Between decoded PCM and JPEG bytes every tensor stays on the model's device.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -109,8 +110,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, name: str, cfg: Any) -> "ModelSpec":
-        values = settings(cfg, (set(cls.__dataclass_fields__) | {"pinned", "device", "preload", "synthetic"}) - {"name"},
-                          f"model {name!r}")
+        known = (set(cls.__dataclass_fields__) | {"pinned", "device", "preload", "synthetic"}) - {"name"}
+        values = settings(cfg, known, f"model {name!r}")
         for key in ("checkpoint", "audio_encoder", "avatar"):
             if not values.get(key):
                 raise ValueError(f"model {name!r}: `{key}` is required")
@@ -166,6 +167,7 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     """Load checkpoints and avatar, build engines (measure, compile and warm up here), return a ready Pipeline.
     `micro_batch` None: measured with the engine (`auto` backend), else the engine's max batch."""
     device = pick_device(device)
+    configured = engine_config
     tune = engine_config.backend == "auto" and not spec.engine_file
     if not tune:
         micro_batch = micro_batch or engine_config.max_batch
@@ -194,13 +196,24 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     else:
         generator = build_engine(generator_net, shapes, engine_config, device, name, key, spec.engine_file, progress,
                                  probe=reference_input(avatar, shapes[1]))
-    encoder = build_engine(encoder_net, [(1, 80, 16)], engine_config, device, f"{spec.name}/audio_encoder",
-                           {"checkpoint": file_digest(spec.audio_encoder)}, None, progress)
+    encoder = build_engine(encoder_net, [(1, 80, 16)], encoder_config(configured, generator, device), device,
+                           f"{spec.name}/audio_encoder", {"checkpoint": file_digest(spec.audio_encoder)}, None,
+                           progress)
     pipeline = Pipeline(generator, encoder, avatar, device, micro_batch, spec.name, weights, spec.asr)
     log.info("model %s loaded on %s in %.1f s (%d avatar frames %dx%d, micro-batch %d)", spec.name, device,
              time.perf_counter() - t0, avatar.frame_count, avatar.frames.shape[3], avatar.frames.shape[2],
              micro_batch)
     return pipeline
+
+
+def encoder_config(config: EngineConfig, generator: Engine, device: torch.device) -> EngineConfig:
+    """The audio encoder's engine settings. Its batches are mel windows of every session, not frames, so it keeps
+    the configured max batch. On CPU under `auto` it runs on the generator's ONNX runtime when one won (faster
+    than eager at every batch), always in fp32: audio features are compared exactly across paths."""
+    if config.backend != "auto" or device.type != "cpu":
+        return config
+    backend = generator.backend if generator.backend in ("onnxruntime", "openvino") else "eager"
+    return dataclasses.replace(config, backend=backend, precision="fp32")
 
 
 def reference_input(avatar: Avatar, audio_shape: tuple[int, ...]) -> list[Tensor]:

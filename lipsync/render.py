@@ -10,7 +10,7 @@ from typing import Any, Callable
 from torch import Tensor
 
 from .pipeline import Pipeline
-from .scheduler import DeviceWorkers, ModelScheduler
+from .scheduler import FRAME_S, DeviceWorkers, ModelScheduler
 
 
 @dataclass
@@ -27,8 +27,11 @@ class RenderResult:
 
 
 def _add(total: dict[str, float], timings: dict[str, float]) -> None:
+    """Sum the device stages over chunks; the queue wait counts once (the first frame's)."""
     for stage, ms in timings.items():
-        if stage != "batch_size":
+        if stage == "queue":
+            total.setdefault(stage, ms)
+        elif stage != "batch_size":
             total[stage] = total.get(stage, 0.0) + ms
 
 
@@ -46,7 +49,9 @@ async def render_wave(scheduler: ModelScheduler, wave: Tensor, start_frame: int,
     pending: list[tuple[int, list[int], asyncio.Task]] = []
     for lo in range(0, features.shape[0], step):  # two chunks in flight: the device never waits for the writer
         ids = avatar.frames_for(start_frame, lo, min(step, features.shape[0] - lo))
-        pending.append((lo, ids, asyncio.ensure_future(scheduler.render(features[lo:lo + step], ids, quality))))
+        # One timeline: chunk k's frames are due after chunk k-1's, so batches never interleave two chunks.
+        rendering = scheduler.render(features[lo:lo + step], ids, quality, due=t0 + lo * FRAME_S)
+        pending.append((lo, ids, asyncio.ensure_future(rendering)))
         if len(pending) > 1:
             await _deliver(pending.pop(0), on_frames, timings)
     for item in pending:

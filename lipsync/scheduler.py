@@ -315,14 +315,15 @@ class ModelScheduler:
         return future
 
     async def render(self, features: Tensor, frame_ids: list[int], quality: int | None,
-                     visual: Tensor | None = None, priority: Priority = Priority.BATCH
+                     visual: Tensor | None = None, priority: Priority = Priority.BATCH, due: float | None = None
                      ) -> tuple[list[Any], dict[str, float]]:
         """JPEG bytes (or, with quality None, uint8 RGB frames [3,H,W] on the host) of any number of frames, as
         jobs of at most JOB_FRAMES (and half the queue bound), two in flight: a long request never exceeds the
-        queue bound, and its virtual deadlines run on across its jobs."""
+        queue bound, and its virtual deadlines run on across its jobs. `due`: when the first frame is due
+        (perf_counter clock; default now), for callers that split one timeline into several requests."""
         n = len(frame_ids)
         step = max(1, min(JOB_FRAMES, self.max_queue_frames // 2))
-        arrived = time.perf_counter()
+        arrived = time.perf_counter() if due is None else due
         jobs: deque[asyncio.Future] = deque()
         jpegs: list[bytes] = []
         timings = {"queue": 0.0, "inference": 0.0, "composite": 0.0, "encode": 0.0, "batch_size": 0}
@@ -455,8 +456,9 @@ class ModelScheduler:
                 groups.setdefault(s.job.quality, []).extend(range(offset, offset + s.hi - s.lo))
                 offset += s.hi - s.lo
             for quality, rows in groups.items():
+                chosen = frames if len(rows) == len(ids) else frames[rows]  # indexing copies whole frames
                 # quality None: the frames themselves (offline rendering to video or PNG), on the host
-                out = jpeg.encode_frames(frames[rows], quality) if quality is not None else frames[rows].cpu()
+                out = jpeg.encode_frames(chosen, quality) if quality is not None else chosen.cpu()
                 for row, data in zip(rows, out):
                     jpegs[row] = data
         return jpegs, clock.result()

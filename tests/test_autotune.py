@@ -13,8 +13,8 @@ from torch import nn
 
 from conftest import worst_psnr
 from lipsync import autotune
-from lipsync.engines import EngineConfig, build_engine, cpu_bf16_supported, psnr_8bit
-from lipsync.pipeline import load_pipeline
+from lipsync.engines import Engine, EngineConfig, build_engine, cpu_bf16_supported, psnr_8bit
+from lipsync.pipeline import encoder_config, load_pipeline
 from lipsync.render import synthesize
 
 SHAPES = [(3, 16, 16)]
@@ -128,15 +128,50 @@ def test_the_decision_is_reused_and_invalidated_with_the_machine(tmp_path, monke
     assert other_model.key not in (first.key, moved.key)
 
 
+def test_openvino_engines_against_eager(tmp_path):
+    net = small_net()
+    x = torch.rand(3, *SHAPES[0])
+    fp32 = build_engine(net, SHAPES, EngineConfig.from_dict({"backend": "openvino", "cache_dir": str(tmp_path)}),
+                        "cpu")
+    assert (fp32.backend, fp32.precision) == ("openvino", "fp32") and fp32.max_error <= 1e-3
+    torch.testing.assert_close(fp32(x), net(x), atol=1e-5, rtol=1e-5)
+    if not cpu_bf16_supported():
+        pytest.skip("this CPU has no native bf16: the openvino/bf16 candidate is skipped")
+    bf16 = build_engine(net, SHAPES, EngineConfig.from_dict({"backend": "openvino", "precision": "bf16",
+                                                             "cache_dir": str(tmp_path)}), "cpu")
+    assert bf16.psnr_db >= 40 and bf16(x).dtype == torch.float32 and bf16(x).shape == x.shape
+    assert psnr_8bit(bf16(x), net(x)) >= 40
+
+
+def test_the_audio_encoder_follows_the_generators_onnx_runtime_in_fp32():
+    auto = EngineConfig.from_dict({"backend": "auto", "max_batch": 32})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+
+    def generator(backend: str, precision: str, device=cpu) -> Engine:
+        return Engine("g", backend, precision, device, 2, lambda *x: x[0], torch.float32, False)
+    for backend, precision in (("openvino", "bf16"), ("onnxruntime", "fp32"), ("eager", "bf16")):
+        chosen = encoder_config(auto, generator(backend, precision), cpu)
+        assert (chosen.backend, chosen.precision, chosen.max_batch) == (backend, "fp32", 32)
+    pinned = EngineConfig.from_dict({"backend": "eager", "precision": "bf16"})
+    assert encoder_config(pinned, generator("eager", "bf16"), cpu) == pinned  # a pinned engine is the user's
+    assert encoder_config(auto, generator("tensorrt", "fp16", cuda), cuda) == auto
+
+
 @pytest.mark.slow
 def test_a_tuned_pipeline_renders_the_eager_frames(tiny_spec, pipeline, speech, tmp_path):
-    cfg = config(tmp_path, candidates={"cpu": ["onnxruntime/fp32", "eager/fp32"]}, tune_seconds=0.5)
+    cfg = config(tmp_path, candidates={"cpu": ["openvino/fp32", "eager/fp32"]}, tune_seconds=0.5)
     tuned = load_pipeline(tiny_spec, cfg, "cpu")
-    assert tuned.micro_batch in (1, 2) and tuned.generator.backend in ("onnxruntime", "eager")
+    assert tuned.micro_batch in (1, 2) and tuned.generator.backend in ("openvino", "eager")
     assert tuned.generator.max_error <= 1e-3
+    assert tuned.encoder.backend == tuned.generator.backend and tuned.encoder.precision == "fp32"
     wave = speech[:8000]  # 11 frames
     reference = synthesize(pipeline, wave).frames
     assert worst_psnr(synthesize(tuned, wave).frames, reference) >= 40
     pinned = load_pipeline(tiny_spec, EngineConfig.from_dict({**vars(cfg), "backend": "onnxruntime"}), "cpu", 2)
     assert pinned.generator.backend == "onnxruntime" and pinned.micro_batch == 2
     assert worst_psnr(synthesize(pinned, wave).frames, reference) >= 40
+    if cpu_bf16_supported():  # reduced precision: the frames stay within 40 dB of the fp32 ones
+        bf16 = load_pipeline(tiny_spec, EngineConfig.from_dict({**vars(cfg), "backend": "openvino",
+                                                                "precision": "bf16"}), "cpu", 2)
+        assert bf16.generator.precision == "bf16" and bf16.generator.psnr_db >= 40
+        assert worst_psnr(synthesize(bf16, wave).frames, reference) >= 40

@@ -27,7 +27,8 @@ class HostCopyForbidden(TorchFunctionMode):
         to_cpu = func is torch.Tensor.to and tensor is not None and tensor.device.type != "cpu" and any(
             str(a) == "cpu" for a in list(args[1:]) + [kwargs.get("device")] if a is not None)
         if (func in self.BANNED or to_cpu) and not is_jpeg:
-            raise AssertionError(f"host transfer {func.__name__} of {tuple(tensor.shape) if tensor is not None else ''}")
+            shape = tuple(tensor.shape) if tensor is not None else ""
+            raise AssertionError(f"host transfer {func.__name__} of {shape}")
         return func(*args, **kwargs)
 
 

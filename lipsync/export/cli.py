@@ -57,9 +57,10 @@ def run_export(args: argparse.Namespace) -> int:
             path, error = export_tensorrt(net, shapes, cfg, out)
             profile = f"batch {cfg.min_batch}/{cfg.opt_batch}/{cfg.max_batch}"
             precision = "fp16" if cfg.precision == "auto" else cfg.precision
-        summary.append({"network": name, "file": str(path.resolve()), "size_mb": round(path.stat().st_size / 2**20, 2),
-                        "inputs": {n: "[B," + ",".join(map(str, s)) + "]" for n, s in zip(names, shapes)}, "profile": profile,
-                        "precision": precision, "max_abs_error_vs_eager": error,
+        summary.append({"network": name, "file": str(path.resolve()),
+                        "size_mb": round(path.stat().st_size / 2**20, 2),
+                        "inputs": {n: "[B," + ",".join(map(str, s)) + "]" for n, s in zip(names, shapes)},
+                        "profile": profile, "precision": precision, "max_abs_error_vs_eager": error,
                         "seconds": round(time.perf_counter() - t0, 1)})
     print(json.dumps(summary, indent=2))
     return 0
