@@ -145,7 +145,7 @@ def main() -> None:
     for i, (square, (x1, y1, x2, y2)) in enumerate(zip(squares, rects)):
         frame = cv2.imread(str(png_dir / f"{i:06d}.png"))
         values.append(psnr(frame[y1:y2, x1:x2], square))
-    engine = re.findall(r"(chose .*|.*measured earlier on this machine.*)", log)
+    engine = re.findall(r"render/generator: (chose .*|.*measured earlier on this machine.*)", log)
     write({"benchmark": "baseline", "environment": {**environment(torch.device("cpu")), "cpu": cpu_name()},
            "input": {"width": args.width, "height": args.height, "avatar_frames": args.avatar_frames,
                      "seconds": args.seconds, "frames": frames},

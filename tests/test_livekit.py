@@ -18,7 +18,7 @@ RATE = 16000
 
 @pytest.fixture(scope="module")
 def server(weights, tiny_avatar, tmp_path_factory):
-    srv = ServerProcess([model_override("tiny", weights, tiny_avatar), "server.live.time_scale=3"],
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160"), "server.live.time_scale=3"],
                         tmp_path_factory.mktemp("livekit"))
     yield srv
     srv.stop()

@@ -28,7 +28,8 @@ RATE = 16000  # the pipeline's audio output rate and the session's
 
 @pytest.fixture(scope="module")
 def server(weights, tiny_avatar, tmp_path_factory):
-    srv = ServerProcess([model_override("tiny", weights, tiny_avatar)], tmp_path_factory.mktemp("pipecat"))
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160")],
+                        tmp_path_factory.mktemp("pipecat"))
     yield srv
     srv.stop()
 

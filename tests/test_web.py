@@ -76,9 +76,7 @@ def test_long_speech_is_cut_at_the_limit(speech):
 # --------------------------------------------------------------------------- against a real server
 @pytest.fixture(scope="module")
 def server(weights, tiny_avatar, tmp_path_factory):
-    # the 160 variant renders faster on this CPU, so speech starts sooner in the browser test
-    tiny160 = {"328": weights["160"], "encoder": weights["encoder"]}
-    srv = ServerProcess([model_override("tiny", tiny160, tiny_avatar, ',variant:"160"')],
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160")],
                         tmp_path_factory.mktemp("web"))
     yield srv
     srv.stop()

@@ -81,13 +81,16 @@ def mel_windows_of(wave: torch.Tensor) -> torch.Tensor:
     return torch.stack([mel[s:s + audio.WINDOW_STEPS].T for s in starts])[:, None]
 
 
+ROWS = audio.CONTEXT_BEFORE + audio.CONTEXT_AFTER  # embedding rows per frame (SPEC §5)
+
+
 def audio_features(encoder: AudioEncoder, windows: torch.Tensor, frames: list[int]) -> torch.Tensor:
     """SPEC §5 features [B,32,16,16] of the given frames; the encoder runs once on every window they need."""
-    rows = torch.tensor([audio.context_embeddings(t, windows.shape[0]) for t in frames])  # [B,16], −1: zero row
+    rows = torch.tensor([audio.context_embeddings(t, windows.shape[0]) for t in frames])  # [B,ROWS], −1: zero row
     valid = rows >= 0
     needed, inverse = torch.unique(rows[valid], return_inverse=True)
     embeddings = encoder(windows[needed.to(windows.device)])
-    block = embeddings.new_zeros(len(frames), 16, embeddings.shape[1])
+    block = embeddings.new_zeros(len(frames), ROWS, embeddings.shape[1])
     block[valid.to(block.device)] = embeddings[inverse.to(block.device)]
     return block.reshape(len(frames), 32, 16, 16)
 
@@ -97,13 +100,13 @@ def utterance_edges(features: torch.Tensor, share: float, rng: random.Random) ->
     or end (1–7 trailing rows), so the generator learns that they say nothing about the mouth."""
     if share <= 0:
         return features
-    rows = features.reshape(features.shape[0], 16, -1).clone()
+    rows = features.reshape(features.shape[0], ROWS, -1).clone()
     for b in range(rows.shape[0]):
         if rng.random() < share:
             if rng.random() < 0.5:
-                rows[b, :rng.randint(1, 8)] = 0
+                rows[b, :rng.randint(1, audio.CONTEXT_BEFORE)] = 0
             else:
-                rows[b, 16 - rng.randint(1, 7):] = 0
+                rows[b, ROWS - rng.randint(1, audio.CONTEXT_AFTER - 1):] = 0
     return rows.reshape(features.shape)
 
 
