@@ -104,7 +104,8 @@ def guarded(pki, weights, tiny_avatar, tmp_path_factory):
     srv = ServerProcess([*tls_overrides(pki["a"]), f"server.auth.tokens_file={tokens}",
                          f"server.metrics_token_file={tmp / 'scrape'}", "server.config_timeout_s=1.5",
                          "server.max_streams=3", "server.strict_models=false", "server.live.time_scale=3",
-                         model_override("tiny", weights, tiny_avatar), model_override("spare", weights, tiny_avatar),
+                         model_override("tiny", weights, tiny_avatar, variant="160"),
+                         model_override("spare", weights, tiny_avatar, variant="160"),
                          f"+models.missing={{checkpoint:{tmp / 'nope.pth'},audio_encoder:{weights['encoder']},"
                          f"avatar:{tiny_avatar}}}"], tmp)
     yield srv
@@ -312,7 +313,7 @@ def test_sighup_swaps_certificates_and_tokens_while_a_stream_flows(pki, weights,
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{ADMIN} admin\n")
     srv = ServerProcess([*tls_overrides(live), f"server.auth.tokens_file={tokens}",
-                         model_override("tiny", weights, tiny_avatar)], tmp_path)
+                         model_override("tiny", weights, tiny_avatar, variant="160")], tmp_path)
     try:
         async def main():
             async with channel(srv.target, credentials=creds(pki)) as ch:
@@ -411,7 +412,7 @@ def test_the_readme_security_setup(tmp_path, weights, tiny_avatar, speech_1s_wav
         done = subprocess.run(["bash", "-c", line.replace("deploy/", f"{ROOT}/deploy/", 1)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-    args = serve.split()[2:] + ["models=none", model_override("tiny", weights, tiny_avatar)]
+    args = serve.split()[2:] + ["models=none", model_override("tiny", weights, tiny_avatar, variant="160")]
     srv = ServerProcess(args, tmp_path, cwd=tmp_path)
     try:
         line = client.replace("localhost:50051", f"localhost:{srv.port}").replace("assets/speech.wav",
