@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -382,8 +383,6 @@ def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
               key_parts: dict[str, Any], precision: str) -> Callable[..., Tensor]:
     """The ONNX export compiled by OpenVINO's CPU plugin: fp32, or bf16 inference precision (AMX/AVX512-BF16);
     inputs and outputs stay fp32. One infer request, used by one thread at a time."""
-    import threading
-
     import openvino
 
     path = _onnx_file(net, sample_shapes, config, name, key_parts)

@@ -446,9 +446,9 @@ def test_server_still_serves_after_bad_input(server, pcm, unary):
 
 # --------------------------------------------------------------------------- registry and lifecycle
 def test_eviction_pinning_and_budget(weights, tiny_avatar, tmp_path):
-    srv = ServerProcess([model_override("a", weights, tiny_avatar), model_override("b", weights, tiny_avatar),
-                         model_override("p", weights, tiny_avatar, ",pinned:true"),
-                         "registry.memory_budget_mb=100"], tmp_path)
+    a, b, p = (model_override(m, weights, tiny_avatar, extra, variant="160")  # 59 MB each
+               for m, extra in (("a", ""), ("b", ""), ("p", ",pinned:true")))
+    srv = ServerProcess([a, b, p, "registry.memory_budget_mb=100"], tmp_path)
     try:
         def loaded():
             listed = call(srv, lambda s, m: s.ListModels(pb.ListModelsRequest()))
@@ -468,7 +468,7 @@ def test_eviction_pinning_and_budget(weights, tiny_avatar, tmp_path):
 
 
 def test_graceful_shutdown_finishes_in_flight_work(weights, tiny_avatar, tmp_path, pcm):
-    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, ",preload:true")], tmp_path)
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, ",preload:true", variant="160")], tmp_path)
 
     async def request_then_stop(s, m):
         pending = asyncio.ensure_future(s.Synthesize(synth(pcm)))
