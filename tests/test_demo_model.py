@@ -29,7 +29,8 @@ def demo(tmp_path_factory):
     spec = ModelSpec.from_dict("demo", {"checkpoint": MODEL / "generator_328.pth",
                                         "audio_encoder": MODEL / "audio_visual_encoder.pth", "avatar": avatar,
                                         "sequence": "loop"})
-    return load_pipeline(spec, EngineConfig.from_dict({"backend": "eager"}), "cpu", micro_batch=4)
+    # OpenVINO fp32 (the ONNX export is cached per checkpoint): 3x eager's speed here, same frames within 1e-3
+    return load_pipeline(spec, EngineConfig.from_dict({"backend": "openvino"}), "cpu", micro_batch=4)
 
 
 def openness(pipeline, wave: torch.Tensor) -> tuple[np.ndarray, list[int]]:
