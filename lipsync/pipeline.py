@@ -167,7 +167,7 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     """Load checkpoints and avatar, build engines (measure, compile and warm up here), return a ready Pipeline.
     `micro_batch` None: measured with the engine (`auto` backend), else the engine's max batch."""
     device = pick_device(device)
-    configured = engine_config
+    configured_max_batch = engine_config.max_batch
     tune = engine_config.backend == "auto" and not spec.engine_file
     if not tune:
         micro_batch = micro_batch or engine_config.max_batch
@@ -196,7 +196,8 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     else:
         generator = build_engine(generator_net, shapes, engine_config, device, name, key, spec.engine_file, progress,
                                  probe=reference_input(avatar, shapes[1]))
-    encoder = build_engine(encoder_net, [(1, 80, 16)], encoder_config(configured, generator, device), device,
+    encoder = build_engine(encoder_net, [(1, 80, 16)],
+                           encoder_config(engine_config, generator, device, configured_max_batch), device,
                            f"{spec.name}/audio_encoder", {"checkpoint": file_digest(spec.audio_encoder)}, None,
                            progress)
     pipeline = Pipeline(generator, encoder, avatar, device, micro_batch, spec.name, weights, spec.asr)
@@ -206,14 +207,15 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     return pipeline
 
 
-def encoder_config(config: EngineConfig, generator: Engine, device: torch.device) -> EngineConfig:
-    """The audio encoder's engine settings. Its batches are mel windows of every session, not frames, so it keeps
-    the configured max batch. On CPU under `auto` it runs on the generator's ONNX runtime when one won (faster
-    than eager at every batch), always in fp32: audio features are compared exactly across paths."""
+def encoder_config(config: EngineConfig, generator: Engine, device: torch.device, max_batch: int) -> EngineConfig:
+    """The audio encoder's engine settings: the generator's (`config`), except on CPU under `auto`, where it runs
+    on the generator's ONNX runtime when one won (faster than eager at every batch), always in fp32 (audio
+    features are compared exactly across paths), with the configured `max_batch` rather than the frames'
+    micro-batch: its batches are the mel windows of every session (these runtimes take any batch size)."""
     if config.backend != "auto" or device.type != "cpu":
         return config
     backend = generator.backend if generator.backend in ("onnxruntime", "openvino") else "eager"
-    return dataclasses.replace(config, backend=backend, precision="fp32")
+    return dataclasses.replace(config, backend=backend, precision="fp32", max_batch=max_batch)
 
 
 def reference_input(avatar: Avatar, audio_shape: tuple[int, ...]) -> list[Tensor]:

@@ -144,17 +144,17 @@ def test_openvino_engines_against_eager(tmp_path):
 
 
 def test_the_audio_encoder_follows_the_generators_onnx_runtime_in_fp32():
-    auto = EngineConfig.from_dict({"backend": "auto", "max_batch": 32})
+    auto = EngineConfig.from_dict({"backend": "auto", "max_batch": 2, "opt_batch": 2})  # sized to the micro-batch
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
 
     def generator(backend: str, precision: str, device=cpu) -> Engine:
         return Engine("g", backend, precision, device, 2, lambda *x: x[0], torch.float32, False)
     for backend, precision in (("openvino", "bf16"), ("onnxruntime", "fp32"), ("eager", "bf16")):
-        chosen = encoder_config(auto, generator(backend, precision), cpu)
+        chosen = encoder_config(auto, generator(backend, precision), cpu, 32)
         assert (chosen.backend, chosen.precision, chosen.max_batch) == (backend, "fp32", 32)
-    pinned = EngineConfig.from_dict({"backend": "eager", "precision": "bf16"})
-    assert encoder_config(pinned, generator("eager", "bf16"), cpu) == pinned  # a pinned engine is the user's
-    assert encoder_config(auto, generator("tensorrt", "fp16", cuda), cuda) == auto
+    pinned = EngineConfig.from_dict({"backend": "eager", "precision": "bf16", "max_batch": 4, "opt_batch": 4})
+    assert encoder_config(pinned, generator("eager", "bf16"), cpu, 32) == pinned  # a pinned engine is the user's
+    assert encoder_config(auto, generator("tensorrt", "fp16", cuda), cuda, 32) == auto
 
 
 @pytest.mark.slow
