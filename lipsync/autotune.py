@@ -20,8 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .engines import (Engine, EngineConfig, EngineError, build_engine, cache_key, cpu_bf16_supported,
-                      onnxruntime_available, openvino_available, sized, tensorrt_available)
+from .engines import (ONNX_RUNTIMES, Engine, EngineConfig, EngineError, build_engine, cache_key,
+                      cpu_bf16_supported, onnx_runtime_available, sized, tensorrt_available)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def cpu_name() -> str:
 def machine_key(device: torch.device) -> dict[str, Any]:
     """Everything about this machine a measurement depends on."""
     versions: dict[str, Any] = {"torch": torch.__version__}
-    for module in ("onnxruntime", "openvino", "torch_tensorrt"):
+    for module in (*ONNX_RUNTIMES, "torch_tensorrt"):
         try:
             versions[module] = __import__(module).__version__
         except Exception:
@@ -71,12 +71,12 @@ def available(candidate: str, device: torch.device) -> tuple[bool, str]:
     backend, _, precision = candidate.partition("/")
     if backend == "tensorrt":
         return tensorrt_available()
-    if backend == "onnxruntime":
-        return onnxruntime_available() if device.type == "cpu" else (False, "CPU only")
-    if backend == "openvino" and device.type != "cpu":
-        return False, "CPU only"
-    if backend == "openvino" and not openvino_available()[0]:
-        return openvino_available()
+    if backend in ONNX_RUNTIMES:
+        ok, why = onnx_runtime_available(backend) if device.type == "cpu" else (False, "CPU only")
+        if not ok:
+            return False, why
+        if precision not in ONNX_RUNTIMES[backend]:
+            return False, f"{backend} computes in {' or '.join(ONNX_RUNTIMES[backend])} only"
     if device.type == "cpu" and precision == "bf16" and not cpu_bf16_supported():
         return False, "this CPU has no native bf16 (AVX512-BF16/AMX)"
     if device.type == "cpu" and precision == "fp16":

@@ -112,22 +112,18 @@ def choose_backend(config: EngineConfig, device: torch.device) -> tuple[str, str
     return "eager", "CPU device: eager fp32 (TensorRT and CUDA graphs need CUDA)"
 
 
-def onnxruntime_available() -> tuple[bool, str]:
-    try:
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401  (torch.onnx's exporter)
-    except Exception as exc:
-        return False, f"onnxruntime/onnxscript are not importable ({type(exc).__name__}: {exc})"
-    return True, "onnxruntime is installed"
+# CPU backends that run our own ONNX export, and the precisions each computes in.
+ONNX_RUNTIMES = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
 
 
-def openvino_available() -> tuple[bool, str]:
+def onnx_runtime_available(runtime: str) -> tuple[bool, str]:
+    """Whether `runtime` (a key of ONNX_RUNTIMES) and torch.onnx's exporter (onnxscript) import, and why not."""
     try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter)
-        import openvino  # noqa: F401
+        __import__(runtime)
+        import onnxscript  # noqa: F401
     except Exception as exc:
-        return False, f"openvino/onnxscript are not importable ({type(exc).__name__}: {exc})"
-    return True, "openvino is installed"
+        return False, f"{runtime}/onnxscript are not importable ({type(exc).__name__}: {exc})"
+    return True, f"{runtime} is installed"
 
 
 def cpu_bf16_supported() -> bool:
@@ -341,7 +337,7 @@ def _onnx_file(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Eng
     """Our own ONNX export of `net` (fp32, dynamic batch), cached on disk per checkpoint, shapes and torch version;
     onnxruntime and OpenVINO both read it."""
     parts = {**key_parts, "torch": torch.__version__, "shapes": sample_shapes, "format": "onnx"}
-    names = [f"input{i}" for i in range(len(sample_shapes))]
+    names = onnx_input_names(sample_shapes)
 
     def build() -> nn.Module:  # the export itself happens in `save`, straight into the cache entry
         BUILDS["onnx"] += 1
@@ -360,13 +356,18 @@ def _onnx_file(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Eng
     return path if isinstance(path, Path) else cache.path(cache_key(**parts), name, "model.onnx")
 
 
+def onnx_input_names(sample_shapes: list[tuple[int, ...]]) -> list[str]:
+    """The input names of our ONNX exports, in argument order."""
+    return [f"input{i}" for i in range(len(sample_shapes))]
+
+
 def _onnxruntime(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, name: str,
                  key_parts: dict[str, Any]) -> Callable[..., Tensor]:
     """The ONNX export run by onnxruntime's CPU provider (fp32)."""
     import onnxruntime
 
     path = _onnx_file(net, sample_shapes, config, name, key_parts)
-    names = [f"input{i}" for i in range(len(sample_shapes))]
+    names = onnx_input_names(sample_shapes)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = config.onnxruntime_threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -425,15 +426,10 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
         ok, why = tensorrt_available()
         if not ok:
             raise EngineError(f"the tensorrt backend was requested but {why}")
-    if backend == "onnxruntime":
-        ok, why = onnxruntime_available()
-        if device.type != "cpu" or precision != "fp32" or not ok:
-            raise EngineError(f"the onnxruntime backend runs fp32 on CPU only "
-                              f"(asked for {precision} on {device}{'' if ok else '; ' + why})")
-    if backend == "openvino":
-        ok, why = openvino_available()
-        if device.type != "cpu" or precision not in ("fp32", "bf16") or not ok:
-            raise EngineError(f"the openvino backend runs fp32 or bf16 on CPU only "
+    if backend in ONNX_RUNTIMES:
+        ok, why = onnx_runtime_available(backend)
+        if device.type != "cpu" or precision not in ONNX_RUNTIMES[backend] or not ok:
+            raise EngineError(f"the {backend} backend runs {' or '.join(ONNX_RUNTIMES[backend])} on CPU only "
                               f"(asked for {precision} on {device}{'' if ok else '; ' + why})")
     dtype = PRECISIONS[precision]
     channels_last = (device.type == "cpu" and backend == "eager") if config.channels_last == "auto" \
@@ -464,8 +460,8 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
     else:
         run = _tensorrt(working, sample_shapes, config, device, dtype, name, key_parts or {})
     engine = Engine(name, backend, precision, device, config.max_batch, run, dtype,
-                    channels_last and backend not in ("tensorrt", "onnxruntime", "openvino"))
-    if config.warmup and backend not in ("eager", "onnxruntime", "openvino"):
+                    channels_last and backend != "tensorrt" and backend not in ONNX_RUNTIMES)
+    if config.warmup and backend != "eager" and backend not in ONNX_RUNTIMES:
         buckets = compile_buckets(config) if backend == "compile" \
             else sorted({config.min_batch, config.opt_batch, config.max_batch})
         for b in tqdm(buckets, desc=f"{name}: warming up {backend}", unit="batch", disable=not progress):

@@ -19,7 +19,7 @@ from . import audio, compose
 from .autotune import tuned_engine
 from .avatar import Avatar, AvatarError, find_source, load_avatar
 from .config import settings
-from .engines import Engine, EngineConfig, EngineError, build_engine, file_digest, sized
+from .engines import ONNX_RUNTIMES, Engine, EngineConfig, EngineError, build_engine, file_digest, sized
 from .models import AUDIO_FEATURE_SHAPE, INPUT_SIZE, CheckpointError, load_audio_encoder, load_generator
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def encoder_config(config: EngineConfig, generator: Engine, device: torch.device
     micro-batch: its batches are the mel windows of every session (these runtimes take any batch size)."""
     if config.backend != "auto" or device.type != "cpu":
         return config
-    backend = generator.backend if generator.backend in ("onnxruntime", "openvino") else "eager"
+    backend = generator.backend if generator.backend in ONNX_RUNTIMES else "eager"
     return dataclasses.replace(config, backend=backend, precision="fp32", max_batch=max_batch)
 
 
