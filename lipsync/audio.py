@@ -16,7 +16,7 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, ResourceExhausted
 
 SAMPLE_RATE = 16_000
 FPS = 25
@@ -36,6 +36,15 @@ Encoder = Callable[[Tensor], Tensor]  # [B,1,80,16] → [B,512]
 
 class AudioFormatError(InvalidRequest):
     """Audio that cannot be decoded as declared."""
+
+
+class AudioTooLong(ResourceExhausted):
+    """Audio longer than the limit that applies to it; raised while decoding, before the rest is decoded."""
+
+    def __init__(self, name: str, seconds: float, limit_s: float, setting: str):
+        more = "more than " if seconds > limit_s else ""
+        super().__init__(f"{name} is {more}{seconds:.1f} s long; the limit is {setting} ({limit_s:g} s)")
+        self.seconds, self.limit_s = seconds, limit_s
 
 
 # --------------------------------------------------------------------------- decoding (§1)
@@ -131,19 +140,31 @@ def load_wav(path: str | Path, device: str | torch.device = "cpu") -> Tensor:
     return resample(decode_pcm(data, fmt, device), fmt.sample_rate)
 
 
-def read_audio(path: str | Path) -> tuple[bytes, AudioFormat]:
+MAX_FILE_SECONDS = 3600.0  # `lipsync render` / `lipsync client`: longest audio file decoded (--max-audio-seconds)
+
+
+def read_audio(path: str | Path, max_seconds: float = MAX_FILE_SECONDS,
+               setting: str = "--max-audio-seconds") -> tuple[bytes, AudioFormat]:
     """Any audio file → PCM bytes and format (see decode_audio)."""
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise AudioFormatError(f"audio file not found: {file}")
-    return decode_audio(file.read_bytes(), str(file))
+    return decode_audio(file.read_bytes(), str(file), max_seconds, setting)
 
 
-def decode_audio(blob: bytes, name: str = "audio data") -> tuple[bytes, AudioFormat]:
+def decode_audio(blob: bytes, name: str = "audio data", max_seconds: float = MAX_FILE_SECONDS,
+                 setting: str = "the audio limit") -> tuple[bytes, AudioFormat]:
     """Audio file bytes → PCM bytes and format: WAV is read as is; anything else PyAV decodes (mp3, ogg, m4a,
-    flac …) becomes mono float32 at its own rate (brought within 8–48 kHz). `name` is what errors call it."""
+    flac …) becomes mono float32 at its own rate (brought within 8–48 kHz). `name` is what errors call it.
+
+    Decoding stops with AudioTooLong as soon as the decoded length passes `max_seconds` (named `setting` in the
+    message), so memory is bounded by the limit, never by what a small compressed file expands to."""
     if blob[8:12] == b"WAVE":
-        return parse_wav(blob, name)
+        data, fmt = parse_wav(blob, name)
+        seconds = len(data) / fmt.frame_bytes / fmt.sample_rate
+        if seconds > max_seconds:
+            raise AudioTooLong(name, seconds, max_seconds, setting)
+        return data, fmt
     import io
 
     import av
@@ -155,10 +176,16 @@ def decode_audio(blob: bytes, name: str = "audio data") -> tuple[bytes, AudioFor
                 raise AudioFormatError(f"{name} has no audio stream")
             stream = container.streams.audio[0]
             rate = min(max(stream.rate or SAMPLE_RATE, MIN_RATE), MAX_RATE)
+            limit = int(max_seconds * rate)
             converter = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream)
-                      for f in converter.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in converter.resample(None)]
+            chunks: list[np.ndarray] = []
+            total = 0
+            for frame in [*container.decode(stream), None]:  # None: flush the converter
+                for piece in converter.resample(frame):
+                    chunks.append(piece.to_ndarray().reshape(-1))
+                    total += len(chunks[-1])
+                    if total > limit:
+                        raise AudioTooLong(name, total / rate, max_seconds, setting)
     except av.error.FFmpegError as exc:
         raise AudioFormatError(f"{name}: not a readable audio file ({exc})") from None
     samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
@@ -170,9 +197,10 @@ def encode_s16(wave: Tensor) -> bytes:
     return (wave.detach().float().cpu() * 32768.0).round_().clamp_(-32768, 32767).to(torch.int16).numpy().tobytes()
 
 
-def load_audio(path: str | Path, device: str | torch.device = "cpu") -> Tensor:
+def load_audio(path: str | Path, device: str | torch.device = "cpu", max_seconds: float = MAX_FILE_SECONDS
+               ) -> Tensor:
     """Any audio file (see read_audio) → mono 16 kHz float32 waveform on `device`."""
-    data, fmt = read_audio(path)
+    data, fmt = read_audio(path, max_seconds)
     return resample(decode_pcm(data, fmt, device), fmt.sample_rate)
 
 

@@ -50,6 +50,8 @@ def add_render(sub: argparse._SubParsersAction) -> None:
                    choices=["auto", "eager", "compile", "onnxruntime", "openvino", "tensorrt"])
     p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
     p.add_argument("--feather", type=int, default=0, help="feather the pasted square over N template pixels")
+    p.add_argument("--max-audio-seconds", type=float, default=3600.0,
+                   help="refuse longer audio (decoding stops there)")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.max_batch=8")
     p.set_defaults(func=run_render)
 
@@ -72,7 +74,7 @@ def run_render(args: argparse.Namespace) -> int:
         raise SystemExit("render: give --out FILE.mp4 and/or --frames-out DIR")
     cfg = load_config([f"engine={args.backend}", *args.overrides], "render")
     device = pick_device(args.device)
-    wave = load_audio(args.audio)  # checked before the (slow) model load
+    wave = load_audio(args.audio, max_seconds=args.max_audio_seconds)  # checked before the (slow) model load
     spec = ModelSpec.from_dict("render", {"checkpoint": args.checkpoint, "audio_encoder": args.audio_encoder,
                                           "avatar": args.avatar, "variant": args.variant, "asr": args.asr,
                                           "sequence": args.sequence, "feather": args.feather,
@@ -271,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        from .audio import AudioFormatError
+        from .audio import AudioFormatError, AudioTooLong
         from .avatar import AvatarError
         from .config import ConfigError
         from .engines import EngineError
         from .models import CheckpointError
         from .pipeline import ModelFileError
-        if isinstance(exc, (AudioFormatError, AvatarError, CheckpointError, EngineError, FileNotFoundError,
+        if isinstance(exc, (AudioFormatError, AudioTooLong, AvatarError, CheckpointError, EngineError, FileNotFoundError,
                             ModelFileError, ConfigError)):
             print(f"lipsync {args.command}: error: {exc}", file=sys.stderr)
             return 2

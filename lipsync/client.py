@@ -483,7 +483,7 @@ async def run(args: argparse.Namespace) -> dict:
         raise ValueError("client: give --audio WAV (or --converse SCRIPT.yaml)")
     from tqdm import tqdm
 
-    data, fmt = audio.read_audio(args.audio)
+    data, fmt = audio.read_audio(args.audio, args.max_audio_seconds)
     async with channel(args.server, credentials=credentials_from_args(args)) as ch:
         stub = pb_grpc.LipSyncStub(ch)
 
@@ -520,6 +520,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_connection_options(p)
     p.add_argument("--model", default="demo")
     p.add_argument("--audio", help="speech: WAV, or any audio file PyAV decodes (mp3, ogg, m4a, flac …)")
+    p.add_argument("--max-audio-seconds", type=float, default=audio.MAX_FILE_SECONDS,
+                   help="refuse a longer --audio file (decoding stops there)")
     p.add_argument("--stream", action="store_true", help="use the Stream RPC instead of Synthesize")
     p.add_argument("--converse", metavar="SCRIPT.yaml", help="play a conversation script (duration, utterances "
                    "with audio/at/interrupt_at) through a live session; --out writes the continuous video")

@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import fractions
+import hmac
+import ipaddress
 import logging
 import math
 import shutil
 import ssl
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -64,19 +66,50 @@ class WebConfig:
     max_upload_mb: float = 20.0
     max_sessions: int = 8           # browsers bridged at once
     max_text_chars: int = 1000
-    tts_command: str = "espeak-ng"  # text to speech (WAV on stdout); the page says so when it is not installed
+    tts_command: str = "espeak-ng"  # text to speech (text on stdin, WAV on stdout); the page says when it is missing
     tts_voice: str = "en-us"
+    tts_timeout_s: float = 20.0     # a text-to-speech run that takes longer is killed
+    max_tts_jobs: int = 2           # text-to-speech runs at once on this bridge (one per session)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names the page answers to besides loopback and
+    #                                 web.host (DNS rebinding); empty with a wildcard web.host: any
+    token_file: str = ""            # file holding a token the page and its API require (open the page once with
+    #                                 ?token=TOKEN; it is kept in a cookie); empty = no token
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "WebConfig":
-        from .config import settings
-        config = cls(**settings(cfg, cls, "web"))
+        from .config import ConfigError, settings
+        values = settings(cfg, cls, "web")
+        if "allowed_hosts" in values:
+            values["allowed_hosts"] = [str(h) for h in (values["allowed_hosts"] or [])]
+        config = cls(**values)
         if config.sample_rate % audio.FPS or not audio.MIN_RATE <= config.sample_rate <= audio.MAX_RATE:
-            raise ValueError(f"web.sample_rate {config.sample_rate} must be a multiple of {audio.FPS} within "
-                             f"{audio.MIN_RATE}..{audio.MAX_RATE}")
+            raise ConfigError(f"web.sample_rate={config.sample_rate}: must be a multiple of {audio.FPS} within "
+                              f"{audio.MIN_RATE}..{audio.MAX_RATE}")
         if bool(config.certfile) != bool(config.keyfile):
-            raise ValueError("web.certfile and web.keyfile go together")
+            raise ConfigError("web.certfile and web.keyfile go together: set both or neither")
+        for key in ("max_sessions", "max_tts_jobs", "max_text_chars", "video_backlog", "audio_backlog"):
+            if int(getattr(config, key)) < 1:
+                raise ConfigError(f"web.{key}={getattr(config, key)}: must be a whole number >= 1")
+        for key in ("max_utterance_s", "max_upload_mb", "tts_timeout_s"):
+            if not float(getattr(config, key)) > 0:
+                raise ConfigError(f"web.{key}={getattr(config, key)}: must be > 0")
+        if str(config.tts_voice).startswith("-"):
+            raise ConfigError(f"web.tts_voice={config.tts_voice!r}: a voice name, not an option")
         return config
+
+    def token(self) -> str | None:
+        """The bridge's own token (web.token_file, read once), or None when the page is open."""
+        if not self.token_file:
+            return None
+        from .config import ConfigError
+        path = Path(self.token_file).expanduser().resolve()
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"web.token_file={path}: cannot be read ({exc.strerror or exc})") from None
+        if len(token) < 16 or any(c.isspace() for c in token):
+            raise ConfigError(f"web.token_file={path}: must hold one token of at least 16 characters")
+        return token
 
 
 class WebError(Exception):
@@ -251,6 +284,7 @@ class BrowserSession:
         self.lag_ms = 0.0          # the last frame's arrival behind the earliest-arriving one's schedule (jitter)
         self.first_arrival: float | None = None
         self.error = ""
+        self.speaking_text = False  # a text-to-speech run for this session is under way
 
     async def open(self, offer: RTCSessionDescription) -> RTCSessionDescription:
         """Start the live session, then answer the browser's offer with its video and audio tracks."""
@@ -397,8 +431,12 @@ class WebBridge:
     def __init__(self, server: str, config: WebConfig, credentials: Credentials | None = None):
         self.server, self.config, self.credentials = server, config, credentials
         self.sessions: dict[str, BrowserSession] = {}
+        self.opening = 0  # sessions counted against web.max_sessions while their offer is answered
         self._janitors: set[asyncio.Future] = set()  # forget closed sessions a while after they end
         self.tts = shutil.which(config.tts_command) if config.tts_command else None
+        self.tts_running = 0  # text-to-speech children alive now (web.max_tts_jobs)
+        self.token = config.token()
+        self.hosts = allowed_hosts(config)
         self.channel: grpc.aio.Channel | None = None
         self.stub: pb_grpc.LipSyncStub | None = None
 
@@ -416,6 +454,7 @@ class WebBridge:
         app.on_startup.append(self._connect)
         app.on_shutdown.append(self._shutdown)
         app.middlewares.append(self._errors)
+        app.middlewares.append(self._gate)
         return app
 
     async def _connect(self, app: web.Application) -> None:
@@ -435,11 +474,36 @@ class WebBridge:
             return await handler(request)
         except WebError as exc:
             return web.json_response({"error": str(exc)}, status=exc.status)
+        except audio.AudioTooLong as exc:
+            return web.json_response({"error": str(exc)}, status=413)
         except audio.AudioFormatError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         except grpc.aio.AioRpcError as exc:
             return web.json_response({"error": f"{exc.code().name}: {exc.details()}"},
                                      status=HTTP_STATUS.get(exc.code(), 502))
+
+    @web.middleware
+    async def _gate(self, request: web.Request, handler):
+        """Before any route: the Host must be one this bridge answers to (a page on another site that rebinds its
+        name to this address gets 421), a POST from a browser must come from this origin, and with web.token_file
+        every request carries the token (the page's URL ?token=… sets a cookie the page's own calls send)."""
+        host = request.headers.get("Host", "")
+        if self.hosts is not None and host_name(host) not in self.hosts:
+            raise WebError(421, f"this bridge does not answer to the host {host[:80]!r} (web.allowed_hosts)")
+        origin = request.headers.get("Origin")
+        if request.method == "POST" and origin is not None and origin.split("://", 1)[-1] != host:
+            raise WebError(403, "cross-origin request refused")
+        if self.token is None:
+            return await handler(request)
+        given = request.query.get("token") or request.cookies.get(TOKEN_COOKIE) or \
+            request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise WebError(401, "this page needs its token: open it as /?token=TOKEN (web.token_file)")
+        response = await handler(request)
+        if request.query.get("token"):
+            response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="Strict",
+                                secure=bool(self.config.certfile))
+        return response
 
     def _session(self, request: web.Request) -> BrowserSession:
         session = self.sessions.get(request.match_info["id"])
@@ -462,19 +526,23 @@ class WebBridge:
             "max_upload_mb": self.config.max_upload_mb, "max_text_chars": self.config.max_text_chars})
 
     async def start(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await json_body(request)
         model, sdp, kind = body.get("model"), body.get("sdp"), body.get("type")
-        if not model or not sdp or kind != "offer":
+        if not isinstance(model, str) or not isinstance(sdp, str) or not model or not sdp or kind != "offer":
             raise WebError(400, "send {model, sdp, type: 'offer'}")
-        open_sessions = sum(1 for s in self.sessions.values() if not s.closed.is_set())
+        open_sessions = self.opening + sum(1 for s in self.sessions.values() if not s.closed.is_set())
         if open_sessions >= self.config.max_sessions:
-            raise WebError(503, f"{open_sessions} browser sessions are open; the limit is web.max_sessions")
+            raise WebError(503, f"{open_sessions} browser sessions are open; the limit is web.max_sessions "
+                                f"({self.config.max_sessions})")
+        self.opening += 1  # counted from here, before the first await, so concurrent offers cannot overshoot
         session = BrowserSession(self.stub, model, self.config)
         try:
             answer = await session.open(RTCSessionDescription(sdp=sdp, type=kind))
         except BaseException:
             await session.close()
             raise
+        finally:
+            self.opening -= 1
         self.sessions[session.id] = session
         forget = asyncio.ensure_future(self._forget(session))
         self._janitors.add(forget)
@@ -493,7 +561,7 @@ class WebBridge:
 
     async def mic(self, request: web.Request) -> web.Response:
         session = self._session(request)
-        session.set_mic(bool((await request.json()).get("on")))
+        session.set_mic(bool((await json_body(request)).get("on")))
         return web.json_response({"mic_on": session.mic_on})
 
     async def upload(self, request: web.Request) -> web.Response:
@@ -508,32 +576,73 @@ class WebBridge:
                                   self.config.sample_rate})
 
     def _session_pcm(self, blob: bytes, name: str) -> bytes:
-        data, fmt = audio.decode_audio(blob, name)
-        wave = audio.decode_pcm(data, fmt, allow_empty=True)
-        seconds = wave.shape[-1] / fmt.sample_rate
-        if seconds == 0:
+        """An audio file → s16le at the session rate; decoding stops at web.max_utterance_s (413)."""
+        data, fmt = audio.decode_audio(blob, name, self.config.max_utterance_s, "web.max_utterance_s")
+        if not data:
             raise WebError(400, f"{name} holds no audio")
-        if seconds > self.config.max_utterance_s:
-            raise WebError(413, f"{name} is {seconds:.1f} s long; the limit is web.max_utterance_s "
-                                f"({self.config.max_utterance_s:g} s)")
-        return to_session_pcm(wave, fmt.sample_rate, self.config.sample_rate)
+        return to_session_pcm(audio.decode_pcm(data, fmt), fmt.sample_rate, self.config.sample_rate)
 
     async def say_text(self, request: web.Request) -> web.Response:
-        """Text → espeak-ng → one utterance."""
+        """Text → espeak-ng → one utterance. The text goes to the child on stdin, never as an argument (text that
+        begins with `-` would be read as an option); one run per session and web.max_tts_jobs per bridge."""
         session = self._session(request)
-        text = str((await request.json()).get("text", "")).strip()
+        text = (await json_body(request)).get("text", "")
+        text = text.strip() if isinstance(text, str) else ""
         if not self.tts:
             raise WebError(501, f"text to speech is not available: {self.config.tts_command} is not installed")
         if not text or len(text) > self.config.max_text_chars:
             raise WebError(400, f"send 1..{self.config.max_text_chars} characters of text")
-        proc = await asyncio.create_subprocess_exec(self.tts, "-v", self.config.tts_voice, "--stdout", text,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        wav, err = await asyncio.wait_for(proc.communicate(), 30)
-        if proc.returncode != 0:
-            raise WebError(500, f"{self.config.tts_command} failed: {err.decode(errors='replace').strip()}")
+        if session.speaking_text:
+            raise WebError(429, "this session is already turning text into speech; wait for it")
+        if self.tts_running >= self.config.max_tts_jobs:
+            raise WebError(503, f"{self.tts_running} texts are being spoken; the limit is web.max_tts_jobs")
+        session.speaking_text = True
+        self.tts_running += 1
+        try:
+            wav = await self._speak(text)
+        finally:
+            session.speaking_text = False
+            self.tts_running -= 1
         pcm = await asyncio.to_thread(self._session_pcm, wav, "the spoken text")
         return web.json_response({"utterance": session.say(pcm, "text"),
                                   "seconds": len(pcm) / 2 / self.config.sample_rate})
+
+    async def _speak(self, text: str) -> bytes:
+        """Run the text-to-speech child: WAV from its stdout, at most what web.max_utterance_s needs (more is the
+        413 the decoder gives); killed after web.tts_timeout_s; its stderr goes to this log, not to the page."""
+        proc = await asyncio.create_subprocess_exec(
+            self.tts, "-v", self.config.tts_voice, "--stdout", "--stdin", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        cap = int(self.config.max_utterance_s * 48000 * 2 * 4) + 4096  # the longest WAV the limit lets through
+
+        async def run() -> tuple[bytes, bytes]:
+            proc.stdin.write(text.encode())
+            proc.stdin.close()
+            err = asyncio.ensure_future(_head(proc.stderr, 4096))
+            wav = await proc.stdout.read(cap + 1)
+            while len(wav) <= cap and (more := await proc.stdout.read(cap + 1 - len(wav))):
+                wav += more
+            if len(wav) > cap:
+                proc.kill()
+            await proc.wait()
+            return wav, await err
+        try:
+            wav, err = await asyncio.wait_for(run(), self.config.tts_timeout_s)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.warning("%s did not finish within %g s (web.tts_timeout_s): killed", self.config.tts_command,
+                        self.config.tts_timeout_s)
+            raise WebError(504, f"text to speech took longer than {self.config.tts_timeout_s:g} s") from None
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if proc.returncode != 0 and len(wav) <= cap:
+            log.warning("%s failed (exit %s): %s", self.config.tts_command, proc.returncode,
+                        err.decode(errors="replace").strip()[:500])
+            raise WebError(500, f"text to speech failed (exit {proc.returncode}); the bridge's log has the reason")
+        return wav
 
     async def interrupt(self, request: web.Request) -> web.Response:
         self._session(request).interrupt()
@@ -542,6 +651,50 @@ class WebBridge:
     async def close_session(self, request: web.Request) -> web.Response:
         await self._session(request).close()
         return web.json_response({"ok": True})
+
+
+async def _head(stream: asyncio.StreamReader, limit: int) -> bytes:
+    """Read a pipe to its end (so the child never blocks on it) and keep its first `limit` bytes."""
+    kept = b""
+    while chunk := await stream.read(65536):
+        kept += chunk[:max(0, limit - len(kept))]
+    return kept
+
+
+TOKEN_COOKIE = "lipsync_web_token"
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def host_name(host_header: str) -> str:
+    """The name of a Host header, without its port (and brackets of an IPv6 address), lower-cased."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def allowed_hosts(config: WebConfig) -> frozenset[str] | None:
+    """The Host names the page answers to: loopback, web.host and web.allowed_hosts; None (any) only when the
+    bridge listens on a wildcard address and no names are configured."""
+    names = {h.lower() for h in config.allowed_hosts}
+    try:
+        wildcard = ipaddress.ip_address(config.host).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard and not names:
+        return None
+    return frozenset(LOOPBACK_NAMES | names | ({config.host.lower()} if not wildcard else set()))
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """A request's JSON object; anything else (broken JSON, a list, a string) is a 400."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise WebError(400, "the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise WebError(400, "the request body must be a JSON object")
+    return body
 
 
 def ssl_context(config: WebConfig) -> ssl.SSLContext | None:
@@ -567,6 +720,9 @@ async def serve(server: str, config: WebConfig, credentials: Credentials | None 
     site = web.TCPSite(runner, config.host, config.port, ssl_context=context)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else config.port
+    if bridge.hosts is None:
+        log.warning("web.host=%s with no web.allowed_hosts: the page answers to any Host name (set "
+                    "web.allowed_hosts to the names browsers use, against DNS rebinding)", config.host)
     url = f"{'https' if context else 'http'}://{config.host}:{port}/"
     print(f"WEB {url}", flush=True)
     log.info("page at %s, bridging to the lipsync server at %s (text to speech: %s)", url, server,

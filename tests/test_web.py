@@ -297,3 +297,139 @@ def test_browser_page_plays_speaks_and_interrupts(bridge, tiny_avatar, speech, t
         assert final["utterances_interrupted"] == 1 and final["error"] == "", final
     finally:
         driver.quit()
+
+
+# --------------------------------------------------------------------------- the bridge under attack
+async def _offer() -> tuple[RTCPeerConnection, dict]:
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio", direction="recvonly")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, {"sdp": pc.localDescription.sdp, "type": "offer"}
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_malformed_json_on_every_post_route_is_a_400(bridge):
+    async def main():
+        async with aiohttp.ClientSession(bridge.url) as http:
+            pc, offer = await _offer()
+            response = await http.post("/api/sessions", json={**offer, "model": "tiny"})
+            sid = (await response.json())["session"]
+            try:
+                for path in ("/api/sessions", f"/api/sessions/{sid}/mic", f"/api/sessions/{sid}/say"):
+                    for body in (b"{broken", b"[1, 2]", b'"a string"', b"\xff\xfe"):
+                        response = await http.post(path, data=body, headers={"Content-Type": "application/json"})
+                        text = await response.json()
+                        assert response.status == 400 and "JSON" in text["error"], (path, body, text)
+            finally:
+                await http.post(f"/api/sessions/{sid}/close", json={})
+                await pc.close()
+    asyncio.run(main())
+    bridge.proc.poll()
+    assert bridge.proc.returncode is None
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (Debian: apt install espeak-ng)")
+def test_option_like_text_never_reaches_espeak_as_an_option(bridge, tmp_path):
+    canary = tmp_path / "canary.txt"
+    canary.write_text("intact")
+    spoken = tmp_path / "spoken.txt"
+    spoken.write_text("this file must not be spoken")
+
+    async def main():
+        async with aiohttp.ClientSession(bridge.url) as http:
+            pc, offer = await _offer()
+            sid = (await (await http.post("/api/sessions", json={**offer, "model": "tiny"})).json())["session"]
+            try:
+                for text in (f"--phonout={canary}", f"-w {canary}", f"-f {spoken}", f"--path={tmp_path}"):
+                    response = await http.post(f"/api/sessions/{sid}/say", json={"text": text})
+                    body = await response.json()
+                    assert response.status == 200, (text, body)
+                    assert body["seconds"] < 10  # the words themselves were spoken, not the file
+                    await http.post(f"/api/sessions/{sid}/interrupt", json={})
+            finally:
+                await http.post(f"/api/sessions/{sid}/close", json={})
+                await pc.close()
+    asyncio.run(main())
+    assert canary.read_text() == "intact"
+
+
+def test_a_decode_bomb_is_refused_with_flat_memory(bridge):
+    # 30 minutes of silence: a small FLAC that expands to 1.7 GB as float samples at 8 kHz... if decoded whole
+    bomb = flac(silence(1800.0)[::6].copy(), rate=8000)
+    assert len(bomb) < 2 * 2**20
+    before = _peak_rss_mb(bridge.proc.pid)
+
+    async def main():
+        async with aiohttp.ClientSession(bridge.url) as http:
+            pc, offer = await _offer()
+            sid = (await (await http.post("/api/sessions", json={**offer, "model": "tiny"})).json())["session"]
+            try:
+                started = time.perf_counter()
+                response = await http.post(f"/api/sessions/{sid}/audio", data=bomb)
+                body = await response.json()
+                return response.status, body, time.perf_counter() - started
+            finally:
+                await http.post(f"/api/sessions/{sid}/close", json={})
+                await pc.close()
+    status, body, seconds = asyncio.run(main())
+    grown = _peak_rss_mb(bridge.proc.pid) - before
+    assert status == 413 and "web.max_utterance_s" in body["error"], body
+    assert grown < 64, f"the bridge's peak memory grew by {grown:.0f} MB"
+    assert seconds < 5, seconds
+
+
+@pytest.fixture(scope="module")
+def guarded_bridge(server, tmp_path_factory):
+    token = tmp_path_factory.mktemp("webtoken") / "token"
+    token.write_text("web-token-0123456789abcdef\n")
+    web = WebProcess(server.target, "web.max_sessions=2", f"web.token_file={token}")
+    yield web, "web-token-0123456789abcdef"
+    code, err = web.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
+def test_the_bridge_checks_host_origin_and_its_token(guarded_bridge):
+    web_, token = guarded_bridge
+
+    async def main():
+        jar = aiohttp.CookieJar(unsafe=True)  # keep cookies of an IP-address host, as browsers do
+        async with aiohttp.ClientSession(web_.url, cookie_jar=jar) as http:
+            assert (await http.get("/")).status == 401
+            assert (await http.get("/api/config", headers={"Authorization": "Bearer wrong-token-0123456"})
+                    ).status == 401
+            page = await http.get(f"/?token={token}")
+            assert page.status == 200 and "RTCPeerConnection" in await page.text()
+            assert (await http.get("/api/config")).status == 200  # the cookie the page set
+            rebound = await http.get("/api/config", headers={"Host": f"evil.example:{web_.url.rsplit(':', 1)[1]}"})
+            assert rebound.status == 421
+            cross = await http.post("/api/sessions", json={}, headers={"Origin": "http://evil.example"})
+            assert cross.status == 403
+    asyncio.run(main())
+
+
+def test_concurrent_offers_never_exceed_the_session_limit(guarded_bridge):
+    web_, token = guarded_bridge
+
+    async def main():
+        async with aiohttp.ClientSession(web_.url, headers={"Authorization": f"Bearer {token}"}) as http:
+            offers = [await _offer() for _ in range(10)]
+
+            async def post(offer):
+                response = await http.post("/api/sessions", json={**offer, "model": "tiny"})
+                return response.status, await response.json()
+            results = await asyncio.gather(*(post(o) for _, o in offers))
+            opened = [body["session"] for status, body in results if status == 200]
+            assert len(opened) == 2, results
+            assert all(status == 503 for status, _ in results if status != 200)
+            for sid in opened:
+                await http.post(f"/api/sessions/{sid}/close", json={})
+            for pc, _ in offers:
+                await pc.close()
+    asyncio.run(main())
