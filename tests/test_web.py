@@ -315,9 +315,9 @@ def _peak_rss_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-def test_malformed_json_on_every_post_route_is_a_400(bridge):
+def test_malformed_json_on_every_post_route_is_a_400(guarded_bridge):
     async def main():
-        async with aiohttp.ClientSession(bridge.url) as http:
+        async with _http(guarded_bridge) as http:
             pc, offer = await _offer()
             response = await http.post("/api/sessions", json={**offer, "model": "tiny"})
             sid = (await response.json())["session"]
@@ -331,19 +331,18 @@ def test_malformed_json_on_every_post_route_is_a_400(bridge):
                 await http.post(f"/api/sessions/{sid}/close", json={})
                 await pc.close()
     asyncio.run(main())
-    bridge.proc.poll()
-    assert bridge.proc.returncode is None
+    assert guarded_bridge.proc.poll() is None
 
 
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (Debian: apt install espeak-ng)")
-def test_option_like_text_never_reaches_espeak_as_an_option(bridge, tmp_path):
+def test_option_like_text_never_reaches_espeak_as_an_option(guarded_bridge, tmp_path):
     canary = tmp_path / "canary.txt"
     canary.write_text("intact")
     spoken = tmp_path / "spoken.txt"
     spoken.write_text("this file must not be spoken")
 
     async def main():
-        async with aiohttp.ClientSession(bridge.url) as http:
+        async with _http(guarded_bridge) as http:
             pc, offer = await _offer()
             sid = (await (await http.post("/api/sessions", json={**offer, "model": "tiny"})).json())["session"]
             try:
@@ -360,14 +359,14 @@ def test_option_like_text_never_reaches_espeak_as_an_option(bridge, tmp_path):
     assert canary.read_text() == "intact"
 
 
-def test_a_decode_bomb_is_refused_with_flat_memory(bridge):
+def test_a_decode_bomb_is_refused_with_flat_memory(guarded_bridge):
     # 30 minutes of silence: a small FLAC that expands to 1.7 GB as float samples at 8 kHz... if decoded whole
     bomb = flac(silence(1800.0)[::6].copy(), rate=8000)
     assert len(bomb) < 2 * 2**20
-    before = _peak_rss_mb(bridge.proc.pid)
+    before = _peak_rss_mb(guarded_bridge.proc.pid)
 
     async def main():
-        async with aiohttp.ClientSession(bridge.url) as http:
+        async with _http(guarded_bridge) as http:
             pc, offer = await _offer()
             sid = (await (await http.post("/api/sessions", json={**offer, "model": "tiny"})).json())["session"]
             try:
@@ -379,24 +378,36 @@ def test_a_decode_bomb_is_refused_with_flat_memory(bridge):
                 await http.post(f"/api/sessions/{sid}/close", json={})
                 await pc.close()
     status, body, seconds = asyncio.run(main())
-    grown = _peak_rss_mb(bridge.proc.pid) - before
+    grown = _peak_rss_mb(guarded_bridge.proc.pid) - before
     assert status == 413 and "web.max_utterance_s" in body["error"], body
     assert grown < 64, f"the bridge's peak memory grew by {grown:.0f} MB"
     assert seconds < 5, seconds
 
 
+TOKEN = "web-token-0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
-def guarded_bridge(server, tmp_path_factory):
-    token = tmp_path_factory.mktemp("webtoken") / "token"
-    token.write_text("web-token-0123456789abcdef\n")
-    web = WebProcess(server.target, "web.max_sessions=2", f"web.token_file={token}")
-    yield web, "web-token-0123456789abcdef"
+def guarded_bridge(weights, tiny_avatar, tmp_path_factory):
+    """A bridge with its own token and two sessions at most, on a server whose slowed clock admits many live
+    sessions (the bridge's limit is the one under test)."""
+    tmp = tmp_path_factory.mktemp("webtoken")
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160"), "server.live.time_scale=20"],
+                        tmp)
+    (tmp / "token").write_text(TOKEN + "\n")
+    web = WebProcess(srv.target, "web.max_sessions=2", f"web.token_file={tmp / 'token'}")
+    yield web
     code, err = web.stop()
+    srv.stop()
     assert code == 0 and "Traceback" not in err, err
 
 
+def _http(web_: WebProcess) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(web_.url, headers={"Authorization": f"Bearer {TOKEN}"})
+
+
 def test_the_bridge_checks_host_origin_and_its_token(guarded_bridge):
-    web_, token = guarded_bridge
+    web_, token = guarded_bridge, TOKEN
 
     async def main():
         jar = aiohttp.CookieJar(unsafe=True)  # keep cookies of an IP-address host, as browsers do
@@ -415,10 +426,8 @@ def test_the_bridge_checks_host_origin_and_its_token(guarded_bridge):
 
 
 def test_concurrent_offers_never_exceed_the_session_limit(guarded_bridge):
-    web_, token = guarded_bridge
-
     async def main():
-        async with aiohttp.ClientSession(web_.url, headers={"Authorization": f"Bearer {token}"}) as http:
+        async with _http(guarded_bridge) as http:
             offers = [await _offer() for _ in range(10)]
 
             async def post(offer):
