@@ -251,6 +251,9 @@ def run_web(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
+    import os
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC core's own log lines would interleave with ours; every
+    #                                                 failure it reports reaches us as an exception or status
     parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.",
                                      formatter_class=DefaultsFormatter)
     parser.add_argument("--log-level", default="INFO")
@@ -279,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         from .engines import EngineError
         from .models import CheckpointError
         from .pipeline import ModelFileError
-        if isinstance(exc, (AudioFormatError, AudioTooLong, AvatarError, CheckpointError, EngineError, FileNotFoundError,
-                            ModelFileError, ConfigError)):
+        if isinstance(exc, (AudioFormatError, AudioTooLong, AvatarError, CheckpointError, EngineError,
+                            FileNotFoundError, ModelFileError, ConfigError)):
             print(f"lipsync {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise

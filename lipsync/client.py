@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import statistics
@@ -54,16 +55,48 @@ class Credentials:
     cert: str | None = None
     key: str | None = None
     server_name: str | None = None  # the name to check the server certificate against, when dialling an IP
+    insecure_token: bool = False    # send the token over plaintext to a host that is not this machine
 
     @property
     def secure(self) -> bool:
         return self.tls or bool(self.ca or self.cert)
+
+    def check_token_transport(self, target: str) -> None:
+        """Refuse to send a bearer token in plaintext beyond this machine (anyone on the path could reuse it),
+        unless told to (`insecure_token`, --allow-insecure-token)."""
+        if self.token and not self.secure and not self.insecure_token and not is_local_target(target):
+            raise ValueError(f"refusing to send the token in plaintext to {target}: use TLS (--tls or --tls-ca), or "
+                             "pass --allow-insecure-token if the network is trusted")
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         if bool(self.cert) != bool(self.key):
             raise ValueError("a client certificate needs its key (and the key its certificate)")
         return grpc.ssl_channel_credentials(_read_pem(self.ca, "CA"), _read_pem(self.key, "client key"),
                                             _read_pem(self.cert, "client certificate"))
+
+
+def is_local_target(target: str) -> bool:
+    """Whether a gRPC target names this machine: loopback addresses, localhost or a unix socket."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.split("///", 1)[-1] if target.startswith(("dns:", "ipv4:", "ipv6:")) else target
+    host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 \
+        else host
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def explain(exc: grpc.aio.AioRpcError, credentials: Credentials) -> str:
+    """A failed call in one line, with the likely cause where the status alone misleads."""
+    text = f"{exc.code().name}: {exc.details()}"
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not credentials.secure and \
+            any(sign in (exc.details() or "") for sign in ("Socket closed", "Connection reset", "handshake")):
+        text += " (the server may speak TLS: pass --tls or --tls-ca CA.pem)"
+    return text
 
 
 def _read_pem(path: str | None, what: str) -> bytes | None:
@@ -148,6 +181,7 @@ def channel(target: str, max_message_mb: int = 100, credentials: Credentials | N
     size = max_message_mb * 2**20
     options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
     credentials = credentials or Credentials()
+    credentials.check_token_transport(target)
     interceptors = _token_interceptors(credentials.token) if credentials.token else None
     if not credentials.secure:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
@@ -160,7 +194,8 @@ def channel(target: str, max_message_mb: int = 100, credentials: Credentials | N
 def credentials_from_args(args: argparse.Namespace) -> Credentials:
     """--tls/--tls-ca/--tls-cert/--tls-key/--tls-server-name and --token (else $LIPSYNC_TOKEN)."""
     return Credentials(token=args.token or os.environ.get("LIPSYNC_TOKEN") or None, tls=args.tls, ca=args.tls_ca,
-                       cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+                       cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name,
+                       insecure_token=args.allow_insecure_token)
 
 
 def add_connection_options(p: argparse.ArgumentParser) -> None:
@@ -172,6 +207,8 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="KEY.pem", help="the client certificate's private key")
     p.add_argument("--tls-server-name", help="name to verify the server certificate against (when --server is an "
                                              "address the certificate does not name)")
+    p.add_argument("--allow-insecure-token", action="store_true", help="send --token over plaintext to a server "
+                   "that is not on this machine (refused otherwise)")
 
 
 def _add(stage_ms: dict[str, float], timings: pb.StageTimings) -> None:
@@ -544,7 +581,7 @@ def run_client(args: argparse.Namespace) -> int:
     try:
         summary = asyncio.run(run(args))
     except grpc.aio.AioRpcError as exc:
-        print(f"lipsync client: {exc.code().name}: {exc.details()}")
+        print(f"lipsync client: {explain(exc, credentials_from_args(args))}")
         return 1
     except (ValueError, FileNotFoundError) as exc:
         print(f"lipsync client: error: {exc}")

@@ -1,10 +1,13 @@
 """Hydra configuration: compose `conf/` with command-line overrides (no working-directory changes)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -72,3 +75,111 @@ def settings(cfg: Any, allowed: Any, what: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown {what} settings: {sorted(unknown)}; known: {sorted(names)}")
     return values
+
+
+# --------------------------------------------------------------------------- typed sections
+T = TypeVar("T")
+
+
+def limit(default: Any, *, low: float | None = None, high: float | None = None, choices: tuple = (),
+          above: float | None = None) -> Any:
+    """A config dataclass field with what is allowed: `low`/`high` inclusive bounds, `above` an exclusive lower
+    bound, `choices` the allowed values. `section()` checks them where the section is read."""
+    meta = {"low": low, "high": high, "choices": tuple(choices), "above": above}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def allowed(f: dataclasses.Field, kind: Any = None) -> str:
+    """What a field allows, in words (the end of every config error, and the settings reference)."""
+    meta = f.metadata
+    if meta.get("choices"):
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    name = {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list",
+            dict: "a mapping"}.get(kind, "a value")
+    low, high, above = meta.get("low"), meta.get("high"), meta.get("above")
+    if above is not None:
+        return f"{name} in ({above:g}, {high:g}]" if high is not None else f"{name} > {above:g}"
+    if low is not None and high is not None:
+        return f"{name} in {low:g}..{high:g}"
+    if low is not None:
+        return f"{name} >= {low:g}"
+    if high is not None:
+        return f"{name} <= {high:g}"
+    return name
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _kind(f: dataclasses.Field, hints: dict[str, Any] | None = None) -> Any:
+    """The plain type of a field: int, float, bool, str, list, dict (Optional[X] → X)."""
+    hint = f.type if not isinstance(f.type, str) else (hints or {}).get(f.name, f.type)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else hint
+        origin = typing.get_origin(hint)
+    return origin or hint
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    if value is None or kind in (Any, typing.Any) or not isinstance(kind, type):
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value) if not isinstance(value, str) else int(value.strip())
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    if kind is str:
+        if isinstance(value, (dict, list)) or hasattr(value, "keys"):
+            raise ValueError
+        return str(value)
+    if kind is list:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or hasattr(value, "keys"):
+            raise ValueError
+        return list(value)
+    if kind is dict:
+        if not hasattr(value, "keys"):
+            raise ValueError
+        return dict(value)
+    return value
+
+
+def section(cls: type[T], cfg: Any, where: str) -> T:
+    """A config section (mapping) as the dataclass `cls`: unknown keys refused, every value converted to its
+    field's type and checked against its `limit`. Every problem is a ConfigError of one line that names the key,
+    the value and what is allowed (all of a section's problems, joined)."""
+    values = settings(cfg, cls, where)
+    hints = _hints(cls)
+    problems = []
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        key, value, kind = f"{where}.{f.name}", values[f.name], _kind(f, hints)
+        try:
+            value = _coerce(value, kind)
+        except (TypeError, ValueError):
+            problems.append(f"{key}={value!r}: must be {allowed(f, kind)}")
+            continue
+        meta = f.metadata
+        bad = value is not None and (
+            (meta.get("choices") and value not in meta["choices"])
+            or (meta.get("low") is not None and value < meta["low"])
+            or (meta.get("high") is not None and value > meta["high"])
+            or (meta.get("above") is not None and not value > meta["above"]))
+        if bad:
+            problems.append(f"{key}={value!r}: must be {allowed(f, kind)}")
+        values[f.name] = value
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cls(**values)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .config import settings
+from .config import ConfigError, limit, section, settings
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +41,28 @@ class EngineError(RuntimeError):
 
 @dataclass
 class EngineConfig:
-    backend: str = "auto"
-    precision: str = "auto"  # auto: fp32 on CPU, fp16 on CUDA
+    backend: str = limit("auto", choices=BACKENDS)
+    precision: str = limit("auto", choices=("auto", "fp32", "fp16", "bf16"))  # auto: fp32 on CPU, fp16 on CUDA
     channels_last: str | bool = "auto"  # auto: on for CPU eager (measured faster), off elsewhere
     batch_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 24, 32])
-    min_batch: int = 1
-    opt_batch: int = 24
-    max_batch: int = 32
+    min_batch: int = limit(1, low=1)
+    opt_batch: int = limit(24, low=1)
+    max_batch: int = limit(32, low=1, high=1024)
     cuda_graphs: bool = False
     cache_dir: str = "~/.cache/lipsync/engines"
     tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1})
-    min_psnr_db: float = 40.0  # reduced precision must stay this close to fp32 on the reference input (8-bit)
+    min_psnr_db: float = limit(40.0, low=0)  # reduced precision stays this close to fp32 on the reference (8-bit)
     warmup: bool = True
-    onnxruntime_threads: int = 0  # 0: torch's intra-op thread count
+    onnxruntime_threads: int = limit(0, low=0)  # 0: torch's intra-op thread count
     onnxruntime_spinning: bool = False  # busy-waiting ORT threads would steal the cores of the encode thread
-    openvino_threads: int = 0  # 0: torch's intra-op thread count
+    openvino_threads: int = limit(0, low=0)  # 0: torch's intra-op thread count
     # `auto`: candidates measured at load, in order of preference on ties, and the batches they are timed at
     candidates: dict[str, list[str]] = field(default_factory=lambda: {
         "cpu": ["openvino/fp32", "onnxruntime/fp32", "openvino/bf16", "eager/fp32", "eager/bf16"],
         "cuda": ["tensorrt/fp16", "compile/fp16", "eager/fp16"]})
     tune_batches: dict[str, list[int]] = field(default_factory=lambda: {"cpu": [1, 2, 4], "cuda": [8, 16, 32]})
-    tune_seconds: float = 1.5  # timing per candidate and batch
-    tune_margin: float = 0.05  # a larger batch or later candidate must be this much faster to be chosen
+    tune_seconds: float = limit(1.5, above=0)  # timing per candidate and batch
+    tune_margin: float = limit(0.05, low=0, high=1)  # a larger batch or later candidate must be this much faster
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "EngineConfig":
@@ -74,13 +74,12 @@ class EngineConfig:
                 values[key] = {device: list(v) for device, v in dict(values[key]).items()}
         if "batch_buckets" in values:
             values["batch_buckets"] = sorted(int(b) for b in values["batch_buckets"])
-        config = cls(**values)
-        if config.backend not in BACKENDS:
-            raise ValueError(f"unknown engine backend {config.backend!r}; expected one of {BACKENDS}")
-        if config.precision != "auto" and config.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {config.precision!r}; expected auto or one of {list(PRECISIONS)}")
+        config = section(cls, values, "engine")
         if not 1 <= config.min_batch <= config.opt_batch <= config.max_batch:
-            raise ValueError("engine batch profile must satisfy 1 <= min_batch <= opt_batch <= max_batch")
+            raise ConfigError(f"engine.min_batch={config.min_batch}, opt_batch={config.opt_batch}, max_batch="
+                              f"{config.max_batch}: must satisfy 1 <= min_batch <= opt_batch <= max_batch")
+        if any(int(b) < 1 for b in config.batch_buckets):
+            raise ConfigError(f"engine.batch_buckets={config.batch_buckets}: must be whole numbers >= 1")
         return config
 
 

@@ -1,37 +1,82 @@
 """Request limits (`server` config) and the validation of every client-supplied number and format."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from . import audio
 from .audio import AudioFormat
+from .config import limit, section
 from .errors import InvalidRequest, ResourceExhausted, clip
 from .jpeg import MAX_QUALITY, MIN_QUALITY
 from .live import LiveConfig
 
 log = logging.getLogger(__name__)
-ENCODINGS = ("s16le", "f32le", "wav")
+
+
+@dataclass
+class ServerConfig:
+    """`server` section of conf/server/default.yaml (the YAML holds the defaults users read; these mirror them)."""
+    host: str = "127.0.0.1"
+    port: int = limit(50051, low=0, high=65535)
+    metrics_port: int = limit(9090, low=-1, high=65535)           # -1 disables, 0 picks a free port
+    metrics_host: str = "127.0.0.1"
+    metrics_auth: str = limit("auto", choices=("auto", "open", "token"))
+    metrics_token_file: str | None = None
+    max_message_mb: float = limit(100.0, low=0.0625, high=2047)
+    max_concurrent_rpcs: int = limit(1024, low=1)                  # RPCs in progress at once, all connections
+    max_connection_streams: int = limit(128, low=1)                # HTTP/2 streams at once per connection
+    keepalive_time_s: float = limit(30.0, above=0)
+    keepalive_timeout_s: float = limit(10.0, above=0)
+    shutdown_grace_s: float = limit(30.0, low=0)
+    drain_s: float = limit(0.0, low=0)
+    worker_name: str | None = None
+    max_streams: int = limit(256, low=0)
+    max_audio_seconds: float = limit(600.0, above=0)
+    stream_buffer_frames: int = limit(250, low=1)
+    stream_idle_timeout_s: float = limit(60.0, above=0)             # Stream: no message for this long ends it
+    strict_models: bool = True
+    max_start_frame: int = limit(100_000_000, low=0)
+    jpeg_quality: int = limit(75, low=MIN_QUALITY, high=MAX_QUALITY)
+    config_timeout_s: float = limit(10.0, above=0)
+    live: LiveConfig = dataclasses.field(default_factory=LiveConfig)
+    tls: dict = dataclasses.field(default_factory=dict)
+    auth: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, cfg: Any) -> "ServerConfig":
+        config = section(cls, cfg, "server")
+        config.live = config.live if isinstance(config.live, LiveConfig) else LiveConfig.from_dict(config.live)
+        return config
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Mapping-style access for the parts that read sections generically (security)."""
+        return getattr(self, key, default)
 
 
 class Limits:
     """Limits from the `server` config section, and checks of request fields against them."""
 
     def __init__(self, cfg: Any):
-        self.live = LiveConfig.from_dict(cfg.get("live"))
-        self.max_audio_s = float(cfg.max_audio_seconds)
-        self.max_streams = int(cfg.max_streams)
-        self.default_quality = int(cfg.jpeg_quality)
-        self.max_start_frame = int(cfg.max_start_frame)
-        self.max_message_bytes = int(float(cfg.max_message_mb) * 2**20)
-        self.stream_buffer_frames = int(cfg.get("stream_buffer_frames", 250))
-        self.config_timeout_s = float(cfg.get("config_timeout_s", 10))
-        if not MIN_QUALITY <= self.default_quality <= MAX_QUALITY:
-            raise ValueError(f"server.jpeg_quality={self.default_quality} is outside {MIN_QUALITY}..{MAX_QUALITY}")
-        if min(self.max_audio_s, self.stream_buffer_frames, self.config_timeout_s) <= 0 \
-                or self.max_message_bytes < 2**16:
-            raise ValueError("server.max_audio_seconds, server.stream_buffer_frames and server.config_timeout_s "
-                             "must be positive and server.max_message_mb at least 0.0625")
+        cfg = cfg if isinstance(cfg, ServerConfig) else ServerConfig.from_dict(cfg)
+        self.config = cfg
+        self.live = cfg.live
+        self.max_audio_s = cfg.max_audio_seconds
+        self.max_streams = cfg.max_streams
+        self.default_quality = cfg.jpeg_quality
+        self.max_start_frame = cfg.max_start_frame
+        self.max_message_bytes = int(cfg.max_message_mb * 2**20)
+        self.stream_buffer_frames = cfg.stream_buffer_frames
+        self.config_timeout_s = cfg.config_timeout_s
+        self.stream_idle_timeout_s = cfg.stream_idle_timeout_s
+
+    @property
+    def max_receive_bytes(self) -> int:
+        """The largest request message worth receiving: the longest allowed audio in the largest format (48 kHz
+        stereo float) plus room for the other fields, or the message limit if that is smaller."""
+        return min(self.max_message_bytes, int(self.max_audio_s * audio.MAX_RATE * 2 * 4) + 2**16)
 
     def quality(self, q: int) -> int:
         if q == 0:

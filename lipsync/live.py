@@ -33,6 +33,7 @@ import torch
 
 from . import audio
 from .audio import AudioFormat, FeatureStream, StreamResampler
+from .config import limit, section
 from .errors import InvalidRequest
 from .scheduler import ModelScheduler, Priority
 
@@ -47,25 +48,19 @@ class SessionError(InvalidRequest):
 
 @dataclass
 class LiveConfig:
-    """`live` section of the server config."""
-    time_scale: float = 1.0          # wall-clock seconds per media second (1 = real time; >1 slows the clock)
-    max_sessions: int = 64           # open live sessions per server
-    duty_cycle: float = 0.5          # share of time a session is assumed to speak (admission control)
-    headroom: float = 0.9            # admit while the sessions' speech needs <= headroom x measured capacity
-    lead_margin_frames: int = 2      # slots added to the measured render latency before an utterance starts
-    latency_safety: float = 1.5      # the measured batch latency is multiplied by this when planning a start
-    max_utterance_s: float = 300.0   # longest utterance accepted
-    max_queued_utterances: int = 16  # utterances waiting behind the one playing
+    """`server.live` section."""
+    time_scale: float = limit(1.0, above=0, high=1000)  # wall-clock seconds per media second (>1 slows the clock)
+    max_sessions: int = limit(64, low=0)                 # open live sessions per server
+    duty_cycle: float = limit(0.5, above=0, high=1)      # share of time a session is assumed to speak (admission)
+    headroom: float = limit(0.9, above=0, high=1)        # admit while speech needs <= headroom x measured capacity
+    lead_margin_frames: int = limit(2, low=0, high=250)  # slots added to the measured render latency before a start
+    latency_safety: float = limit(1.5, low=1, high=10)   # the measured batch latency x this when planning a start
+    max_utterance_s: float = limit(300.0, above=0)       # longest utterance accepted
+    max_queued_utterances: int = limit(16, low=0)        # utterances waiting behind the one playing
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "LiveConfig":
-        from .config import settings
-        config = cls(**settings(cfg, cls, "server.live"))
-        if config.time_scale <= 0:
-            raise ValueError("server.live.time_scale must be > 0")
-        if not 0 < config.duty_cycle <= 1 or not 0 < config.headroom <= 1:
-            raise ValueError("server.live.duty_cycle and server.live.headroom must be in (0, 1]")
-        return config
+        return section(cls, cfg, "server.live")
 
 
 @dataclass

@@ -1,11 +1,9 @@
-"""Prometheus metrics, served over HTTP by `lipsync serve` (server.metrics_host/metrics_port), optionally behind
-a bearer token (server.metrics_token_file, checked by lipsync.security)."""
+"""Prometheus metrics, served over HTTP by `lipsync serve` (server.metrics_host/metrics_port, loopback by default),
+behind a bearer token when the server checks tokens (server.metrics_auth, checked by lipsync.security)."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextvars import ContextVar
 from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
@@ -37,26 +35,13 @@ def observe(model: str, frames: int, timings: dict[str, float]) -> None:
             STAGE_MS.labels(model, stage).observe(ms)
 
 
+_STATE: ContextVar[dict[str, Any] | None] = ContextVar("lipsync_metrics_state", default=None)
+
+
 class _StateCollector:
-    """Gauges read at scrape time: queue depth, loaded models, device memory. The scrape runs on the HTTP
-    server's thread; the numbers are taken on the event loop's thread (`snapshot`), never read from under it."""
-
-    def __init__(self, snapshot: Callable[[], dict[str, Any]], loop: asyncio.AbstractEventLoop):
-        self.snapshot, self.loop = snapshot, loop
-
-    def _take(self) -> dict[str, Any] | None:
-        done: concurrent.futures.Future = concurrent.futures.Future()
-
-        def take() -> None:
-            try:
-                done.set_result(self.snapshot())
-            except Exception as exc:  # reported as a failed scrape, never on the loop
-                done.set_exception(exc)
-        try:
-            self.loop.call_soon_threadsafe(take)
-            return done.result(timeout=5)
-        except Exception:
-            return None
+    """Gauges read at scrape time: queue depth, loaded models, device memory. The numbers are taken on the event
+    loop's thread by the endpoint and handed to the rendering thread in a context variable, never read from under
+    the loop."""
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
@@ -66,12 +51,11 @@ class _StateCollector:
                                   labels=["device"]))
 
     def describe(self):
-        """The families without values: what registering asks for. Without it the registry would call `collect`
-        on the event loop's own thread, which waits for that thread (a 5 s stall at every start)."""
+        """The families without values: what registering asks for (no state is needed for it)."""
         return self._families()
 
     def collect(self):
-        state = self._take()
+        state = _STATE.get()
         if state is None:
             return
         queue, loaded, memory = self._families()
@@ -84,45 +68,89 @@ class _StateCollector:
         yield from (queue, loaded, memory)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+_COLLECTOR = _StateCollector()
+REGISTRY.register(_COLLECTOR)
+
+
+def render(state: dict[str, Any] | None) -> bytes:
+    """The exposition text, with the state gauges from `state` (call off the event loop: it walks every metric)."""
+    token = _STATE.set(state)
+    try:
+        return generate_latest(REGISTRY)
+    finally:
+        _STATE.reset(token)
 
 
 class MetricsEndpoint:
-    """/metrics over HTTP on its own thread; with `allows`, a scrape's `Authorization` header must pass it."""
+    """/metrics over HTTP/1.0 on the event loop. What a hostile client can hold is bounded: at most
+    `max_connections` connections (more are closed at once), each must send its request head (at most 8 KiB)
+    within `timeout_s` and take the reply within `timeout_s`; one request per connection. No thread per
+    connection: the text is rendered on the default executor. With `allows`, the `Authorization` header must pass."""
 
-    def __init__(self, host: str, port: int, allows: Callable[[str], bool] | None = None):
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-                    return self._reply(404, b"not found\n")
-                if allows is not None and not allows(self.headers.get("Authorization", "")):
-                    return self._reply(401, b"unauthorized\n", {"WWW-Authenticate": "Bearer"})
-                self._reply(200, generate_latest(REGISTRY), {"Content-Type": CONTENT_TYPE_LATEST})
+    HEAD_LIMIT = 8192
 
-            def _reply(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-                self.send_response(code)
-                for key, value in (headers or {"Content-Type": "text/plain"}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], allows: Callable[[str], bool] | None = None,
+                 timeout_s: float = 5.0, max_connections: int = 16):
+        self.snapshot, self.allows = snapshot, allows
+        self.timeout_s, self.max_connections = timeout_s, max_connections
+        self.connections = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
 
-            def log_message(self, *args: Any) -> None:  # scrapes are not news
-                pass
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._serve, host, port, limit=self.HEAD_LIMIT)
+        self.port = self.server.sockets[0].getsockname()[1]
 
-        self.http = _HTTPServer((host, port), Handler)
-        self.port = self.http.server_address[1]
-        threading.Thread(target=self.http.serve_forever, name="metrics", daemon=True).start()
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.max_connections:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout_s)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                return  # too slow, too long or gone: closed without a word
+            code, body, headers = await self._answer(head.decode("latin-1"))
+            reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+                      405: "Method Not Allowed"}[code]
+            lines = [f"HTTP/1.0 {code} {reason}", f"Content-Length: {len(body)}", "Connection: close",
+                     *(f"{k}: {v}" for k, v in headers.items())]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            await asyncio.wait_for(writer.drain(), self.timeout_s)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            self.connections -= 1
+            writer.transport.abort() if writer.transport.get_write_buffer_size() else writer.close()
+
+    async def _answer(self, head: str) -> tuple[int, bytes, dict[str, str]]:
+        request, *header_lines = head.split("\r\n")
+        parts = request.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return 400, b"bad request\n", {"Content-Type": "text/plain"}
+        method, path = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, b"method not allowed\n", {"Content-Type": "text/plain", "Allow": "GET"}
+        if path not in ("/metrics", "/"):
+            return 404, b"not found\n", {"Content-Type": "text/plain"}
+        authorization = next((line.split(":", 1)[1].strip() for line in header_lines
+                              if line.lower().startswith("authorization:")), "")
+        if self.allows is not None and not self.allows(authorization):
+            return 401, b"unauthorized\n", {"Content-Type": "text/plain", "WWW-Authenticate": "Bearer"}
+        state = self.snapshot()
+        body = await asyncio.to_thread(render, state)
+        return 200, b"" if method == "HEAD" else body, {"Content-Type": CONTENT_TYPE_LATEST}
 
     def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        if self.server is not None:
+            self.server.close()
 
 
-def start(port: int, host: str, snapshot: Callable[[], dict[str, Any]],
-          allows: Callable[[str], bool] | None = None) -> MetricsEndpoint:
-    """Serve /metrics on `port` (0 = any free port). Call from the event loop (the state gauges are read there)."""
-    endpoint = MetricsEndpoint(host, port, allows)
-    REGISTRY.register(_StateCollector(snapshot, asyncio.get_running_loop()))
+async def start(port: int, host: str, snapshot: Callable[[], dict[str, Any]],
+                allows: Callable[[str], bool] | None = None, timeout_s: float = 5.0,
+                max_connections: int = 16) -> MetricsEndpoint:
+    """Serve /metrics on `port` (0 = any free port) from the running event loop."""
+    endpoint = MetricsEndpoint(snapshot, allows, timeout_s, max_connections)
+    await endpoint.start(host, port)
     return endpoint

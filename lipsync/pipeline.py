@@ -111,14 +111,24 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, name: str, cfg: Any) -> "ModelSpec":
         known = (set(cls.__dataclass_fields__) | {"pinned", "device", "preload", "synthetic"}) - {"name"}
+        from .config import ConfigError
         values = settings(cfg, known, f"model {name!r}")
         for key in ("checkpoint", "audio_encoder", "avatar"):
             if not values.get(key):
-                raise ValueError(f"model {name!r}: `{key}` is required")
+                raise ConfigError(f"models.{name}.{key}: is required (a file or directory path)")
         paths = {k: Path(str(values[k])).expanduser().resolve() for k in ("checkpoint", "audio_encoder", "avatar")}
         engine_file = values.get("engine_file")
-        return cls(name=name, **paths, variant=str(values.get("variant", "328")), asr=values.get("asr", "ave"),
-                   sequence=values.get("sequence", "pingpong"), feather=int(values.get("feather", 0)),
+        variant, sequence, feather = str(values.get("variant", "328")), str(values.get("sequence", "pingpong")), \
+            values.get("feather", 0)
+        for key, value, ok, allowed in (
+                ("variant", variant, variant in ("328", "160"), "one of 328, 160"),
+                ("sequence", sequence, sequence in ("pingpong", "loop"), "one of pingpong, loop"),
+                ("asr", values.get("asr", "ave"), values.get("asr", "ave") == "ave", "ave"),
+                ("feather", feather, isinstance(feather, int) and not isinstance(feather, bool)
+                 and 0 <= feather <= 164, "a whole number in 0..164")):
+            if not ok:
+                raise ConfigError(f"models.{name}.{key}={value!r}: must be {allowed}")
+        return cls(name=name, **paths, variant=variant, asr="ave", sequence=sequence, feather=int(feather),
                    engine_file=Path(str(engine_file)).expanduser().resolve() if engine_file else None)
 
 
@@ -157,8 +167,14 @@ def micro_batch_setting(pipeline_cfg: Any, engine_config: EngineConfig, device_t
     """Frames per generator call from the pipeline config: a number, or `auto` — measured with the engine when
     `engine.backend` is auto (None here), else `pinned_micro_batch`."""
     value = dict(pipeline_cfg["micro_batch"])[device_type]
+    key = f"pipeline.micro_batch.{device_type}"
     if str(value) == "auto":
-        return None if engine_config.backend == "auto" else int(dict(pipeline_cfg["pinned_micro_batch"])[device_type])
+        if engine_config.backend == "auto":
+            return None
+        key, value = f"pipeline.pinned_micro_batch.{device_type}", dict(pipeline_cfg["pinned_micro_batch"])[device_type]
+    if isinstance(value, bool) or not str(value).isdigit() or not 1 <= int(value) <= 1024:
+        from .config import ConfigError
+        raise ConfigError(f"{key}={value!r}: must be auto or a whole number in 1..1024")
     return int(value)
 
 

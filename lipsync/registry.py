@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import settings
+from .config import ConfigError, limit, section
 from .demo import ensure_demo_model
 from .engines import EngineConfig, EngineError
 from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, clip
@@ -42,21 +42,19 @@ class ModelBusy(FailedPrecondition):
 
 @dataclass
 class RegistryConfig:
-    max_models: int = 8                 # per device
-    memory_budget_mb: float = 0         # per device; 0 = unlimited
-    eviction: str = "lfu"               # lfu | lru
-    idle_unload_s: float = 0            # 0 = never
-    devices: list[str] | str = "auto"   # auto = every CUDA device, else the CPU
-    max_batch: int = 32
-    max_delay_ms: float = 2.0
-    max_queue_frames: int = 4096
+    """`registry` section: models per device, memory, eviction, batching across requests."""
+    max_models: int = limit(8, low=1)                     # per device
+    memory_budget_mb: float = limit(0.0, low=0)           # per device; 0 = unlimited
+    eviction: str = limit("lfu", choices=("lfu", "lru"))
+    idle_unload_s: float = limit(0.0, low=0)              # 0 = never
+    devices: list[str] | str = "auto"                     # auto = every CUDA device, else the CPU
+    max_batch: int = limit(32, low=1, high=1024)
+    max_delay_ms: float = limit(2.0, low=0, high=10000)
+    max_queue_frames: int = limit(4096, low=1)
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "RegistryConfig":
-        config = cls(**settings(cfg, cls, "registry"))
-        if config.eviction not in ("lfu", "lru"):
-            raise ValueError(f"registry.eviction must be lfu or lru, not {config.eviction!r}")
-        return config
+        return section(cls, cfg, "registry")
 
 
 @dataclass
@@ -100,6 +98,15 @@ class ModelEntry:
         return out
 
 
+def _configured_device(key: str, name: Any) -> str:
+    """A device named in the config, checked: one line naming the key when it is not a device of this machine."""
+    try:
+        return str(pick_device(str(name)))
+    except RuntimeError as exc:
+        why = " (CUDA is not available here)" if "CUDA" in str(exc) else ""
+        raise ConfigError(f"{key}={name!r}: must be auto, cpu, cuda or cuda:N of this machine{why}") from None
+
+
 class Registry:
     def __init__(self, models: dict[str, Any], config: RegistryConfig, engine: EngineConfig,
                  pipeline_cfg: Any, default_device: str = "auto"):
@@ -123,11 +130,13 @@ class Registry:
     def _devices(devices: list[str] | str, default: str) -> list[str]:
         if devices == "auto":
             if default != "auto":
-                return [str(pick_device(default))]
+                return [_configured_device("device", default)]
             if torch.cuda.is_available():
                 return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
             return ["cpu"]
-        return [str(pick_device(d)) for d in devices]
+        if isinstance(devices, str):
+            raise ConfigError(f"registry.devices={devices!r}: must be auto or a list like [cuda:0, cuda:1]")
+        return [_configured_device("registry.devices", d) for d in devices]
 
     # -- lifecycle
     async def start(self) -> None:

@@ -3,7 +3,8 @@ every RPC before a service sees it. Certificates, keys and tokens are re-read by
 touching open streams.
 
 Tokens file: one `TOKEN ROLE[,ROLE] [name=LABEL] [streams=N] [sessions=N]` per line, `#` starts a comment.
-Roles: `infer` (rendering, live sessions, listing, stats, health) and `admin` (everything, model loading too).
+Roles: `infer` (rendering, live sessions, listing, stats, health), `metrics` (scraping /metrics) and `admin`
+(everything, model loading too).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from .errors import ResourceExhausted
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("lipsync.audit")
 
-ROLES = ("infer", "admin")
+ROLES = ("infer", "metrics", "admin")
+METRICS_AUTH = ("auto", "open", "token")  # server.metrics_auth
 ADMIN_METHODS = frozenset(f"/{service}/{rpc}" for service in ("lipsync.v1.LipSync", "monolithic.MonolithicService")
                           for rpc in ("LoadModel", "UnloadModel"))
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -227,6 +229,7 @@ class Security:
     tokens: TokenTable | None
     reflection_open: bool
     scrape: ScrapeToken | None = None
+    metrics_open: bool = True  # scrapes need no token (server.metrics_auth)
 
     @classmethod
     def from_config(cls, server_cfg: Any) -> "Security":
@@ -238,8 +241,26 @@ class Security:
         tokens = TokenTable(tokens_file, int(auth.get("default_streams", 0)), int(auth.get("default_sessions", 0))) \
             if tokens_file else None
         scrape_file = _file(server_cfg.get("metrics_token_file"), "server.metrics_token_file (metrics token)")
+        metrics_auth = str(server_cfg.get("metrics_auth", "auto"))
+        if metrics_auth not in METRICS_AUTH:
+            raise SecurityConfigError(f"server.metrics_auth={metrics_auth}: choose one of {', '.join(METRICS_AUTH)}")
+        if metrics_auth == "token" and not (tokens or scrape_file):
+            raise SecurityConfigError("server.metrics_auth=token needs server.auth.tokens_file (a token with the "
+                                      "metrics role) or server.metrics_token_file")
+        metrics_open = metrics_auth == "open" or (metrics_auth == "auto" and not (tokens or scrape_file))
         return cls(TlsFiles(server_cfg.get("tls") or {}), tokens, reflection == "open",
-                   ScrapeToken(scrape_file) if scrape_file else None)
+                   ScrapeToken(scrape_file) if scrape_file else None, metrics_open)
+
+    def scrape_allows(self, authorization: str) -> bool:
+        """Whether a metrics scrape's `Authorization` header may read /metrics: the metrics token, or any token of
+        the tokens file with the metrics role (admin has it)."""
+        if self.metrics_open:
+            return True
+        if self.scrape is not None and self.scrape.allows(authorization):
+            return True
+        token = _bearer_token(authorization)
+        who = self.tokens.lookup(token) if self.tokens is not None and token else None
+        return who is not None and "metrics" in who.roles
 
     def reload(self) -> None:
         """Re-read certificates, tokens and the metrics token; a broken file keeps the previous one."""

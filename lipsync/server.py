@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -26,8 +27,9 @@ from ._proto import monolithic_pb2 as mono
 from ._proto import monolithic_pb2_grpc as mono_grpc
 from .audio import AudioFormat
 from .compat import MonolithicService
+from .config import ConfigError
 from .errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, Unavailable, status_of
-from .limits import Limits, model_id as checked_model_id
+from .limits import Limits, ServerConfig, model_id as checked_model_id
 from .live import LiveSession, admit
 from .registry import ModelEntry, Registry
 from .scheduler import Priority
@@ -408,10 +410,23 @@ def _event(event) -> pb.ConverseEvent:
 # --------------------------------------------------------------------------- running it
 def make_registry(cfg: Any) -> Registry:
     from .engines import EngineConfig
+    from .pipeline import micro_batch_setting
     from .registry import RegistryConfig
 
-    return Registry(dict(cfg.models or {}), RegistryConfig.from_dict(cfg.registry),
-                    EngineConfig.from_dict(cfg.engine), cfg.pipeline, cfg.device)
+    engine = EngineConfig.from_dict(cfg.engine)
+    for device_type in ("cpu", "cuda"):  # read at each load: checked here, at start
+        micro_batch_setting(cfg.pipeline, engine, device_type)
+    return Registry(dict(cfg.models or {}), RegistryConfig.from_dict(cfg.registry), engine, cfg.pipeline, cfg.device)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(cfg: Any) -> str:
+    level = str(cfg.logging.level).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"logging.level={cfg.logging.level!r}: must be one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def check_models(registry: Registry, strict: bool) -> dict[str, str]:
@@ -426,28 +441,38 @@ def check_models(registry: Registry, strict: bool) -> dict[str, str]:
     return problems
 
 
-async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
-    """Create the registry and a started gRPC server per `cfg` (the composed hydra config)."""
+def prepare(cfg: Any) -> tuple[ServerConfig, Security, Registry, Limits]:
+    """Everything `serve` and `serve --check` read from the composed config, checked once: the server section,
+    security files, the registry (models declared, nothing loaded) and the request limits."""
+    server_cfg = ServerConfig.from_dict(cfg.server)
     try:
-        security = Security.from_config(cfg.server)
+        security = Security.from_config(server_cfg)
     except SecurityConfigError as exc:
         raise StartupError(str(exc)) from None
     registry = make_registry(cfg)
-    registry.on_evict = lambda model, reason: metrics.EVICTIONS.labels(model).inc()
-    limits = Limits(cfg.server)
+    limits = Limits(server_cfg)
     limits.check_consistency(registry.config.max_queue_frames, registry.config.max_batch)
-    check_models(registry, bool(cfg.server.get("strict_models", True)))
+    return server_cfg, security, registry, limits
+
+
+async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
+    """Create the registry and a started gRPC server per `cfg` (the composed hydra config)."""
+    server_cfg, security, registry, limits = prepare(cfg)
+    registry.on_evict = lambda model, reason: metrics.EVICTIONS.labels(model).inc()
+    check_models(registry, server_cfg.strict_models)
     state = Server(registry, limits)
     state.security = security
     options = [("grpc.max_send_message_length", limits.max_message_bytes),
-               ("grpc.max_receive_message_length", limits.max_message_bytes),
-               ("grpc.keepalive_time_ms", int(cfg.server.keepalive_time_s * 1000)),
-               ("grpc.keepalive_timeout_ms", int(cfg.server.keepalive_timeout_s * 1000)),
+               ("grpc.max_receive_message_length", limits.max_receive_bytes),
+               ("grpc.max_concurrent_streams", server_cfg.max_connection_streams),
+               ("grpc.keepalive_time_ms", int(server_cfg.keepalive_time_s * 1000)),
+               ("grpc.keepalive_timeout_ms", int(server_cfg.keepalive_timeout_s * 1000)),
                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                ("grpc.keepalive_permit_without_calls", 1),
                ("grpc.so_reuseport", 0)]  # a second server on a busy port must fail, not share its connections
     access = AccessInterceptor(security, first_message_s=limits.config_timeout_s)
-    server = grpc.aio.server(options=options, interceptors=[access])
+    server = grpc.aio.server(options=options, interceptors=[access],
+                             maximum_concurrent_rpcs=server_cfg.max_concurrent_rpcs)
     pb_grpc.add_LipSyncServicer_to_server(LipSyncService(state), server)
     mono_grpc.add_MonolithicServiceServicer_to_server(MonolithicService(state), server)
     health_servicer = health.aio.HealthServicer()
@@ -456,7 +481,7 @@ async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
              mono.DESCRIPTOR.services_by_name["MonolithicService"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    address = f"{cfg.server.host}:{cfg.server.port}"
+    address = f"{server_cfg.host}:{server_cfg.port}"
     try:
         port = server.add_secure_port(address, security.tls.credentials()) if security.tls.enabled \
             else server.add_insecure_port(address)
@@ -465,8 +490,8 @@ async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
     if port == 0:
         raise StartupError(f"cannot listen on {address} (server.host / server.port): the address is in use or "
                            "not available")
-    access.worker = state.worker = str(cfg.server.get("worker_name") or f"{socket.gethostname()}:{port}")
-    warning = security.exposure_warning(str(cfg.server.host))
+    access.worker = state.worker = server_cfg.worker_name or f"{socket.gethostname()}:{port}"
+    warning = security.exposure_warning(server_cfg.host)
     if warning:
         log.warning("%s", warning)
     await registry.start()
@@ -479,21 +504,22 @@ async def build(cfg: Any) -> tuple[grpc.aio.Server, Server, int]:
 
 async def serve(cfg: Any) -> None:
     server, state, port = await build(cfg)
-    scrape = state.security.scrape
+    security, server_cfg = state.security, state.limits.config
     endpoint = None
-    if cfg.server.metrics_port >= 0:
-        host = cfg.server.get("metrics_host") or cfg.server.host
+    if server_cfg.metrics_port >= 0:
+        host = server_cfg.metrics_host
         try:
-            endpoint = metrics.start(cfg.server.metrics_port, host, state.snapshot, scrape.allows if scrape else None)
+            endpoint = await metrics.start(server_cfg.metrics_port, host, state.snapshot,
+                                           None if security.metrics_open else security.scrape_allows)
         except OSError as exc:
             await server.stop(0)
-            raise StartupError(f"cannot serve metrics on {host}:{cfg.server.metrics_port} (server.metrics_host / "
-                               f"server.metrics_port): {exc.strerror or exc}") from None
+            raise StartupError(f"cannot serve metrics on {host}:{server_cfg.metrics_port} (server.metrics_host / "
+                               f"server.metrics_port): {os.strerror(exc.errno) if exc.errno else exc}") from None
         log.info("Prometheus metrics on http://%s:%d/metrics%s", host, endpoint.port,
-                 " (bearer token required)" if scrape else "")
+                 "" if security.metrics_open else " (bearer token required)")
     tls = state.security.tls
     log.info("lipsync %s (worker %s) serving on %s:%d over %s%s (models: %s)", __version__, state.worker,
-             cfg.server.host, port,
+             server_cfg.host, port,
              "mutual TLS" if tls.client_ca else "TLS" if tls.enabled else "plaintext",
              ", tokens required" if state.security.tokens else "", ", ".join(state.registry.entries) or "none")
     print(f"READY port={port}", flush=True)
@@ -504,15 +530,15 @@ async def serve(cfg: Any) -> None:
     loop.add_signal_handler(signal.SIGHUP, _reload, state)
     await stop.wait()
     await state.health.enter_graceful_shutdown()  # NOT_SERVING: proxies stop sending new work here
-    drain_s = float(cfg.server.get("drain_s", 0))
+    drain_s = server_cfg.drain_s
     if drain_s > 0:
         log.info("shutting down: reported NOT_SERVING; still serving for %.1f s (server.drain_s) while proxies "
                  "notice", drain_s)
         await asyncio.sleep(drain_s)
     log.info("shutting down: refusing new requests, finishing in-flight work (up to %.0f s)",
-             cfg.server.shutdown_grace_s)
+             server_cfg.shutdown_grace_s)
     state.accepting = False
-    await server.stop(cfg.server.shutdown_grace_s)
+    await server.stop(server_cfg.shutdown_grace_s)
     await state.registry.close()
     if endpoint:
         endpoint.close()
@@ -552,24 +578,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from .config import ConfigError, load_config
+    from .config import load_config
 
     try:
         cfg = load_config(args.overrides)
-        logging.getLogger().setLevel(cfg.logging.level)
+        logging.getLogger().setLevel(log_level(cfg))
         log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
         if args.check:
-            registry = make_registry(cfg)
-            Limits(cfg.server).check_consistency(registry.config.max_queue_frames, registry.config.max_batch)
+            server_cfg, security, registry, _ = prepare(cfg)
             problems = check_models(registry, strict=False)
-            try:
-                security = Security.from_config(cfg.server)
-                warning = security.exposure_warning(str(cfg.server.host))
-                secured = f"warning: {warning}" if warning else "ok"
-            except SecurityConfigError as exc:
-                secured = problems["(security)"] = str(exc)
-            print(json.dumps({"security": secured, "models": {n: problems.get(n, "ok") for n in registry.entries}},
-                             indent=2))
+            warning = security.exposure_warning(server_cfg.host)
+            print(json.dumps({"security": f"warning: {warning}" if warning else "ok",
+                              "models": {n: problems.get(n, "ok") for n in registry.entries}}, indent=2))
             return 1 if problems else 0
         asyncio.run(serve(cfg))
     except (StartupError, ConfigError) as exc:

@@ -276,7 +276,61 @@ def test_a_mistyped_override_is_one_line():
     assert done.returncode == 2
     assert done.stderr.strip() == ("lipsync serve: unknown setting 'server.prot': `server` has auth, "
                                    "config_timeout_s, drain_s, host, jpeg_quality, keepalive_time_s, "
-                                   "keepalive_timeout_s, live, max_audio_seconds, max_message_mb, max_start_frame, "
-                                   "max_streams, metrics_host, metrics_port, metrics_token_file, port, "
-                                   "shutdown_grace_s, stream_buffer_frames, strict_models, tls, worker_name (add a "
-                                   "new key with +server.prot=…)")
+                                   "keepalive_timeout_s, live, max_audio_seconds, max_concurrent_rpcs, "
+                                   "max_connection_streams, max_message_mb, max_start_frame, max_streams, "
+                                   "metrics_auth, metrics_host, metrics_port, metrics_token_file, port, "
+                                   "shutdown_grace_s, stream_buffer_frames, stream_idle_timeout_s, strict_models, "
+                                   "tls, worker_name (add a new key with +server.prot=…)")
+
+
+# every invalid value of conf/ is refused at start: exit 2, one line naming the key, the value and what is allowed
+BAD_SETTINGS = [
+    ("registry.eviction=fifo", "registry.eviction='fifo': must be one of lfu, lru"),
+    ("server.live.duty_cycle=2", "server.live.duty_cycle=2.0: must be a number in (0, 1]"),
+    ("registry.memory_budget_mb=-5", "registry.memory_budget_mb=-5.0: must be a number >= 0"),
+    ("server.max_streams=-1", "server.max_streams=-1: must be a whole number >= 0"),
+    ("registry.max_queue_frames=-3", "registry.max_queue_frames=-3: must be a whole number >= 1"),
+    ("server.port=abc", "server.port='abc': must be a whole number in 0..65535"),
+    ("server.port=70000", "server.port=70000: must be a whole number in 0..65535"),
+    ("server.strict_models=maybe", "server.strict_models='maybe': must be true or false"),
+    ("server.jpeg_quality=0", "server.jpeg_quality=0: must be a whole number in 1..100"),
+    ("server.config_timeout_s=0", "server.config_timeout_s=0.0: must be a number > 0"),
+    ("server.metrics_auth=sometimes", "server.metrics_auth='sometimes': must be one of auto, open, token"),
+    ("server.live.time_scale=0", "server.live.time_scale=0.0: must be a number in (0, 1000]"),
+    ("server.live.max_utterance_s=-1", "server.live.max_utterance_s=-1.0: must be a number > 0"),
+    ("server.max_message_mb=0.01", "server.max_message_mb=0.01: must be a number in 0.0625..2047"),
+    ("engine.backend=fast", "engine.backend='fast': must be one of auto, tensorrt, compile, onnxruntime, openvino, "
+                            "eager"),
+    ("engine.max_batch=0", "engine.max_batch=0: must be a whole number in 1..1024"),
+    ("engine.tune_seconds=-1", "engine.tune_seconds=-1.0: must be a number > 0"),
+    ("pipeline.micro_batch.cpu=x", "pipeline.micro_batch.cpu='x': must be auto or a whole number in 1..1024"),
+    ("logging.level=LOUD", "logging.level='LOUD': must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ("device=tpu", "device='tpu': must be auto, cpu, cuda or cuda:N of this machine"),
+    ("registry.devices=[cuda:0]", "registry.devices='cuda:0': must be auto, cpu, cuda or cuda:N of this machine "
+                                  "(CUDA is not available here)"),
+    ("+models.x={checkpoint:/a,audio_encoder:/b,avatar:/c,variant:'999'}",
+     "models.x.variant='999': must be one of 328, 160"),
+    ("+models.x={checkpoint:/a,audio_encoder:/b,avatar:/c,feather:-2}",
+     "models.x.feather=-2: must be a whole number in 0..164"),
+]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the device cases assume no CUDA")
+def test_every_invalid_setting_is_one_line():
+    """All cases in one process per case would cost minutes of imports: `lipsync serve --check` runs them in
+    process through the console entry point, and two run as real processes (exit code and stderr)."""
+    import contextlib
+    import io
+
+    from lipsync.cli import main
+    for override, message in BAD_SETTINGS:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["serve", "--check", "models=none", override])
+        lines = [line for line in err.getvalue().splitlines() if not line[:4].isdigit()]  # log lines start 2026-…
+        assert code == 2 and lines == [f"lipsync serve: {message}"], (override, code, err.getvalue())
+    for override, message in BAD_SETTINGS[:2]:
+        done = _serve([override])
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == f"lipsync serve: {message}", \
+            done.stderr
+        assert "Traceback" not in done.stderr

@@ -358,7 +358,7 @@ def test_tokens_file_rules(tmp_path):
     file = tmp_path / "tokens"
     file.write_text(f"  # comment\n{ADMIN} admin\n{INFER} infer name=app streams=2 sessions=0\n")
     table = TokenTable(file, default_streams=5, default_sessions=7)
-    assert table.lookup(ADMIN) == Principal("token2", frozenset({"infer", "admin"}), 5, 7)
+    assert table.lookup(ADMIN) == Principal("token2", frozenset({"infer", "metrics", "admin"}), 5, 7)
     assert table.lookup(INFER) == Principal("app", frozenset({"infer"}), 2, 0)
     assert table.lookup("nope" * 8) is None and table.lookup("") is None
     for text, error in [("short infer", "at least 16 characters"), (f"{ADMIN} root", "unknown role(s) ['root']"),
