@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import grpc
 import numpy as np
@@ -334,3 +335,45 @@ def test_every_invalid_setting_is_one_line():
         assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == f"lipsync serve: {message}", \
             done.stderr
         assert "Traceback" not in done.stderr
+
+
+def _threads(pid: int) -> int:
+    return int(next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("Threads:")))
+
+
+def test_half_open_metrics_connections_are_bounded_and_timed_out(tight):
+    """40 connections that send half a request: no thread per connection, at most 16 held, all closed by the
+    head timeout (5 s); a real scrape still works during and after."""
+    import re
+    import socket
+    import urllib.request
+    port = int(re.search(r"metrics on http://[\d.]+:(\d+)", tight.logs()).group(1))
+    threads = _threads(tight.proc.pid)
+    socks = []
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET /metr")
+        socks.append(s)
+    time.sleep(1.0)
+    assert _threads(tight.proc.pid) <= threads + 2  # the loop's executor may start a thread for a scrape
+    closed_now = 0
+    for s in socks:
+        s.settimeout(0.2)
+        try:
+            closed_now += s.recv(1) == b""
+        except socket.timeout:
+            pass
+        except ConnectionResetError:
+            closed_now += 1
+    assert closed_now >= 40 - 16  # beyond the bound, closed at once
+    started = time.monotonic()
+    for s in socks:
+        s.settimeout(10)
+        try:
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
+    assert time.monotonic() - started < 8  # the held ones by the head timeout
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "lipsync_requests_total" in text and "lipsync_queue_frames" in text

@@ -93,6 +93,13 @@ def test_tls_server_refuses_plaintext_and_foreign_cas(tls_server, pki):
     assert "over TLS (models" in tls_server.logs()
 
 
+def test_a_plaintext_client_is_told_the_server_speaks_tls(tls_server, speech_1s_wav):
+    done = subprocess.run([sys.executable, "-m", "lipsync", "client", "--server", tls_server.target, "--model", "x",
+                           "--audio", str(speech_1s_wav), "--timeout", "20"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stdout and "pass --tls" in done.stdout, done.stdout
+
+
 # --------------------------------------------------------------------------- mutual TLS and tokens
 @pytest.fixture(scope="module")
 def guarded(pki, weights, tiny_avatar, tmp_path_factory):
@@ -288,6 +295,47 @@ def test_metrics_need_the_scrape_token(guarded, pki):
     scrape = urllib.request.Request(url, headers={"Authorization": "Bearer scrape-token-0123456789"})
     text = urllib.request.urlopen(scrape, timeout=10).read().decode()
     assert 'lipsync_auth_failures_total{code="UNAUTHENTICATED"}' in text
+    for token, code in ((ADMIN, 200), (INFER, 401)):  # a tokens_file token with the metrics role (admin has it)
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        try:
+            got = urllib.request.urlopen(request, timeout=10).status
+        except urllib.error.HTTPError as exc:
+            got = exc.code
+        assert got == code, token
+
+
+def test_metrics_on_a_token_server_need_a_token_without_a_scrape_file(tmp_path):
+    """server.metrics_auth=auto: once gRPC checks tokens, /metrics does too (a metrics-role token)."""
+    (tmp_path / "tokens").write_text(f"{INFER} infer\n{OTHER} metrics name=prometheus\n")
+    srv = ServerProcess([f"server.auth.tokens_file={tmp_path / 'tokens'}"], tmp_path)
+    try:
+        port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics \(bearer token required\)", srv.logs())[1]
+        url = f"http://127.0.0.1:{port}/metrics"
+        for headers, code in (({}, 401), ({"Authorization": f"Bearer {INFER}"}, 401),
+                              ({"Authorization": f"Bearer {OTHER}"}, 200)):
+            try:
+                got = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10).status
+            except urllib.error.HTTPError as exc:
+                got = exc.code
+            assert got == code, headers
+        # the metrics role alone cannot call the service
+        listed = status(srv.target, Credentials(token=OTHER), lambda s, m: s.ListModels(pb.ListModelsRequest()))
+        assert listed[0] == "PERMISSION_DENIED"
+    finally:
+        srv.stop()
+
+
+def test_a_token_is_not_sent_in_plaintext_beyond_loopback(tmp_path):
+    async def channels():
+        with pytest.raises(ValueError, match="refusing to send the token in plaintext to 192.0.2.7:50051"):
+            channel("192.0.2.7:50051", credentials=Credentials(token=INFER))
+        for target, told in (("192.0.2.7:50051", True), ("localhost:50051", False), ("[::1]:1", False)):
+            await channel(target, credentials=Credentials(token=INFER, insecure_token=told)).close()
+    asyncio.run(channels())
+    done = subprocess.run([sys.executable, "-m", "lipsync", "client", "--server", "192.0.2.7:50051", "--token",
+                           INFER, "--audio", str(ROOT / "assets" / "speech.wav")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "refusing to send the token in plaintext" in done.stdout + done.stderr
 
 
 def test_cli_client_over_mutual_tls_with_a_token_from_the_environment(guarded, pki, speech_1s_wav):
