@@ -382,6 +382,13 @@ def features_from_rows(rows: Tensor) -> Tensor:
     return blocks.transpose(1, 2).reshape(-1, 32, 16, 16)
 
 
+def rows_from_features(features: Tensor) -> Tensor:
+    """The inverse of features_from_rows: features [n,32,16,16] of consecutive frames → their rows [n+15, 512]
+    (16× smaller: what a live session keeps of frames it will render later)."""
+    rows = features.reshape(features.shape[0], CONTEXT_BEFORE + CONTEXT_AFTER, 512)
+    return torch.cat([rows[0], rows[1:, -1]])
+
+
 def context_embeddings(frame: int, windows: int) -> list[int]:
     """§5 steps 2–3 for output frame `frame` of an utterance of D = `windows` embeddings: for each of its 16 rows
     P[frame−8 … frame+7], the embedding it holds (P[r] = e[clamp(r − 1, 0, D − 1)]), or −1 for a zero row."""

@@ -22,23 +22,49 @@ ROOT = Path(__file__).resolve().parent.parent
 ENVOY_TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.yaml"
 
 
+@dataclass(frozen=True)
+class UpstreamTls:
+    """TLS from Envoy to the workers (workers serving server.tls.*): the CA that signed their certificates, the
+    name their certificates carry, and optionally a client certificate for workers that require mutual TLS."""
+    ca: str
+    server_name: str = "lipsync-worker"
+    cert: str | None = None
+    key: str | None = None
+
+    def transport_socket(self) -> str:
+        certs = f", tls_certificates: [{{certificate_chain: {{filename: {self.cert}}}, private_key: " \
+                f"{{filename: {self.key}}}}}]" if self.cert else ""
+        return ("{name: envoy.transport_sockets.tls, typed_config: {\"@type\": type.googleapis.com/envoy.extensions."
+                f"transport_sockets.tls.v3.UpstreamTlsContext, sni: {self.server_name}, common_tls_context: "
+                f"{{alpn_protocols: [h2], validation_context: {{trusted_ca: {{filename: {self.ca}}}, "
+                f"match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: {self.server_name}}}}}]}}"
+                f"{certs}}}}}}}")
+
+
+PLAINTEXT = ("{name: envoy.transport_sockets.raw_buffer, typed_config: {\"@type\": type.googleapis.com/envoy."
+             "extensions.transport_sockets.raw_buffer.v3.RawBuffer}}")
+
+
 def render_envoy(listen_port: int, endpoints: list[tuple[str, int]], workers_type: str = "STATIC",
                  listen_host: str = "0.0.0.0", admin_host: str = "127.0.0.1", admin_port: int = 0,
-                 hash_balance_factor: int = 150, health_interval_s: float = 1.0, max_connections: int = 10000) -> str:
+                 hash_balance_factor: int = 150, health_interval_s: float = 1.0, max_connections: int = 10000,
+                 upstream_tls: UpstreamTls | None = None) -> str:
     """The Envoy config for workers at `endpoints` (host, port): STATIC addresses, or a STRICT_DNS name that
-    resolves to every worker (a Kubernetes headless Service)."""
+    resolves to every worker (a Kubernetes headless Service); plaintext to them, or `upstream_tls`."""
     listed = ", ".join(f"{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}"
                        for host, port in endpoints)
     return Template(ENVOY_TEMPLATE.read_text()).substitute(
         LISTEN_HOST=listen_host, LISTEN_PORT=listen_port, ADMIN_HOST=admin_host, ADMIN_PORT=admin_port,
         WORKERS_TYPE=workers_type, WORKER_ENDPOINTS=f"[{listed}]", HASH_BALANCE_FACTOR=hash_balance_factor,
-        HEALTH_INTERVAL=f"{health_interval_s:g}s", MAX_CONNECTIONS=max_connections)
+        HEALTH_INTERVAL=f"{health_interval_s:g}s", MAX_CONNECTIONS=max_connections,
+        UPSTREAM_TRANSPORT=upstream_tls.transport_socket() if upstream_tls else PLAINTEXT)
 
 
-def kubernetes_envoy() -> str:
+def kubernetes_envoy(upstream_tls: UpstreamTls | None = None) -> str:
     """The template rendered for deploy/kubernetes: workers found by DNS (the headless Service lipsync-worker),
     gRPC on 50051, admin on the pod's loopback."""
-    return render_envoy(50051, [("lipsync-worker", 50051)], workers_type="STRICT_DNS", admin_port=9901)
+    return render_envoy(50051, [("lipsync-worker", 50051)], workers_type="STRICT_DNS", admin_port=9901,
+                        upstream_tls=upstream_tls)
 
 
 def envoy_binary() -> Path:
@@ -68,8 +94,10 @@ class Cluster:
     """Workers and one Envoy as child processes; `stop()` drains the workers, then stops Envoy."""
 
     def __init__(self, workers: int, port: int, overrides: list[str], log_dir: Path, drain_s: float = 2.0,
-                 hash_balance_factor: int = 150, health_interval_s: float = 1.0, host: str = "127.0.0.1"):
+                 hash_balance_factor: int = 150, health_interval_s: float = 1.0, host: str = "127.0.0.1",
+                 upstream_tls: UpstreamTls | None = None):
         self.count, self.port, self.host, self.overrides, self.log_dir = workers, port, host, overrides, log_dir
+        self.upstream_tls = upstream_tls  # workers serve TLS (their overrides set server.tls.*): Envoy speaks it
         self.drain_s, self.hash_balance_factor, self.health_interval_s = drain_s, hash_balance_factor, \
             health_interval_s
         self.workers: list[Worker] = []
@@ -98,7 +126,7 @@ class Cluster:
         config = self.log_dir / "envoy.yaml"
         config.write_text(render_envoy(self.port, [("127.0.0.1", w.port) for w in self.workers],
                                        listen_host=self.host, hash_balance_factor=self.hash_balance_factor,
-                                       health_interval_s=self.health_interval_s))
+                                       health_interval_s=self.health_interval_s, upstream_tls=self.upstream_tls))
         admin_file = self.log_dir / "envoy-admin-address"
         admin_file.unlink(missing_ok=True)
         self.envoy = subprocess.Popen([str(envoy_binary()), "-c", str(config), "--use-dynamic-base-id",
@@ -185,18 +213,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-dir", help="worker and Envoy logs (default: a new temporary directory)")
     p.add_argument("--print-envoy-config", choices=["kubernetes"], help="print the Envoy config rendered for "
                    "deploy/kubernetes (its envoy-config.yaml) and exit")
+    p.add_argument("--upstream-tls-ca", metavar="CA.pem", help="Envoy speaks TLS to the workers (give them "
+                   "server.tls.cert/key overrides), trusting this CA (with --print-envoy-config: a path in the pod)")
+    p.add_argument("--upstream-tls-name", default="lipsync-worker", help="the name the workers' certificates carry")
+    p.add_argument("--upstream-tls-cert", metavar="CERT.pem", help="Envoy's client certificate, for workers that "
+                   "require mutual TLS (server.tls.client_ca)")
+    p.add_argument("--upstream-tls-key", metavar="KEY.pem", help="its private key")
     p.add_argument("overrides", nargs="*", help="hydra overrides for every worker (`lipsync serve` …)")
     p.set_defaults(func=run_cluster)
 
 
 def run_cluster(args: argparse.Namespace) -> int:
+    if bool(args.upstream_tls_cert) != bool(args.upstream_tls_key):
+        print("lipsync cluster: --upstream-tls-cert and --upstream-tls-key go together", file=sys.stderr)
+        return 2
+    tls = UpstreamTls(args.upstream_tls_ca, args.upstream_tls_name, args.upstream_tls_cert,
+                      args.upstream_tls_key) if args.upstream_tls_ca else None
     if args.print_envoy_config:
-        print(kubernetes_envoy(), end="")
+        print(kubernetes_envoy(tls), end="")
         return 0
     log_dir = Path(args.log_dir).expanduser().resolve() if args.log_dir else \
         Path(tempfile.mkdtemp(prefix="lipsync-cluster-"))
     cluster = Cluster(args.workers, args.port, args.overrides, log_dir, args.drain_s, args.hash_balance_factor,
-                      args.health_interval_s, args.host)
+                      args.health_interval_s, args.host, tls)
     stop: list[bool] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))

@@ -47,6 +47,11 @@ class DeadlineExceeded(RequestError, TimeoutError):
     status = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(RequestError, PermissionError):
+    """The caller's token is no longer accepted (revoked by a reload while its stream was open)."""
+    status = "UNAUTHENTICATED"
+
+
 class Unavailable(RequestError, RuntimeError):
     """The server is shutting down."""
     status = "UNAVAILABLE"

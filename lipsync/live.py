@@ -40,6 +40,7 @@ from .scheduler import ModelScheduler, Priority
 log = logging.getLogger(__name__)
 
 IDLE, SPEECH, HELD = "idle", "speech", "held"
+MERGE_FRAMES = 64  # waiting feature chunks shorter than this are merged with the next (their context rows cost)
 
 
 class SessionError(InvalidRequest):
@@ -57,6 +58,9 @@ class LiveConfig:
     latency_safety: float = limit(1.5, low=1, high=10)   # the measured batch latency x this when planning a start
     max_utterance_s: float = limit(300.0, above=0)       # longest utterance accepted
     max_queued_utterances: int = limit(16, low=0)        # utterances waiting behind the one playing
+    max_queued_speech_s: float = limit(120.0, above=0)   # speech received and not yet played, all utterances
+    render_ahead_s: float = limit(2.0, above=0, high=60)  # frames go to the generator once due within this
+    idle_timeout_s: float = limit(600.0, above=0)        # a session whose client sends nothing this long ends
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "LiveConfig":
@@ -94,8 +98,10 @@ class Utterance:
     end_requested: bool = False                  # end_utterance received
     ended: bool = False                          # ... and processed
     total: int | None = None                     # frames, once ended and every feature is out
-    out_audio: bytearray = field(default_factory=bytearray)  # s16le at the output rate
-    waiting: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # features before start_pos is known
+    out_audio: bytearray = field(default_factory=bytearray)  # s16le at the output rate, from byte `audio_base` on
+    audio_base: int = 0                          # bytes of carried audio already played and dropped
+    waiting: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first frame, its rows [n+15,512]):
+    #                                            frames not yet submitted (start unknown, or beyond the horizon)
     start_pos: int | None = None
     rendered: dict[int, bytes] = field(default_factory=dict)
     next_k: int = 0                              # next frame to show
@@ -104,6 +110,7 @@ class Utterance:
     late: int = 0
     jobs: list[asyncio.Future] = field(default_factory=list)
     cancelled: bool = False
+    horizon: int = 0                             # frames ahead of the clock that may be rendering (set at start)
 
 
 class LiveSession:
@@ -133,7 +140,10 @@ class LiveSession:
         self._work = asyncio.Event()  # audio or an end is waiting for the feature worker
         self.error: Exception | None = None  # what ended the session, if not the client
         self.started_at: float | None = None  # perf_counter time of slot 0
-        self.stats = {"frames": 0, "speech": 0, "idle": 0, "held": 0, "utterances": 0, "interrupted": 0}
+        self.horizon = max(1, math.ceil(config.render_ahead_s * audio.FPS))  # frames (media time)
+        self.stats = {"frames": 0, "speech": 0, "idle": 0, "held": 0, "utterances": 0, "interrupted": 0,
+                      "failed": 0}
+        scheduler.live_sessions.add(self)  # counted by admission from here (frames() or close() gives it back)
 
     # ------------------------------------------------------------------ client messages (never wait on the device)
     def start_utterance(self, utterance_id: str = "", interrupt: bool = False) -> None:
@@ -160,13 +170,45 @@ class LiveSession:
             self.start_utterance()
         u = self.open
         assert u is not None
+        if u.cancelled:
+            return  # refused (see below): the rest of its audio is dropped until end_utterance
         u.first_audio_at = u.first_audio_at or time.perf_counter()
         u.samples_in += len(data) // self.in_format.frame_bytes
         if u.samples_in > self.config.max_utterance_s * self.in_format.sample_rate:
             raise SessionError(f"utterance {u.id!r} is longer than server.live.max_utterance_s "
                                f"({self.config.max_utterance_s:g} s)")
+        if self.queued_speech_s() > self.config.max_queued_speech_s:
+            self._drop(u, f"the session holds more than server.live.max_queued_speech_s "
+                          f"({self.config.max_queued_speech_s:g} s) of speech not yet played")
+            return
         u.pending += data
         self._work.set()
+
+    def queued_speech_s(self) -> float:
+        """Seconds of speech received and not yet played, over the queued utterances."""
+        rate = self.in_format.sample_rate
+        return sum(max(0.0, u.samples_in / rate - u.next_k / audio.FPS) for u in self.queue if not u.cancelled)
+
+    def memory_bound(self, jpeg_bytes: int) -> int:
+        """The most `held_bytes` can reach, for JPEGs of at most `jpeg_bytes`: per second of queued speech its
+        input audio (until decoded), its carried audio at the output rate and its feature rows (25 × 2 KB); the
+        rendered frames of one horizon, plus the frames of one utterance's lead."""
+        context = audio.CONTEXT_BEFORE + audio.CONTEXT_AFTER - 1
+        per_second = self.in_format.sample_rate * self.in_format.frame_bytes + self.out_rate * 2 + \
+            audio.FPS * 512 * 4 * 2 * (1 + context / MERGE_FRAMES)  # rows (storage up to twice what waits)
+        utterances = self.config.max_queued_utterances + 2
+        horizon = max([self.horizon, *(u.horizon for u in self.queue)])
+        return int(self.config.max_queued_speech_s * per_second + utterances * 2 * context * 512 * 4
+                   + (horizon + self.scheduler.max_batch) * jpeg_bytes)
+
+    def held_bytes(self) -> int:
+        """Memory this session holds for its utterances: audio not yet decoded, features not yet rendered (as
+        rows), rendered JPEGs not yet shown, and the carried audio at the output rate."""
+        total = 0
+        for u in self.queue:
+            total += len(u.pending) + len(u.out_audio) + sum(len(j) for j in u.rendered.values())
+            total += sum(rows.untyped_storage().nbytes() for _, rows in u.waiting)
+        return total
 
     def end_utterance(self) -> None:
         u = self.open
@@ -186,6 +228,7 @@ class LiveSession:
     def close(self) -> None:
         self.interrupt()
         self.closed.set()
+        self.scheduler.live_sessions.discard(self)
 
     # ------------------------------------------------------------------ audio → features → render jobs
     async def _feature_worker(self) -> None:
@@ -234,7 +277,13 @@ class LiveSession:
         if end:
             u.total = u.features.frames_emitted
         if feats.shape[0]:
-            u.waiting.append((first, feats))
+            rows = audio.rows_from_features(feats)
+            context = audio.CONTEXT_BEFORE + audio.CONTEXT_AFTER - 1  # rows a chunk carries beyond its frames
+            if u.waiting and u.waiting[-1][1].shape[0] - context < MERGE_FRAMES and \
+                    u.waiting[-1][0] + u.waiting[-1][1].shape[0] - context == first:  # small and adjacent: merge,
+                before_first, before = u.waiting.pop()                               # so chunks stay large
+                first, rows = before_first, torch.cat([before, rows[context:]])
+            u.waiting.append((first, rows))
             if u.start_pos is not None:
                 self._submit_waiting(u)
 
@@ -246,18 +295,34 @@ class LiveSession:
                 if not u.waiting:
                     break  # nothing to render yet
                 if i == 0:
-                    u.start_pos = self.pos + self._lead_frames(u)
+                    lead = self._lead_frames(u)
+                    u.start_pos, u.horizon = self.pos + lead, max(self.horizon, lead + 1)
+                    log.debug("session %s: utterance %r starts in %d slots (measured %s frames/s, latency %s s)",
+                              self.id, u.id, lead, self.scheduler.capacity_fps, self.scheduler.batch_latency_s)
                 else:
                     before = self.queue[i - 1]
                     if before.start_pos is None or before.total is None:
                         break  # where it ends is not known yet
-                    u.start_pos = before.start_pos + before.total
+                    u.start_pos, u.horizon = before.start_pos + before.total, self.horizon
             self._submit_waiting(u)
 
     def _submit_waiting(self, u: Utterance) -> None:
-        for first, feats in u.waiting:
-            self._submit(u, first, feats)
-        u.waiting.clear()
+        """Submit the waiting frames that are due within the utterance's horizon of the clock; the rest wait as
+        rows (a flood of queued speech costs the generator nothing until it is nearly due)."""
+        assert u.start_pos is not None
+        until = self.pos - u.start_pos + u.horizon  # frames k < until show within the horizon
+        keep = []
+        for first, rows in u.waiting:
+            n = rows.shape[0] - (audio.CONTEXT_BEFORE + audio.CONTEXT_AFTER - 1)
+            now = max(0, min(n, until - first))
+            if now:
+                self._submit(u, first, audio.features_from_rows(rows[:now + 15]))
+            if now < n:
+                rest = rows[now:]
+                if rest.untyped_storage().nbytes() > 2 * rest.numel() * rest.element_size():
+                    rest = rest.clone()  # free what was submitted once it is half the storage (amortized copies)
+                keep.append((first + now, rest))
+        u.waiting = keep
 
     def _lead_frames(self, u: Utterance) -> int:
         """Slots between now and the start of an utterance that starts from idle: the measured render latency
@@ -287,10 +352,28 @@ class LiveSession:
 
         job = self.scheduler.submit(feats, ids, self.quality, priority=Priority.LIVE, deadline=deadline,
                                     step=self.interval, on_frames=done)
-        job.add_done_callback(_consume)
+        job.add_done_callback(lambda f: self._rendered(u, f))
         u.jobs.append(job)
 
-    def _cancel(self, u: Utterance) -> None:
+    def _rendered(self, u: Utterance, job: asyncio.Future) -> None:
+        """A render job's outcome: frames arrive through the callback; a failure (device out of memory, engine
+        error) ends its utterance with an event that says so, never a stall."""
+        if job.cancelled():
+            return
+        exc = job.exception()
+        if exc is not None and not u.cancelled:
+            log.error("live session %s: rendering utterance %r failed: %s: %s", self.id, u.id, type(exc).__name__,
+                      exc)
+            self.stats["failed"] += 1
+            self._drop(u, f"rendering failed ({type(exc).__name__}); the server log has the details")
+
+    def _drop(self, u: Utterance, why: str) -> None:
+        """End one utterance early with `why` in its finished event; the session goes on."""
+        self._cancel(u, error=why)
+        if u in self.queue:
+            self.queue.remove(u)
+
+    def _cancel(self, u: Utterance, error: str = "") -> None:
         if u.cancelled:
             return
         u.cancelled = True
@@ -298,20 +381,24 @@ class LiveSession:
             job.cancel()  # frames not yet in a batch are dropped by the scheduler
         u.rendered.clear()
         u.waiting.clear()
+        u.pending.clear()
         self.stats["interrupted"] += 1
-        self._finish(u, interrupted=True)
+        self._finish(u, interrupted=True, error=error)
 
-    def _finish(self, u: Utterance, interrupted: bool) -> None:
+    def _finish(self, u: Utterance, interrupted: bool, error: str = "") -> None:
         played = min(u.next_k, u.total) if u.total is not None else u.next_k
         self.events.append(Event("finished", {
             "utterance_id": u.id, "last_frame": u.last_frame, "interrupted": interrupted, "frames_played": played,
             "frames_total": u.total if u.total is not None else played, "played_ms": played * 1000.0 / audio.FPS,
-            "late_frames": u.late}))
+            "late_frames": u.late, "error": error}))
 
     # ------------------------------------------------------------------ the clock
     def _audio_of(self, u: Utterance, k: int) -> bytes:
-        lo, hi = 2 * k * self.samples_per_frame, 2 * (k + 1) * self.samples_per_frame
+        lo, hi = 2 * k * self.samples_per_frame - u.audio_base, 2 * (k + 1) * self.samples_per_frame - u.audio_base
         piece = bytes(u.out_audio[lo:hi])
+        if lo >= 2 * audio.FPS * self.samples_per_frame:  # a second has played: drop it (a long utterance holds
+            del u.out_audio[:lo]                           # only what is still to play)
+            u.audio_base += lo
         return piece + bytes(hi - lo - len(piece))  # the frames past the audio's end carry silence
 
     def _tick(self) -> Frame:
@@ -356,7 +443,7 @@ class LiveSession:
             self._finish(head, interrupted=False)
 
     def _audio_frames(self, u: Utterance) -> int:
-        return -(-len(u.out_audio) // (2 * self.samples_per_frame))
+        return -(-(u.audio_base + len(u.out_audio)) // (2 * self.samples_per_frame))
 
     def _idle(self, index: int, kind: str) -> Frame:
         f = self.avatar.frame_for(self.pos)
@@ -367,7 +454,6 @@ class LiveSession:
         loop = asyncio.get_running_loop()
         start = loop.time()
         self.started_at = time.perf_counter()
-        self.scheduler.live_sessions.add(self)
         worker = asyncio.ensure_future(self._feature_worker())
         try:
             while not self.closed.is_set():
@@ -393,14 +479,10 @@ class LiveSession:
             self.interrupt()
 
 
-def _consume(future: asyncio.Future) -> None:
-    """Retrieve a render job's outcome (frames arrive through the callback; cancellation is normal)."""
-    if not future.cancelled():
-        future.exception()
-
-
 def admit(scheduler: ModelScheduler, config: LiveConfig) -> tuple[bool, str]:
-    """Whether one more live session fits the model's measured capacity at the configured duty cycle."""
+    """Whether one more live session fits the model's measured capacity at the configured duty cycle. Sessions
+    count from their construction, so an admission followed by `LiveSession(...)` with no await between is
+    atomic."""
     sessions = len(scheduler.live_sessions)
     if sessions == 0:
         return True, "first live session of this model"

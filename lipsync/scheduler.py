@@ -11,6 +11,7 @@ frames. A failing batch fails exactly the requests in it; the batcher keeps serv
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -44,6 +45,7 @@ class Priority(IntEnum):
 
 
 FRAME_S = 0.04  # a frame's share of real time: the virtual deadline step of non-live jobs
+IDLE_QUALITIES = 4  # JPEG qualities of the avatar's idle frames kept per model (least recently used dropped)
 JOB_FRAMES = 256  # `render` splits longer requests into jobs of this many frames (two in flight)
 
 
@@ -170,7 +172,8 @@ class ModelScheduler:
         # Measured service: seconds from a batch leaving the queue to its JPEGs (EWMA), and frames/s at full batches.
         self.batch_latency_s: float | None = None
         self.capacity_fps: float | None = None
-        self._idle_jpegs: dict[int, list[bytes]] = {}
+        self._idle_jpegs: collections.OrderedDict[int, asyncio.Future] = collections.OrderedDict()
+        self._idle_lock = asyncio.Lock()
         self.live_sessions: set[Any] = set()  # open live sessions of this model (admission control)
 
     def start(self) -> None:
@@ -222,16 +225,31 @@ class ModelScheduler:
         return self.capacity_fps
 
     async def idle_jpegs(self, quality: int) -> list[bytes]:
-        """The avatar's own frames as JPEG at `quality`, encoded once (on the encode thread) and cached."""
-        if quality not in self._idle_jpegs:
-            frames = self.pipeline.avatar.frames
+        """The avatar's own frames as JPEG at `quality`, encoded once and kept for the IDLE_QUALITIES qualities
+        used last (each is a full copy of the avatar as JPEG). Encoded off the serving path: on a thread of its
+        own (and a CUDA stream of its own), one quality at a time, concurrent askers sharing the one encode."""
+        if quality in self._idle_jpegs:
+            self._idle_jpegs.move_to_end(quality)
+            return await self._idle_jpegs[quality]
+        frames, device = self.pipeline.avatar.frames, self.pipeline.device
 
-            def encode() -> list[bytes]:
-                return [j for lo in range(0, frames.shape[0], self.max_batch)
-                        for j in jpeg.encode_frames(frames[lo:lo + self.max_batch], quality)]
-            self._idle_jpegs[quality] = await asyncio.get_running_loop().run_in_executor(
-                self.encode_pool, _device_call, self.encode_stream, encode)
-        return self._idle_jpegs[quality]
+        def encode() -> list[bytes]:
+            side = torch.cuda.Stream(device) if device.type == "cuda" else None
+            return _device_call(side, lambda: [j for lo in range(0, frames.shape[0], self.max_batch)
+                                               for j in jpeg.encode_frames(frames[lo:lo + self.max_batch], quality)])
+
+        async def build() -> list[bytes]:
+            async with self._idle_lock:
+                return await asyncio.to_thread(encode)
+        task = self._idle_jpegs[quality] = asyncio.ensure_future(build())
+        while len(self._idle_jpegs) > IDLE_QUALITIES:
+            self._idle_jpegs.popitem(last=False)
+        try:
+            return await asyncio.shield(task)
+        except BaseException:
+            if task.done() and self._idle_jpegs.get(quality) is task and not task.cancelled() and task.exception():
+                del self._idle_jpegs[quality]  # a failed encode is not kept
+            raise
 
     def feature_stream(self) -> FeatureStream:
         """A fresh feature stream for one utterance on this model's device (encoder calls go through `features`)."""

@@ -17,7 +17,7 @@ import logging
 import ssl
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,6 +62,7 @@ class Principal:
     roles: frozenset[str]
     streams: int = 0
     sessions: int = 0
+    digest: bytes = field(default=b"", compare=False, repr=False)  # of its token (b"": no token checks)
 
     def quota(self, kind: str) -> int:
         return self.streams if kind == "streams" else self.sessions
@@ -131,13 +132,18 @@ class TokenTable:
             names.add(options["name"])
             if "admin" in roles:
                 roles = frozenset(ROLES)
-            entries.append((_digest(token), Principal(options["name"], roles, max(streams, 0), max(sessions, 0))))
+            digest = _digest(token)
+            entries.append((digest, Principal(options["name"], roles, max(streams, 0), max(sessions, 0), digest)))
         if not entries:
             raise SecurityConfigError(f"tokens file {self.path} has no tokens")
         return entries
 
     def reload(self) -> None:
         self.entries = self._parse()
+
+    def accepts(self, who: Principal) -> bool:
+        """Whether the token `who` was admitted with is still in the table (after a reload)."""
+        return any(hmac.compare_digest(known, who.digest) for known, _ in self.entries)
 
     def lookup(self, token: str) -> Principal | None:
         """The token's principal; every entry is compared, in constant time each."""
@@ -261,6 +267,10 @@ class Security:
         token = _bearer_token(authorization)
         who = self.tokens.lookup(token) if self.tokens is not None and token else None
         return who is not None and "metrics" in who.roles
+
+    def still_valid(self, who: Principal) -> bool:
+        """Whether a caller admitted earlier may go on (its token was not revoked by a reload)."""
+        return self.tokens is None or not who.digest or self.tokens.accepts(who)
 
     def reload(self) -> None:
         """Re-read certificates, tokens and the metrics token; a broken file keeps the previous one."""

@@ -7,13 +7,15 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 import torch
@@ -28,13 +30,13 @@ from ._proto import monolithic_pb2_grpc as mono_grpc
 from .audio import AudioFormat
 from .compat import MonolithicService
 from .config import ConfigError
-from .errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, Unavailable, status_of
+from .errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, Unauthenticated, Unavailable, status_of
 from .limits import Limits, ServerConfig, model_id as checked_model_id
 from .live import LiveSession, admit
 from .registry import ModelEntry, Registry
 from .scheduler import Priority
-from .security import ACCEPTED_HEADER, WORKER_HEADER, AccessInterceptor, Quotas, Security, SecurityConfigError, \
-    principal, refuse
+from .security import ACCEPTED_HEADER, WORKER_HEADER, AccessInterceptor, Principal, Quotas, Security, \
+    SecurityConfigError, principal, refuse
 from .streaming import StreamSession
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,34 @@ def _format(limits: Limits, fmt: pb.AudioFormat, allow_wav: bool) -> AudioFormat
     return limits.audio_format(ENCODINGS.get(fmt.encoding), fmt.sample_rate, fmt.channels, allow_wav)
 
 
+@dataclass(eq=False)
+class OpenCall:
+    """A streaming call in progress, which the server can end from outside with a status: idle too long, or its
+    token revoked by a reload."""
+    task: asyncio.Task
+    who: Principal
+    idle_timeout_s: float
+    setting: str
+    last_message: float = field(default_factory=time.monotonic)
+    ended_by: Exception | None = None
+
+    def end(self, reason: Exception) -> None:
+        if self.ended_by is None:
+            self.ended_by = reason
+            self.task.cancel()
+
+
+async def watched(requests: AsyncIterator, call: OpenCall) -> AsyncIterator:
+    """The client's messages, each noted as activity of `call`. Once the client has said all it will (a Stream's
+    end_of_audio, or its side closed) silence is no longer idleness: the call is finishing its work."""
+    async for message in requests:
+        call.last_message = time.monotonic()
+        if message.WhichOneof("message") == "end_of_audio":
+            call.idle_timeout_s = math.inf
+        yield message
+    call.idle_timeout_s = math.inf
+
+
 class Server:
     """State shared by the services: registry, limits, counters."""
 
@@ -75,6 +105,26 @@ class Server:
         self.health: health.aio.HealthServicer | None = None  # grpc.health.v1, set once serving
         self.security: Security | None = None  # TLS files and tokens, set once serving
         self.worker = ""  # this server's name in response headers (x-lipsync-worker), set once serving
+        self.calls: set[OpenCall] = set()  # streaming calls in progress (idle and revocation checks)
+
+    def end_stale_calls(self) -> None:
+        """End streaming calls whose client has been silent past their idle timeout, and those whose token a
+        reload revoked (called every second, and after SIGHUP)."""
+        now = time.monotonic()
+        for call in list(self.calls):
+            if self.security is not None and not self.security.still_valid(call.who):
+                call.end(Unauthenticated(f"token {call.who.name!r} was revoked"))
+            elif now - call.last_message > call.idle_timeout_s:
+                call.end(DeadlineExceeded(f"no message from the client for {call.idle_timeout_s:g} s "
+                                          f"({call.setting})"))
+
+    async def watch_calls(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.end_stale_calls()
+            except Exception:  # a bug here must not stop the checks silently: say so and keep checking
+                log.exception("checking open streams for idleness and revoked tokens failed")
 
     @asynccontextmanager
     async def model(self, model_id: str) -> AsyncIterator[tuple[ModelEntry, bool, float]]:
@@ -163,12 +213,18 @@ def _guard(method):
     return wrapper
 
 
-async def _streaming(name: str, body: AsyncIterator, context) -> AsyncIterator:
-    """Streaming RPCs: the same status mapping and counting as `_guard`."""
+async def _streaming(name: str, body: AsyncIterator, context, call: OpenCall | None = None) -> AsyncIterator:
+    """Streaming RPCs: the same status mapping and counting as `_guard`; a call the server ended (`call.end`)
+    gets the status of its reason."""
     status = "OK"
     try:
-        async for response in body:
-            yield response
+        try:
+            async for response in body:
+                yield response
+        except asyncio.CancelledError:
+            if call is None or call.ended_by is None:
+                raise
+            raise call.ended_by from None
     except asyncio.CancelledError:
         status = "CANCELLED"
         raise
@@ -212,9 +268,11 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         self.s.record("synthesize", entry, len(frames), timings)
         return response
 
-    async def _slot(self, name: str, kind: str, limit: int, gauge, body: AsyncIterator, context) -> AsyncIterator:
+    async def _slot(self, name: str, kind: str, limit: int, gauge, body: Callable[[AsyncIterator], AsyncIterator],
+                    request_iterator: AsyncIterator, idle: tuple[float, str], context) -> AsyncIterator:
         """A streaming RPC that holds one of `limit` slots of its kind (streams | sessions) while it runs, and one
-        of its token's quota."""
+        of its token's quota; it ends when its client is silent for `idle` (seconds, setting) or its token is
+        revoked."""
         s, who = self.s, principal()
         counter, setting = ("active_streams", "server.max_streams") if kind == "streams" else \
             ("live_sessions", "server.live.max_sessions")
@@ -228,17 +286,22 @@ class LipSyncService(pb_grpc.LipSyncServicer):
             await refuse(context, True, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), s.limits.config_timeout_s)
         setattr(s, counter, open_now + 1)
         gauge.inc()
+        call = OpenCall(asyncio.current_task(), who, *idle)
+        s.calls.add(call)
         try:
-            async for response in _streaming(name, body, context):
+            async for response in _streaming(name, body(watched(request_iterator, call)), context, call):
                 yield response
         finally:
+            s.calls.discard(call)
             setattr(s, counter, getattr(s, counter) - 1)
             s.quotas.give_back(kind, who)
             gauge.dec()
 
     async def Stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:
-        async for response in self._slot("Stream", "streams", self.s.limits.max_streams, metrics.ACTIVE_STREAMS,
-                                         self._stream(request_iterator, context), context):
+        limits = self.s.limits
+        async for response in self._slot("Stream", "streams", limits.max_streams, metrics.ACTIVE_STREAMS,
+                                         lambda requests: self._stream(requests, context), request_iterator,
+                                         (limits.stream_idle_timeout_s, "server.stream_idle_timeout_s"), context):
             yield response
 
     async def _stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:
@@ -280,8 +343,10 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                      "audio_s": round(session.received / fmt.sample_rate, 3)}))
 
     async def Converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:
-        async for response in self._slot("Converse", "sessions", self.s.limits.live.max_sessions,
-                                         metrics.LIVE_SESSIONS, self._converse(request_iterator, context), context):
+        live = self.s.limits.live
+        async for response in self._slot("Converse", "sessions", live.max_sessions, metrics.LIVE_SESSIONS,
+                                         lambda requests: self._converse(requests, context), request_iterator,
+                                         (live.idle_timeout_s, "server.live.idle_timeout_s"), context):
             yield response
 
     async def _converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:
@@ -294,62 +359,68 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
             scheduler = entry.scheduler
             await scheduler.calibrate()
-            ok, why = admit(scheduler, limits.live)
+            idle = await scheduler.idle_jpegs(quality)
+            ok, why = admit(scheduler, limits.live)  # admitted and counted with no await between: atomic
             if not ok:
                 raise ResourceExhausted(why)
             session = LiveSession(scheduler, limits.live, fmt, cfg.output_sample_rate or fmt.sample_rate, start,
-                                  quality, await scheduler.idle_jpegs(quality))
-            log.info(json.dumps({"event": "live_session_open", "session": session.id, "model": cfg.model_id,
-                                 "admitted": why}))
-            await s.accept(context)
-            yield pb.ConverseResponse(session=pb.SessionInfo(
-                session_id=session.id, fps=audio.FPS, frame_interval_ms=session.interval * 1e3,
-                output_sample_rate=session.out_rate, samples_per_frame=session.samples_per_frame,
-                avatar_frames=session.avatar.frame_count, device=entry.device, model_loaded=loaded_now,
-                model_load_ms=load_ms if loaded_now else 0))
-            reader_error: list[BaseException] = []
-
-            async def read() -> None:
-                try:
-                    async for message in requests:
-                        kind = message.WhichOneof("message")
-                        if kind == "audio":
-                            session.audio(message.audio)
-                        elif kind == "start_utterance":
-                            session.start_utterance(message.start_utterance.utterance_id[:256],
-                                                    message.start_utterance.interrupt)
-                        elif kind == "end_utterance":
-                            session.end_utterance()
-                        elif kind == "interrupt":
-                            session.interrupt()
-                        elif kind == "config":
-                            raise InvalidRequest("config may only be sent once, as the first message")
-                        else:
-                            raise InvalidRequest("empty Converse message")
-                except Exception as exc:
-                    reader_error.append(exc)
-                finally:
-                    session.close()
-
-            reader = asyncio.ensure_future(read())
+                                  quality, idle)
             try:
-                async for frame, events in session.frames():
-                    yield pb.ConverseResponse(frame=pb.LiveFrame(
-                        index=frame.index, pts_ms=frame.index * FRAME_MS, avatar_position=frame.avatar_position,
-                        avatar_frame=frame.avatar_frame, jpeg=frame.jpeg, audio=frame.audio,
-                        kind=FRAME_KINDS[frame.kind], utterance_id=frame.utterance_id,
-                        utterance_frame=max(frame.utterance_frame, 0)), events=[_event(e) for e in events])
-                    for e in events:
-                        if e.kind == "late":
-                            metrics.LATE_FRAMES.labels(cfg.model_id).inc()
-                        elif e.kind == "started":
-                            metrics.FIRST_FRAME_MS.labels(cfg.model_id).observe(e.fields["latency_ms"])
-                if reader_error:
-                    raise reader_error[0]
+                log.info(json.dumps({"event": "live_session_open", "session": session.id, "model": cfg.model_id,
+                                     "admitted": why}))
+                await s.accept(context)
+                yield pb.ConverseResponse(session=pb.SessionInfo(
+                    session_id=session.id, fps=audio.FPS, frame_interval_ms=session.interval * 1e3,
+                    output_sample_rate=session.out_rate, samples_per_frame=session.samples_per_frame,
+                    avatar_frames=session.avatar.frame_count, device=entry.device, model_loaded=loaded_now,
+                    model_load_ms=load_ms if loaded_now else 0))
+                reader_error: list[BaseException] = []
+
+                async def read() -> None:
+                    try:
+                        async for message in requests:
+                            kind = message.WhichOneof("message")
+                            if kind == "audio":
+                                session.audio(message.audio)
+                            elif kind == "start_utterance":
+                                session.start_utterance(message.start_utterance.utterance_id[:256],
+                                                        message.start_utterance.interrupt)
+                            elif kind == "end_utterance":
+                                session.end_utterance()
+                            elif kind == "interrupt":
+                                session.interrupt()
+                            elif kind == "config":
+                                raise InvalidRequest("config may only be sent once, as the first message")
+                            else:
+                                raise InvalidRequest("empty Converse message")
+                    except Exception as exc:
+                        reader_error.append(exc)
+                    finally:
+                        session.close()
+
+                reader = asyncio.ensure_future(read())
+                try:
+                    async for frame, events in session.frames():
+                        yield pb.ConverseResponse(frame=pb.LiveFrame(
+                            index=frame.index, pts_ms=frame.index * FRAME_MS, avatar_position=frame.avatar_position,
+                            avatar_frame=frame.avatar_frame, jpeg=frame.jpeg, audio=frame.audio,
+                            kind=FRAME_KINDS[frame.kind], utterance_id=frame.utterance_id,
+                            utterance_frame=max(frame.utterance_frame, 0)), events=[_event(e) for e in events])
+                        for e in events:
+                            if e.kind == "late":
+                                metrics.LATE_FRAMES.labels(cfg.model_id).inc()
+                            elif e.kind == "started":
+                                metrics.FIRST_FRAME_MS.labels(cfg.model_id).observe(e.fields["latency_ms"])
+                            elif e.kind == "finished" and e.fields["error"]:
+                                metrics.LIVE_FAILURES.labels(cfg.model_id).inc()
+                    if reader_error:
+                        raise reader_error[0]
+                finally:
+                    reader.cancel()
+                    log.info(json.dumps({"event": "live_session_close", "session": session.id, "model": cfg.model_id,
+                                         **session.stats}))
             finally:
-                reader.cancel()
-                log.info(json.dumps({"event": "live_session_close", "session": session.id, "model": cfg.model_id,
-                                     **session.stats}))
+                session.close()  # also if the call ended before its frames began
 
     @_guard
     async def ListModels(self, request, context, started) -> pb.ListModelsResponse:
@@ -522,6 +593,7 @@ async def serve(cfg: Any) -> None:
              server_cfg.host, port,
              "mutual TLS" if tls.client_ca else "TLS" if tls.enabled else "plaintext",
              ", tokens required" if state.security.tokens else "", ", ".join(state.registry.entries) or "none")
+    watcher = asyncio.ensure_future(state.watch_calls())
     print(f"READY port={port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -539,6 +611,7 @@ async def serve(cfg: Any) -> None:
              server_cfg.shutdown_grace_s)
     state.accepting = False
     await server.stop(server_cfg.shutdown_grace_s)
+    watcher.cancel()
     await state.registry.close()
     if endpoint:
         endpoint.close()
@@ -546,9 +619,11 @@ async def serve(cfg: Any) -> None:
 
 
 def _reload(state: Server) -> None:
-    """SIGHUP: re-read certificates, tokens and the metrics token; open streams keep flowing."""
+    """SIGHUP: re-read certificates, tokens and the metrics token; open streams keep flowing, except those whose
+    token is no longer in the tokens file."""
     log.info("SIGHUP: reloading TLS files and tokens")
     state.security.reload()
+    state.end_stale_calls()
 
 
 def spawn(overrides: list[str], cwd: str | None = None, log_file=None):

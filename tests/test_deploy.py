@@ -48,7 +48,7 @@ def test_every_object_is_valid_kubernetes(objects):
     for (kind, name), obj in objects.items():
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)  # raises with the path of the error
     assert {kind for kind, _ in objects} == {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap",
-                                             "PersistentVolumeClaim", "HorizontalPodAutoscaler"}
+                                             "PersistentVolumeClaim", "HorizontalPodAutoscaler", "NetworkPolicy"}
 
 
 def _args(container: dict) -> dict[str, str]:
@@ -102,6 +102,19 @@ def test_the_parts_agree(objects):
     listener = envoy_config["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert envoy_pod["spec"]["containers"][0]["ports"][0]["containerPort"] == listener["port_value"] == 50051
     assert envoy_config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    # safe defaults: the worker listens beyond loopback only because this file says so, with tokens from a Secret,
+    # and only Envoy (gRPC) and Prometheus (metrics) may reach it
+    assert args["server.host"] == "0.0.0.0" and args["server.metrics_host"] == "0.0.0.0"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert args["server.auth.tokens_file"].startswith(mounts["tokens"] + "/")
+    assert volumes["tokens"]["secret"]["secretName"] == "lipsync-tokens"
+    policy = objects["NetworkPolicy", "lipsync-worker"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items() and policy["policyTypes"] == ["Ingress"]
+    (from_envoy, from_prometheus) = policy["ingress"]
+    assert from_envoy["from"][0]["podSelector"]["matchLabels"].items() <= envoy_pod["metadata"]["labels"].items()
+    assert [p["port"] for p in from_envoy["ports"]] == ["grpc"] and [p["port"] for p in from_prometheus["ports"]] \
+        == ["metrics"]
+    assert {p["name"] for p in container["ports"]} == {"grpc", "metrics"}
 
 
 def test_the_shipped_envoy_config_is_the_rendered_template():
@@ -121,3 +134,34 @@ def test_envoy_accepts_both_renderings(tmp_path):
         done = subprocess.run([str(binary), "--mode", "validate", "-c", str(config)], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0 and f"configuration '{config}' OK" in done.stdout + done.stderr, done.stderr
+
+
+def test_envoy_speaks_tls_to_the_workers(tmp_path, weights, tiny_avatar):
+    """The template's upstream TLS, used for real: a worker serving TLS only, Envoy's health checks and a call
+    through it over TLS (mutual: Envoy shows a client certificate the worker's client CA signed)."""
+    import asyncio
+
+    from lipsync._proto import lipsync_pb2 as pb
+    from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+    from lipsync.client import channel
+    from lipsync.cluster import Cluster, UpstreamTls, envoy_binary
+    try:
+        envoy_binary()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    pki = tmp_path / "pki"
+    subprocess.run(["bash", str(ROOT / "deploy" / "make-certs.sh"), str(pki)], check=True, capture_output=True)
+    tls = UpstreamTls(str(pki / "ca.pem"), "localhost", str(pki / "client.pem"), str(pki / "client.key"))
+    cluster = Cluster(1, 0, ["models=none", "engine=eager", f"server.tls.cert={pki / 'server.pem'}",
+                             f"server.tls.key={pki / 'server.key'}", f"server.tls.client_ca={pki / 'ca.pem'}"],
+                      tmp_path / "logs", drain_s=0.5, upstream_tls=tls)
+    try:
+        cluster.start(timeout_s=120)  # returns once Envoy's health checks (over TLS) find the worker serving
+
+        async def health():
+            async with channel(f"127.0.0.1:{cluster.port}") as ch:
+                return await pb_grpc.LipSyncStub(ch).Health(pb.HealthRequest(), timeout=20)
+        assert asyncio.run(health()).healthy
+        assert "mutual TLS" in cluster.workers[0].log_path.read_text()
+    finally:
+        cluster.stop()

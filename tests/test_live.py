@@ -18,7 +18,7 @@ from lipsync import audio, jpeg
 from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync.avatar import load_avatar
-from lipsync.client import Say, channel, converse
+from lipsync.client import Say, channel, converse, open_stream
 from lipsync.live import LiveConfig, LiveSession
 from lipsync.scheduler import DeviceWorkers, ModelScheduler, Priority
 
@@ -333,3 +333,155 @@ def test_client_plays_a_conversation_script(live_server, speech, tmp_path):
     with av.open(str(tmp_path / "talk.mp4")) as container:
         assert sorted(s.type for s in container.streams) == ["audio", "video"]
         assert abs(sum(1 for _ in container.decode(video=0)) - summary["frames"]) <= 1
+
+
+# --------------------------------------------------------------------------- a session under load or failure
+def _feed(session: LiveSession, utterance: str, pcm: bytes, piece: int = 6400) -> None:
+    session.start_utterance(utterance)
+    for lo in range(0, len(pcm), piece):
+        session.audio(pcm[lo:lo + piece])
+    session.end_utterance()
+
+
+def test_a_flood_of_queued_speech_is_held_within_its_bound(pipeline, speech):
+    """Five 2-s utterances sent at once against a 6-s bound: three are kept, the rest end with an event that says
+    why; at no slot does the session have more frames waiting for the generator than its horizon, and what it
+    holds stays within `memory_bound`."""
+    config = LiveConfig(time_scale=1.0, render_ahead_s=0.4, max_queued_speech_s=6.0)
+    pcm = pcm_of(speech[:32000])
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4)
+        scheduler.start()
+        idle = await scheduler.idle_jpegs(75)
+        session = LiveSession(scheduler, config, S16, 16000, 0, 75, idle)
+        peak_queue, peak_held, horizon, finished = 0, 0, 0, {}
+        async for frame, events in session.frames():
+            if frame.index == 0:
+                for k in range(5):
+                    _feed(session, f"u{k}", pcm)
+            peak_queue = max(peak_queue, scheduler.queued_frames)
+            peak_held = max(peak_held, session.held_bytes())
+            horizon = max([horizon, *(u.horizon for u in session.queue)])
+            finished.update({e.fields["utterance_id"]: e.fields for e in events if e.kind == "finished"})
+            if frame.index >= 75:
+                session.close()
+        bound = session.memory_bound(max(len(j) for j in idle) * 2)
+        await scheduler.stop()
+        return peak_queue, peak_held, bound, horizon, finished, session.horizon
+    peak_queue, peak_held, bound, horizon, finished, base = asyncio.run(main())
+    print(f"peak queue {peak_queue} frames (horizon {horizon}), held {peak_held / 1e6:.2f} MB of {bound / 1e6:.2f} MB")
+    assert base == 10 and horizon >= base
+    assert peak_queue <= horizon, (peak_queue, horizon)
+    assert 0 < peak_held <= bound, (peak_held, bound)
+    for k in (3, 4):
+        assert finished[f"u{k}"]["interrupted"] and "server.live.max_queued_speech_s" in finished[f"u{k}"]["error"]
+    assert not any(finished.get(f"u{k}", {}).get("error") for k in (0, 1, 2))
+
+
+def test_a_failed_render_ends_its_utterance_with_an_event(pipeline, speech):
+    """The generator fails once (as a device out of memory would): that utterance ends interrupted with the
+    reason, the session goes on, and the next utterance plays."""
+    pcm = pcm_of(speech[:8000])
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4)
+        scheduler.start()
+        session = LiveSession(scheduler, LiveConfig(time_scale=2.0), S16, 16000, 0, 75,
+                              await scheduler.idle_jpegs(75))
+        infer, failures = scheduler._infer, []
+
+        def failing(batch):
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("CUDA out of memory (injected)")
+            return infer(batch)
+        scheduler._infer = failing
+        finished, kinds = {}, []
+        async for frame, events in session.frames():
+            kinds.append(frame.kind)
+            if frame.index == 0:
+                _feed(session, "x", pcm)
+            for e in events:
+                if e.kind == "finished":
+                    finished[e.fields["utterance_id"]] = e.fields
+                    if e.fields["utterance_id"] == "x":
+                        _feed(session, "y", pcm)
+            if "y" in finished or frame.index > 400:
+                session.close()
+        await scheduler.stop()
+        return finished, kinds, session.stats
+    finished, kinds, stats = asyncio.run(main())
+    assert finished["x"]["interrupted"] and "rendering failed (RuntimeError)" in finished["x"]["error"]
+    assert not finished["y"]["interrupted"] and finished["y"]["error"] == ""
+    assert finished["y"]["frames_played"] == audio.frame_count(len(pcm) // 2)
+    assert stats["failed"] == 1 and "speech" in kinds
+
+
+@pytest.fixture(scope="module")
+def flood_server(weights, tiny_avatar, tmp_path_factory):
+    """A clock slowed enough (one frame per 400 ms) that one speaking session leaves this CPU's generator room for
+    other clients, and a 60-s bound on queued speech."""
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160"), "server.live.time_scale=10",
+                         "server.live.max_queued_speech_s=60"], tmp_path_factory.mktemp("flood"))
+    yield srv
+    srv.stop()
+
+
+def test_a_flooding_session_leaves_other_clients_served(flood_server, speech):
+    """A live session sends 16 utterances of 10 s at once: what passes server.live.max_queued_speech_s (60 s)
+    ends with an event, and another client's Synthesize during its speech stays within a few times its latency
+    on an idle server (the session renders only its horizon ahead, so its frames cannot fill the queue)."""
+    short = pcm_of(speech[:8000])
+    long = pcm_of(speech.repeat(4)[:16000 * 10])
+
+    async def synthesize_s(stub) -> float:
+        started = time.perf_counter()
+        response = await stub.Synthesize(pb.SynthesizeRequest(model_id="tiny", audio=short, format=pb.AudioFormat(
+            encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)))
+        assert len(response.frames) == audio.frame_count(len(short) // 2)
+        return time.perf_counter() - started
+
+    async def main():
+        async with channel(flood_server.target) as ch:
+            stub = pb_grpc.LipSyncStub(ch)
+            await synthesize_s(stub)
+            idle = sorted([await synthesize_s(stub) for _ in range(3)])[1]
+            speaking, done = asyncio.Event(), asyncio.Event()
+
+            async def requests():
+                yield pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", format=pb.AudioFormat(
+                    encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)))
+                for k in range(16):  # all at once, as a TTS far faster than real time would
+                    yield pb.ConverseRequest(start_utterance=pb.UtteranceStart(utterance_id=f"f{k}"))
+                    for lo in range(0, len(long), 32000):
+                        yield pb.ConverseRequest(audio=long[lo:lo + 32000])
+                    yield pb.ConverseRequest(end_utterance=True)
+                await done.wait()
+
+            async def flood():
+                frames, finished = [], {}
+                async for response in open_stream(stub.Converse, requests()):
+                    if response.HasField("frame"):
+                        frames.append(response.frame.kind)
+                        if response.frame.kind == pb.SPEECH:
+                            speaking.set()
+                    for e in response.events:
+                        if e.WhichOneof("event") == "finished":
+                            finished[e.finished.utterance_id] = e.finished
+                    if done.is_set():
+                        break
+                return frames, finished
+            task = asyncio.ensure_future(flood())
+            await asyncio.wait_for(speaking.wait(), 120)
+            loaded = sorted([await synthesize_s(stub) for _ in range(3)])[1]
+            speaking_after = task.done() is False
+            done.set()
+            frames, finished = await task
+            return idle, loaded, frames, finished, speaking_after
+    idle, loaded, frames, finished, speaking_after = asyncio.run(main())
+    print(f"Synthesize of 0.5 s: {idle * 1e3:.0f} ms idle, {loaded * 1e3:.0f} ms beside the flooding session")
+    refused = sorted(int(u[1:]) for u, f in finished.items() if "max_queued_speech_s" in f.error)
+    assert refused == list(range(6, 16)), {u: f.error for u, f in finished.items()}
+    assert speaking_after and pb.SPEECH in frames  # measured while the flood's first utterance played
+    assert loaded <= 4 * idle + 0.25, (idle, loaded)

@@ -359,12 +359,12 @@ def test_sighup_swaps_certificates_and_tokens_while_a_stream_flows(pki, weights,
     live = tmp_path / "live"
     shutil.copytree(pki["a"], live)
     tokens = tmp_path / "tokens"
-    tokens.write_text(f"{ADMIN} admin\n")
+    tokens.write_text(f"{ADMIN} admin\n{INFER} infer\n")
     srv = ServerProcess([*tls_overrides(live), f"server.auth.tokens_file={tokens}",
                          model_override("tiny", weights, tiny_avatar, variant="160")], tmp_path)
     try:
         async def main():
-            async with channel(srv.target, credentials=creds(pki)) as ch:
+            async with channel(srv.target, credentials=creds(pki, token=INFER)) as ch:
                 swapped = asyncio.Event()
 
                 async def requests():
@@ -373,7 +373,7 @@ def test_sighup_swaps_certificates_and_tokens_while_a_stream_flows(pki, weights,
                         if k == 3:
                             for name in ("server.pem", "server.key", "ca.pem"):
                                 shutil.copy(pki["b"] / name, live / name)
-                            tokens.write_text(f"{OTHER} admin\n")
+                            tokens.write_text(f"{OTHER} admin\n{INFER} infer\n")  # the stream's token stays
                             srv.proc.send_signal(signal.SIGHUP)
                             await asyncio.sleep(1.0)
                             swapped.set()
@@ -397,6 +397,95 @@ def test_sighup_swaps_certificates_and_tokens_while_a_stream_flows(pki, weights,
         assert old_certs[0] == "UNAVAILABLE"  # new connections get the new certificate and client CA
         assert old_token[0] == "UNAUTHENTICATED" and new_both[0] == "OK"
         assert "reloaded TLS files" in srv.logs() and "reloaded tokens" in srv.logs()
+    finally:
+        srv.stop()
+
+
+def test_a_revoked_token_ends_its_live_session_and_stream(weights, tiny_avatar, tmp_path):
+    """SIGHUP with a tokens file that no longer has a token: the live session and the stream admitted with it end
+    with UNAUTHENTICATED; a session of a token that stays goes on."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{INFER} infer\n{OTHER} infer name=other\n{ADMIN} admin\n")
+    srv = ServerProcess([f"server.auth.tokens_file={tokens}", "server.live.time_scale=10",
+                         model_override("tiny", weights, tiny_avatar, variant="160")], tmp_path)
+    try:
+        async def session(token: str, revoke: asyncio.Event, frames: list):
+            async def requests():
+                yield pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", format=S16))
+                await asyncio.sleep(3600)
+            async with channel(srv.target, credentials=Credentials(token=token)) as ch:
+                try:
+                    async for response in open_stream(pb_grpc.LipSyncStub(ch).Converse, requests()):
+                        frames.append(time.monotonic())
+                        if len(frames) == 3:
+                            revoke.set()
+                        if len(frames) > 200:
+                            return "still open"
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, exc.details()
+
+        async def stream(token: str):
+            async def requests():
+                yield pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=S16))
+                await asyncio.sleep(3600)
+            async with channel(srv.target, credentials=Credentials(token=token)) as ch:
+                try:
+                    async for _ in open_stream(pb_grpc.LipSyncStub(ch).Stream, requests()):
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, exc.details()
+
+        async def main():
+            revoke, kept_frames, gone_frames = asyncio.Event(), [], []
+            gone = asyncio.ensure_future(session(INFER, revoke, gone_frames))
+            kept = asyncio.ensure_future(session(OTHER, asyncio.Event(), kept_frames))
+            streaming = asyncio.ensure_future(stream(INFER))
+            await asyncio.wait_for(revoke.wait(), 120)
+            await asyncio.sleep(0.5)
+            tokens.write_text(f"{OTHER} infer name=other\n{ADMIN} admin\n")
+            srv.proc.send_signal(signal.SIGHUP)
+            revoked_at = time.monotonic()
+            outcome = await asyncio.wait_for(gone, 30)
+            ended_after = time.monotonic() - revoked_at
+            stream_outcome = await asyncio.wait_for(streaming, 30)
+            before = len(kept_frames)
+            await asyncio.sleep(3.0)
+            assert not kept.done(), kept.result()
+            kept.cancel()
+            return outcome, ended_after, stream_outcome, len(kept_frames) - before
+        outcome, ended_after, stream_outcome, kept_more = asyncio.run(main())
+        assert outcome == ("UNAUTHENTICATED", "token 'token1' was revoked") and ended_after < 5, outcome
+        assert stream_outcome == ("UNAUTHENTICATED", "token 'token1' was revoked"), stream_outcome
+        assert kept_more >= 5  # the other token's session still receives its frames (one per 400 ms)
+    finally:
+        srv.stop()
+
+
+def test_a_silent_stream_is_closed_after_the_idle_timeout(weights, tiny_avatar, tmp_path):
+    srv = ServerProcess(["server.stream_idle_timeout_s=2", "server.live.idle_timeout_s=2",
+                         model_override("tiny", weights, tiny_avatar, variant="160")], tmp_path)
+    try:
+        async def silent(rpc: str):
+            async def requests():
+                config = pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=S16)) if rpc == "Stream" \
+                    else pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", format=S16))
+                yield config
+                if rpc == "Stream":
+                    yield pb.StreamRequest(audio=PCM)
+                await asyncio.sleep(3600)
+            started = time.monotonic()
+            async with channel(srv.target) as ch:
+                try:
+                    async for _ in open_stream(getattr(pb_grpc.LipSyncStub(ch), rpc), requests()):
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, exc.details(), time.monotonic() - started
+
+        async def main():
+            return await asyncio.gather(silent("Stream"), silent("Converse"))
+        for (code, details, seconds), setting in zip(asyncio.run(main()), ("server.stream_idle_timeout_s",
+                                                                           "server.live.idle_timeout_s")):
+            assert code == "DEADLINE_EXCEEDED" and setting in details and 2 <= seconds < 10, (code, details)
     finally:
         srv.stop()
 
