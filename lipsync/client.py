@@ -333,7 +333,8 @@ class ConverseResult:
             elif kind == "finished":
                 utterances.setdefault(body.utterance_id, {}).update(
                     last_frame=body.last_frame, interrupted=body.interrupted, frames_played=body.frames_played,
-                    frames_total=body.frames_total, played_ms=body.played_ms, late_frames=body.late_frames)
+                    frames_total=body.frames_total, played_ms=body.played_ms, late_frames=body.late_frames,
+                    **({"error": body.error} if body.error else {}))
         return {"frames": len(self.frames), **kinds, "late_frames": kinds["held"],
                 "frame_interval_ms": round(self.session.frame_interval_ms, 3),
                 "pacing_ms": {"max_late": round(max(offsets, default=0) * 1e3, 1),

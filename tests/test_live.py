@@ -485,3 +485,26 @@ def test_a_flooding_session_leaves_other_clients_served(flood_server, speech):
     assert refused == list(range(6, 16)), {u: f.error for u, f in finished.items()}
     assert speaking_after and pb.SPEECH in frames  # measured while the flood's first utterance played
     assert loaded <= 4 * idle + 0.25, (idle, loaded)
+
+
+def test_concurrent_admissions_never_overshoot_the_capacity(pipeline):
+    """Ten sessions asking at once, as the server admits them (idle JPEGs first, then admit and construct with no
+    await between): with capacity for four, four open."""
+    from lipsync.live import admit
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers())
+        scheduler.capacity_fps = 100.0  # 4 sessions speaking all the time at 25 fps
+        config = LiveConfig(duty_cycle=1.0, headroom=1.0)
+
+        async def ask():
+            idle = await scheduler.idle_jpegs(75)
+            ok, _ = admit(scheduler, config)
+            return LiveSession(scheduler, config, S16, 16000, 0, 75, idle) if ok else None
+        sessions = await asyncio.gather(*(ask() for _ in range(10)))
+        opened = [s for s in sessions if s is not None]
+        counted = len(scheduler.live_sessions)
+        for s in opened:
+            s.close()
+        return len(opened), counted, len(scheduler.live_sessions)
+    assert asyncio.run(main()) == (4, 4, 0)

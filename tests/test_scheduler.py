@@ -42,3 +42,36 @@ def test_queue_is_bounded(pipeline):
             scheduler.submit(torch.zeros(3, 32, 16, 16), [0] * 3, 75)
         await scheduler.stop()
     asyncio.run(main())
+
+
+def test_idle_jpegs_are_a_small_lru_encoded_off_the_encode_thread(pipeline, monkeypatch):
+    """Asking for every JPEG quality keeps only the last IDLE_QUALITIES; concurrent askers of one quality share
+    one encode, which does not run on the encode pool (the live frames' thread)."""
+    import threading
+
+    from lipsync import jpeg as jpeg_module
+    from lipsync.scheduler import IDLE_QUALITIES
+    from torchvision.io import decode_jpeg
+
+    encodes, threads = [], set()
+    real = jpeg_module.encode_frames
+
+    def counting(frames, quality):
+        encodes.append(quality)
+        threads.add(threading.current_thread().name)
+        return real(frames, quality)
+    monkeypatch.setattr(jpeg_module, "encode_frames", counting)
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers())
+        same = await asyncio.gather(*(scheduler.idle_jpegs(50) for _ in range(5)))
+        for quality in range(1, 101, 10):
+            await scheduler.idle_jpegs(quality)
+        return scheduler, same
+    scheduler, same = asyncio.run(main())
+    batches = -(-pipeline.avatar.frame_count // scheduler.max_batch)
+    assert encodes.count(50) == batches and all(s is same[0] for s in same)  # one encode, shared
+    assert list(scheduler._idle_jpegs) == list(range(1, 101, 10))[-IDLE_QUALITIES:]
+    assert not any(name.startswith("encode") for name in threads), threads
+    first = decode_jpeg(torch.frombuffer(bytearray(same[0][0]), dtype=torch.uint8))
+    assert first.shape[1:] == pipeline.avatar.frames.shape[2:]
