@@ -99,7 +99,7 @@ def test_eager_engine_and_auto_choice():
 
 
 def test_bad_engine_config_is_named():
-    with pytest.raises(ValueError, match="unknown engine backend 'fast'"):
+    with pytest.raises(ValueError, match="engine.backend='fast': must be one of auto, tensorrt"):
         EngineConfig.from_dict({"backend": "fast"})
     with pytest.raises(ValueError, match="unknown engine settings"):
         EngineConfig.from_dict({"max_batchsize": 3})

@@ -407,6 +407,7 @@ def test_a_revoked_token_ends_its_live_session_and_stream(weights, tiny_avatar, 
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{INFER} infer\n{OTHER} infer name=other\n{ADMIN} admin\n")
     srv = ServerProcess([f"server.auth.tokens_file={tokens}", "server.live.time_scale=10",
+                         "server.live.duty_cycle=0.01",  # two idle sessions are admitted on a loaded CPU too
                          model_override("tiny", weights, tiny_avatar, variant="160")], tmp_path)
     try:
         async def session(token: str, revoke: asyncio.Event, frames: list):
@@ -440,7 +441,9 @@ def test_a_revoked_token_ends_its_live_session_and_stream(weights, tiny_avatar, 
             gone = asyncio.ensure_future(session(INFER, revoke, gone_frames))
             kept = asyncio.ensure_future(session(OTHER, asyncio.Event(), kept_frames))
             streaming = asyncio.ensure_future(stream(INFER))
-            await asyncio.wait_for(revoke.wait(), 120)
+            await asyncio.wait_for(asyncio.wait([asyncio.ensure_future(revoke.wait()), gone],
+                                                return_when=asyncio.FIRST_COMPLETED), 120)
+            assert not gone.done(), gone.result()  # the session opened and received its first frames
             await asyncio.sleep(0.5)
             tokens.write_text(f"{OTHER} infer name=other\n{ADMIN} admin\n")
             srv.proc.send_signal(signal.SIGHUP)
