@@ -311,12 +311,13 @@ class LiveSession:
         rows (a flood of queued speech costs the generator nothing until it is nearly due)."""
         assert u.start_pos is not None
         until = self.pos - u.start_pos + u.horizon  # frames k < until show within the horizon
+        context = audio.CONTEXT_BEFORE + audio.CONTEXT_AFTER - 1  # rows a chunk carries beyond its frames
         keep = []
         for first, rows in u.waiting:
-            n = rows.shape[0] - (audio.CONTEXT_BEFORE + audio.CONTEXT_AFTER - 1)
+            n = rows.shape[0] - context
             now = max(0, min(n, until - first))
             if now:
-                self._submit(u, first, audio.features_from_rows(rows[:now + 15]))
+                self._submit(u, first, audio.features_from_rows(rows[:now + context]))
             if now < n:
                 rest = rows[now:]
                 if rest.untyped_storage().nbytes() > 2 * rest.numel() * rest.element_size():

@@ -24,8 +24,6 @@ from .models import AUDIO_FEATURE_SHAPE, INPUT_SIZE, CheckpointError, load_audio
 
 log = logging.getLogger(__name__)
 
-STAGES = ("audio", "inference", "composite", "encode")
-
 
 class StageClock:
     """Per-stage wall time: CUDA events on GPU (resolved once at the end), perf counters on CPU."""
@@ -140,7 +138,6 @@ class Pipeline:
                  micro_batch: int = 32, name: str = "model", weight_bytes: int = 0, asr: str = "ave"):
         self.generator, self.encoder, self.avatar, self.device = generator, encoder, avatar, device
         self.micro_batch, self.name, self.weight_bytes = micro_batch, name, weight_bytes
-        self.size = avatar.size
         self.generator_audio_shape = AUDIO_FEATURE_SHAPE[asr]  # per-frame audio input of the generator
 
     # -- stages

@@ -168,7 +168,6 @@ class ModelScheduler:
         self._task: asyncio.Task | None = None
         self.batches = 0  # generator calls
         self.encoder_calls = 0
-        self.on_batch = None  # optional callback(batch_size) for metrics
         # Measured service: seconds from a batch leaving the queue to its JPEGs (EWMA), and frames/s at full batches.
         self.batch_latency_s: float | None = None
         self.capacity_fps: float | None = None
@@ -439,8 +438,6 @@ class ModelScheduler:
             raise
         encode.add_done_callback(lambda f, b=batch, n=len(ids), t=now: self._deliver(f, b, n, t))
         self.batches += 1
-        if self.on_batch:
-            self.on_batch(len(ids))
 
     def _infer(self, batch: list[BatchSlice]) -> tuple[StageClock, Tensor, list[int], Any]:
         """Generator predictions of a batch, on the inference stream; the event marks when they are ready."""
