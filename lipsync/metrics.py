@@ -22,8 +22,9 @@ LATE_FRAMES = Counter("lipsync_late_frames", "Live frame slots shown HELD becaus
                       ["model"])
 FIRST_FRAME_MS = Histogram("lipsync_first_frame_ms", "Live utterances: first audio to first frame sent, ms",
                            ["model"], buckets=MS_BUCKETS)
-LIVE_FAILURES = Counter("lipsync_live_utterances_failed", "Live utterances the server ended because rendering them "
-                        "failed", ["model"])
+LIVE_FAILURES = Counter("lipsync_live_utterances_failed", "Live utterances the server ended early (finished with an "
+                        "error): their rendering failed, or they would pass server.live.max_queued_speech_s",
+                        ["model"])
 AUTH_FAILURES = Counter("lipsync_auth_failures", "RPCs refused by the token check, by status", ["code"])
 EVICTIONS = Counter("lipsync_evictions", "Models unloaded to make room or after idling", ["model"])
 
