@@ -18,13 +18,14 @@ $(STAMP): pyproject.toml
 $(STUBS): protos/lipsync/v1/lipsync.proto protos/monolithic.proto $(STAMP)
 	$(PY) -m lipsync.protos
 
-## test: the whole suite (CPU; CUDA/TensorRT tests skip with their reason)
+## test: the layer contract (import-linter), then the whole suite (CPU; CUDA/TensorRT tests skip with their reason)
 test: setup
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 	$(PY) -m pytest -q
 
 ## demo: serve the demo model, stream assets/speech.wav through it, write out/demo.mp4
 demo: setup
-	$(PY) -m lipsync.demo_run
+	$(PY) -m lipsync.apps.demo_run
 
 ## demo-model: train the demo presenter again: data (espeak-ng) → train → evaluate on held-out speech
 ##   (~1 h on 2 CPU cores; DEVICE=cuda takes minutes). Writes assets/demo_model and benchmarks/results/demo-model

@@ -31,10 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import CACHE, environment, write  # noqa: E402
-from lipsync import audio  # noqa: E402
-from lipsync.autotune import cpu_name  # noqa: E402
-from lipsync.demo import make_avatar, make_weights  # noqa: E402
-from lipsync.models import load_audio_encoder, load_generator  # noqa: E402
+from lipsync.codec import audio
+from lipsync.model import audio_features
+from lipsync.model.autotune import cpu_name  # noqa: E402
+from lipsync.model.demo import make_avatar, make_weights  # noqa: E402
+from lipsync.model.networks import load_audio_encoder, load_generator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +74,7 @@ def baseline(files: dict[str, Path], video_path: Path) -> tuple[float, int, list
     started = time.perf_counter()
     encoder = load_audio_encoder(files["audio_encoder"])
     net = load_generator(files["checkpoint"]).eval()
-    features = audio.frame_features(audio.load_audio(files["speech"]), encoder).numpy()
+    features = audio_features.frame_features(audio.load_audio(files["speech"]), encoder).numpy()
     images = sorted((files["dataset"] / "full_body_img").glob("*.jpg"), key=lambda p: int(p.stem))
     last = len(images) - 1
     first = cv2.imread(str(images[0]))

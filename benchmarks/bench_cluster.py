@@ -17,23 +17,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import assets, environment, figure, save_figure, write
-from lipsync import audio
+
+from lipsync import timebase
 from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-from lipsync.client import channel, open_stream, percentile, routing, worker_of
-from lipsync.cluster import Cluster
-from lipsync.pipeline import pick_device
+from lipsync.apps.client import channel, open_stream, percentile, routing, worker_of
+from lipsync.apps.cluster import Cluster
+from lipsync.codec import audio
+from lipsync.model import audio_features
+from lipsync.model.pipeline import pick_device
 
 SPEECH = Path(__file__).resolve().parent.parent / "assets" / "speech.wav"
-FORMAT = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=audio.SAMPLE_RATE, channels=1)
+FORMAT = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=timebase.SAMPLE_RATE, channels=1)
 
 
 def pcm_for_frames(frames: int) -> bytes:
     """Speech that makes exactly `frames` output frames."""
     wave = audio.load_wav(SPEECH)
-    samples = next(n for n in range(640, wave.numel(), 16) if audio.frame_count(n) == frames)
+    samples = next(n for n in range(640, wave.numel(), 16) if audio_features.frame_count(n) == frames)
     return (wave[:samples].numpy() * 32767).astype(np.int16).tobytes()
 
 

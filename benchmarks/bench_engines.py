@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import environment, figure, save_figure, sync, write
-from lipsync.engines import EngineConfig, EngineError, build_engine
-from lipsync.models import AudioEncoder, Generator
-from lipsync.pipeline import pick_device
+
+from lipsync.model.engines import EngineConfig, EngineError, build_engine
+from lipsync.model.networks import AudioEncoder, Generator
+from lipsync.model.pipeline import pick_device
 
 
 def time_engine(fn, inputs, device, repeats: int) -> float:

@@ -19,23 +19,24 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
 from common import assets, environment, figure, save_figure, write
-from lipsync import audio
+
+from lipsync import timebase
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-from lipsync.client import Say, channel, converse, percentile
-from lipsync.pipeline import pick_device
-from lipsync.server import spawn
+from lipsync.apps.client import Say, channel, converse, percentile
+from lipsync.apps.serve import spawn
+from lipsync.codec import audio
+from lipsync.model.pipeline import pick_device
 
 SPEECH = Path(__file__).resolve().parent.parent / "assets" / "speech.wav"
-FORMAT = audio.AudioFormat("s16le", audio.SAMPLE_RATE, 1)
+FORMAT = audio.AudioFormat("s16le", timebase.SAMPLE_RATE, 1)
 
 
 def speech_pcm(seconds: float, offset: float) -> bytes:
     wave = audio.load_wav(SPEECH)
-    start = int(offset * audio.SAMPLE_RATE) % wave.numel()
-    reps = int(np.ceil((start + seconds * audio.SAMPLE_RATE) / wave.numel())) + 1
-    wave = wave.repeat(reps)[start:start + int(seconds * audio.SAMPLE_RATE)]
+    start = int(offset * timebase.SAMPLE_RATE) % wave.numel()
+    reps = int(np.ceil((start + seconds * timebase.SAMPLE_RATE) / wave.numel())) + 1
+    wave = wave.repeat(reps)[start:start + int(seconds * timebase.SAMPLE_RATE)]
     return (wave.numpy() * 32767).astype(np.int16).tobytes()
 
 

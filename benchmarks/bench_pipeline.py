@@ -10,11 +10,11 @@ import asyncio
 import time
 
 import torch
-
 from common import assets, environment, sync, write
-from lipsync.engines import EngineConfig
-from lipsync.pipeline import ModelSpec, load_pipeline, pick_device
-from lipsync.scheduler import DeviceWorkers, ModelScheduler
+
+from lipsync.model.engines import EngineConfig
+from lipsync.model.pipeline import ModelSpec, load_pipeline, pick_device
+from lipsync.runtime.scheduler import DeviceWorkers, ModelScheduler
 
 STAGES = ("queue", "inference", "composite", "encode")
 

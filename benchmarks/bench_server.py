@@ -15,33 +15,34 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import assets, environment, figure, save_figure, write
-from lipsync import audio
+
+from lipsync import timebase
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-from lipsync.client import channel, percentile, stream, summarize, synthesize
-from lipsync.pipeline import pick_device
-from lipsync.server import spawn
+from lipsync.apps.client import channel, percentile, stream, summarize, synthesize
+from lipsync.apps.serve import spawn
+from lipsync.codec import audio
+from lipsync.model.pipeline import pick_device
 
 SPEECH = Path(__file__).resolve().parent.parent / "assets" / "speech.wav"
 
 
 def speech_pcm(seconds: float) -> bytes:
     wave = audio.load_wav(SPEECH)
-    reps = int(np.ceil(seconds * audio.SAMPLE_RATE / wave.numel()))
-    wave = wave.repeat(reps)[: int(seconds * audio.SAMPLE_RATE)]
+    reps = int(np.ceil(seconds * timebase.SAMPLE_RATE / wave.numel()))
+    wave = wave.repeat(reps)[: int(seconds * timebase.SAMPLE_RATE)]
     return (wave.numpy() * 32767).astype(np.int16).tobytes()
 
 
 async def run_point(target: str, sessions: int, pcm: bytes, paced: bool, chunk_ms: float) -> dict:
-    fmt = audio.AudioFormat("s16le", audio.SAMPLE_RATE, 1)
+    fmt = audio.AudioFormat("s16le", timebase.SAMPLE_RATE, 1)
     async with channel(target) as ch:
         stub = pb_grpc.LipSyncStub(ch)
         t0 = time.perf_counter()
         results = await asyncio.gather(*[stream(stub, "bench", pcm, fmt, chunk_ms, paced) for _ in range(sessions)])
         wall = time.perf_counter() - t0
     summary = summarize(list(results), wall)
-    audio_s = len(pcm) / 2 / audio.SAMPLE_RATE
+    audio_s = len(pcm) / 2 / timebase.SAMPLE_RATE
     # a paced stream keeps up when its last frame arrives within a second of the end of its audio + look-ahead
     summary["real_time_streams"] = sum(r.wall_s <= audio_s + 1.0 for r in results) if paced else None
     summary["streams"], summary["paced"] = sessions, paced
@@ -49,7 +50,7 @@ async def run_point(target: str, sessions: int, pcm: bytes, paced: bool, chunk_m
 
 
 async def synthesize_p50(target: str, pcm24: bytes, repeats: int) -> float:
-    fmt = audio.AudioFormat("s16le", audio.SAMPLE_RATE, 1)
+    fmt = audio.AudioFormat("s16le", timebase.SAMPLE_RATE, 1)
     async with channel(target) as ch:
         stub = pb_grpc.LipSyncStub(ch)
         await synthesize(stub, "bench", pcm24, fmt)

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import environment, write  # noqa: E402
-from lipsync.demo import _draw_frame  # noqa: E402
-from lipsync.web import jpeg_to_video_frame  # noqa: E402
+from lipsync.apps.web import jpeg_to_video_frame  # noqa: E402
+from lipsync.model.demo import _draw_frame  # noqa: E402
 
 
 def jpegs(width: int, height: int, count: int) -> list[bytes]:

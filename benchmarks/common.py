@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lipsync.demo import make_avatar, make_weights  # noqa: E402
+from lipsync.model.demo import make_avatar, make_weights  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent.parent / "out" / "bench_assets"
 

@@ -14,7 +14,7 @@ import os
 from livekit.agents import JobContext, WorkerOptions, cli
 from livekit.agents.voice.avatar import AvatarOptions, AvatarRunner, DataStreamAudioReceiver
 
-from lipsync.client import Credentials
+from lipsync.apps.client import Credentials
 from lipsync.integrations.livekit import LipsyncVideoGenerator
 
 SAMPLE_RATE = 24000  # the agent's TTS rate; any multiple of 25 Hz

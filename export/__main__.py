@@ -2,6 +2,6 @@
 The code lives in `lipsync.export`; this folder holds no installed package."""
 import sys
 
-from lipsync.cli import main
+from lipsync.apps.cli import main
 
 sys.exit(main(["export", *sys.argv[1:]]))

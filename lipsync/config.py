@@ -7,7 +7,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -183,3 +183,13 @@ def section(cls: type[T], cfg: Any, where: str) -> T:
     if problems:
         raise ConfigError("; ".join(problems))
     return cls(**values)
+
+
+class Section:
+    """Base of the config dataclasses: `from_dict` reads the section at `WHERE` (its key in the composed config,
+    named in every error) through `section()`."""
+    WHERE: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls: type[T], cfg: Any) -> T:
+        return section(cls, cfg, cls.WHERE)

@@ -27,8 +27,8 @@ def proto_digest() -> str:
 
 def generate(out_dir: Path = OUT_DIR) -> Path:
     """Run protoc (grpcio-tools) and flatten the stubs into one package with relative imports."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     with tempfile.TemporaryDirectory() as tmp:

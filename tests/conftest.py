@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync.demo import make_avatar, make_weights
-from lipsync.engines import EngineConfig
-from lipsync.pipeline import ModelSpec, load_pipeline
+from lipsync.model.demo import make_avatar, make_weights
+from lipsync.model.engines import EngineConfig
+from lipsync.model.pipeline import ModelSpec, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "tests" / "data" / "spec"  # the key lists of SPEC §4/§6
@@ -58,7 +58,7 @@ def synctalk_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def speech() -> torch.Tensor:
-    from lipsync.audio import load_wav
+    from lipsync.codec.audio import load_wav
     return load_wav(SPEECH)
 
 

@@ -6,11 +6,11 @@ import struct
 import numpy as np
 import pytest
 import torch
-
-from lipsync import audio as A
-from lipsync.models import AudioEncoder
-
 from conftest import SPEECH
+
+from lipsync.codec import audio as A
+from lipsync.model import audio_features
+from lipsync.model.networks import AudioEncoder
 
 librosa = pytest.importorskip("librosa", reason="the mel reference needs librosa (the dev extra)")
 
@@ -57,7 +57,7 @@ def numpy_features(mel: np.ndarray, encode) -> np.ndarray:
 
 
 def test_mel_matches_librosa_on_speech(speech):
-    ours = A.melspectrogram(speech).numpy()
+    ours = audio_features.melspectrogram(speech).numpy()
     ref = librosa_mel(speech.numpy())
     assert ours.shape == ref.shape == (1 + speech.numel() // 200, 80)
     assert np.abs(ours - ref).max() <= 1e-4
@@ -66,11 +66,11 @@ def test_mel_matches_librosa_on_speech(speech):
 @pytest.mark.parametrize("samples", [3000, 3001, 640 * 10 + 17, 640 * 37, 12345])
 def test_features_match_numpy_transcription(encoder, samples):
     wave = torch.from_numpy(np.random.default_rng(samples).standard_normal(samples).astype(np.float32) * 0.1)
-    mel = A.melspectrogram(wave).numpy()
+    mel = audio_features.melspectrogram(wave).numpy()
     with torch.no_grad():
         ref = numpy_features(mel, lambda w: encoder(torch.from_numpy(w)).numpy())
-    ours = A.frame_features(wave, encoder).numpy()
-    assert ours.shape == ref.shape == (A.frame_count(samples), 32, 16, 16)
+    ours = audio_features.frame_features(wave, encoder).numpy()
+    assert ours.shape == ref.shape == (audio_features.frame_count(samples), 32, 16, 16)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     # first frame: 8 zero rows then P[0..7]; last frame: P[D-7..D+1] then zeros
     assert np.all(ours[0].reshape(16, 512)[:8] == 0) and np.all(ours[-1].reshape(16, 512)[9:] == 0)
@@ -79,19 +79,19 @@ def test_features_match_numpy_transcription(encoder, samples):
 def test_short_audio_is_zero_padded_to_one_window(encoder):
     short = torch.full((1000,), 0.05)
     padded = torch.cat([short, torch.zeros(2000)])
-    ours = A.frame_features(short, encoder)
-    assert ours.shape[0] == A.frame_count(1000) == A.window_count(16) + 2 == 4
-    torch.testing.assert_close(ours, A.frame_features(padded, encoder), atol=1e-6, rtol=0)
+    ours = audio_features.frame_features(short, encoder)
+    assert ours.shape[0] == audio_features.frame_count(1000) == audio_features.window_count(16) + 2 == 4
+    torch.testing.assert_close(ours, audio_features.frame_features(padded, encoder), atol=1e-6, rtol=0)
 
 
 def test_final_windows_formula():
     for m in range(0, 400):
         brute = sum(1 for v in range(400) if 80 * v // 25 + 16 <= m)
-        assert A.final_windows(m) == brute
+        assert audio_features.final_windows(m) == brute
 
 
 def _stream(encoder, wave, sizes):
-    stream, chunks, pos, i = A.FeatureStream(encoder), [], 0, 0
+    stream, chunks, pos, i = audio_features.FeatureStream(encoder), [], 0, 0
     while pos < wave.numel():
         n = sizes[i % len(sizes)]
         first, feats = stream.push(wave[pos:pos + n])
@@ -107,19 +107,19 @@ def test_stream_equals_whole_utterance(encoder, speech, sizes):
     wave = speech[:32000]
     if sizes == "random":
         sizes = [int(s) for s in np.random.default_rng(7).integers(1, 9000, size=40)]
-    whole = A.frame_features(wave, encoder)
+    whole = audio_features.frame_features(wave, encoder)
     torch.testing.assert_close(_stream(encoder, wave, sizes), whole, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("samples", [1, 500, 2999, 3000, 3200])
 def test_stream_very_short_audio(encoder, samples):
     wave = torch.linspace(-0.3, 0.3, samples)
-    torch.testing.assert_close(_stream(encoder, wave, [1, 2, 100]), A.frame_features(wave, encoder), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(_stream(encoder, wave, [1, 2, 100]), audio_features.frame_features(wave, encoder),
+                               atol=1e-5, rtol=0)
 
 
 def test_stream_emits_with_450ms_lookahead(encoder):
-    stream = A.FeatureStream(encoder)
+    stream = audio_features.FeatureStream(encoder)
     first, feats = stream.push(torch.zeros(640 * 10 + 7240))
     assert first == 0 and feats.shape[0] >= 10  # frame i is final once ≈640·i + 7240 samples arrived
 

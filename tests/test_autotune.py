@@ -9,13 +9,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import worst_psnr
 from torch import nn
 
-from conftest import worst_psnr
-from lipsync import autotune
-from lipsync.engines import Engine, EngineConfig, build_engine, cpu_bf16_supported, psnr_8bit
-from lipsync.pipeline import encoder_config, load_pipeline
-from lipsync.render import synthesize
+from lipsync.model import autotune
+from lipsync.model.engines import Engine, EngineConfig, build_engine, cpu_bf16_supported, psnr_8bit
+from lipsync.model.pipeline import encoder_config, load_pipeline
+from lipsync.runtime.render import synthesize
 
 SHAPES = [(3, 16, 16)]
 
@@ -79,7 +79,7 @@ def test_a_candidate_failing_the_accuracy_gate_is_refused(tmp_path, caplog):
     if not cpu_bf16_supported():
         pytest.skip("this CPU has no native bf16, so the bf16 candidate is skipped before its gate")
     cfg = config(tmp_path, candidates={"cpu": ["eager/bf16", "eager/fp32"]}, tolerance={"bf16": 0.0})
-    with caplog.at_level(logging.WARNING, logger="lipsync.autotune"):
+    with caplog.at_level(logging.WARNING, logger="lipsync.model.autotune"):
         engine, decision = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 2})
     assert (decision.backend, decision.precision) == ("eager", "fp32") and engine.precision == "fp32"
     refused = [r for r in decision.measured if r["candidate"] == "eager/bf16"]
@@ -113,7 +113,7 @@ def test_the_decision_is_reused_and_invalidated_with_the_machine(tmp_path, monke
     assert builds.count == {"eager/fp32": 1, "onnxruntime/fp32": 1}
     assert len(list((tmp_path / "decisions").glob("*.json"))) == 1
     chosen = f"{first.backend}/{first.precision}"
-    with caplog.at_level(logging.INFO, logger="lipsync.autotune"):
+    with caplog.at_level(logging.INFO, logger="lipsync.model.autotune"):
         again = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 3},
                                       build=builds)[1]
     assert again == first and builds.count[chosen] == 2 and sum(builds.count.values()) == 3  # only the winner

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync.avatar import AvatarError, avatar_frame, find_source, load_avatar
+from lipsync.model.avatar import AvatarError, avatar_frame, find_source, load_avatar
 
 
 def pingpong_reference(start: int, count: int, frames: int) -> list[int]:
@@ -140,7 +140,7 @@ def test_video_source(tiny_avatar, tmp_path):
 
 
 def test_avatar_import_cli_converts_a_dataset(synctalk_dataset, tmp_path):
-    from lipsync.cli import main
+    from lipsync.apps.cli import main
 
     out = tmp_path / "imported"
     assert main(["avatar", "import", str(synctalk_dataset), str(out)]) == 0

@@ -14,21 +14,21 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from lipsync import audio
-from lipsync._proto import lipsync_pb2 as pb
-from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-from lipsync.client import Say, channel, converse, open_stream, routing, worker_lost, worker_of
-
 from conftest import ROOT, worst_psnr
 from test_server import S16
+
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+from lipsync.apps.client import Say, channel, converse, open_stream, routing, worker_lost, worker_of
+from lipsync.codec import audio
+from lipsync.model import audio_features
 
 MODELS = [f"m{k}" for k in range(16)]  # the same small model under 16 names: routing keys to spread
 
 
 def envoy_missing() -> str | None:
     try:
-        from lipsync.cluster import envoy_binary
+        from lipsync.apps.cluster import envoy_binary
         binary = envoy_binary()
         subprocess.run([str(binary), "--version"], capture_output=True, check=True, timeout=30)
     except Exception as exc:  # not installed, or not runnable on this machine
@@ -130,7 +130,7 @@ async def _stream(target: str, model: str, pcm: bytes) -> tuple[list[pb.Frame], 
 def test_calls_through_envoy_equal_direct_ones(cluster, pcm):
     via, worker = asyncio.run(_synthesize(cluster.target, "m0", pcm))
     direct, same = asyncio.run(_synthesize(cluster.direct(worker), "m0", pcm))
-    assert same == worker and len(via.frames) == audio.frame_count(len(pcm) // 2)
+    assert same == worker and len(via.frames) == audio_features.frame_count(len(pcm) // 2)
     assert worst_psnr(via.frames, direct.frames) >= 40
     streamed, stream_worker = asyncio.run(_stream(cluster.target, "m0", pcm))
     assert stream_worker == worker and worst_psnr(streamed, via.frames) >= 40
@@ -261,10 +261,10 @@ def test_a_draining_worker_finishes_its_stream_and_gets_nothing_new(fresh_cluste
         release.set()
         return home, await stream, served
     home, (worker, frames, code), served = asyncio.run(main())
-    assert worker == home and code == "OK" and frames == audio.frame_count(len(pcm))  # two chunks of 0.3 s
+    assert worker == home and code == "OK" and frames == audio_features.frame_count(len(pcm))  # two chunks of 0.3 s
     assert served != home
     log_file, t0 = Path(c.workers[home]["log"]), time.monotonic()
-    while "INFO lipsync.server: stopped" not in log_file.read_text():  # it exits once its work is done
+    while "INFO lipsync.api.server: stopped" not in log_file.read_text():  # it exits once its work is done
         assert time.monotonic() - t0 < 60, log_file.read_text()[-2000:]
         time.sleep(0.2)
     assert "shutting down: reported NOT_SERVING" in log_file.read_text()

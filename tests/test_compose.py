@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import torch
 
-from lipsync.avatar import load_avatar
-from lipsync.compose import composite
-from lipsync.jpeg import encode_frames
+from lipsync.codec.jpeg import encode_frames
+from lipsync.model.avatar import load_avatar
+from lipsync.model.compose import composite
 
 
 def opencv_paste(img_bgr: np.ndarray, rect, pred_bgr: np.ndarray) -> np.ndarray:

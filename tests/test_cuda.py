@@ -10,12 +10,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-
-from lipsync.engines import EngineConfig
-from lipsync.pipeline import StageClock, load_pipeline
-from lipsync.render import synthesize
-
 from conftest import worst_psnr
+
+from lipsync.model.engines import EngineConfig
+from lipsync.model.pipeline import StageClock, load_pipeline
+from lipsync.runtime.render import synthesize
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -55,9 +54,10 @@ def test_stage_clock_events_follow_the_model_device():
 
 
 def test_server_on_cuda_serves_synthesize_and_stream(weights, tiny_avatar, tmp_path, wave, cpu_result):
+    from test_server import ServerProcess, model_override
+
     from lipsync._proto import lipsync_pb2 as pb
     from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-    from test_server import ServerProcess, model_override
 
     srv = ServerProcess([model_override("tiny", weights, tiny_avatar), "device=cuda"], tmp_path)
     pcm = (wave.numpy() * 32767).astype(np.int16).tobytes()

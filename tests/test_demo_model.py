@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync import presenter
-from lipsync.audio import frame_features, load_wav
+from lipsync.codec.audio import load_wav
 from lipsync.config import SOURCE_ROOT
-from lipsync.engines import EngineConfig
-from lipsync.models import load_audio_encoder, load_generator, parameter_count
-from lipsync.pipeline import ModelSpec, load_pipeline
+from lipsync.model import presenter
+from lipsync.model.audio_features import frame_features
+from lipsync.model.engines import EngineConfig
+from lipsync.model.networks import load_audio_encoder, load_generator, parameter_count
+from lipsync.model.pipeline import ModelSpec, load_pipeline
 
 MODEL = SOURCE_ROOT / "assets" / "demo_model"
 HELDOUT = Path(__file__).resolve().parent / "data" / "heldout-speech.wav"
@@ -98,7 +99,8 @@ def test_silence_keeps_the_mouth_shut(demo):
 
 def test_training_features_are_the_servers():
     """The recipe's batched features (train/train.py, encoder run on just the windows a batch needs) equal
-    lipsync.audio.frame_features's for the same frames, edges included: the model learns what it will be served."""
+    lipsync.model.audio_features.frame_features for the same frames, edges included: the model learns what it is
+    served."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("demo_train", SOURCE_ROOT / "train" / "train.py")
@@ -110,7 +112,7 @@ def test_training_features_are_the_servers():
     served = frame_features(wave, encoder)
     frames = [0, 1, 7, 8, 9, 30, served.shape[0] - 2, served.shape[0] - 1]
     with torch.no_grad():
-        trained = recipe.audio_features(encoder, windows, frames)
+        trained = recipe.batch_features(encoder, windows, frames)
     assert served.shape[0] == windows.shape[0] + 2
     rows = trained.reshape(len(frames), 16, 512)
     assert torch.equal(rows.abs().sum(2) == 0, served[frames].reshape(len(frames), 16, 512).abs().sum(2) == 0)

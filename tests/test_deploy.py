@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from lipsync.cluster import kubernetes_envoy, render_envoy
-
 from conftest import ROOT
+
+from lipsync.apps.cluster import kubernetes_envoy, render_envoy
 
 KUBE = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.33.0"
@@ -77,13 +76,13 @@ def test_the_parts_agree(objects):
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == args["server.metrics_port"]
     hpa = objects["HorizontalPodAutoscaler", "lipsync-worker"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "lipsync-worker"
-    from lipsync import metrics
+    from lipsync.api import metrics
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == metrics.LIVE_SESSIONS._name
     # volumes name objects of this base; the models file is a valid `models` group
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert ("PersistentVolumeClaim", volumes["models"]["persistentVolumeClaim"]["claimName"]) in objects
     assert ("ConfigMap", volumes["config"]["configMap"]["name"]) in objects
-    from lipsync.pipeline import ModelSpec
+    from lipsync.model.pipeline import ModelSpec
     for name, model in yaml.safe_load(objects["ConfigMap", "lipsync-models"]["data"]["production.yaml"]).items():
         spec = ModelSpec.from_dict(name, model)
         assert str(spec.checkpoint).startswith("/models/")
@@ -123,7 +122,7 @@ def test_the_shipped_envoy_config_is_the_rendered_template():
 
 
 def test_envoy_accepts_both_renderings(tmp_path):
-    from lipsync.cluster import envoy_binary
+    from lipsync.apps.cluster import envoy_binary
     try:
         binary = envoy_binary()
     except RuntimeError as exc:
@@ -143,8 +142,8 @@ def test_envoy_speaks_tls_to_the_workers(tmp_path, weights, tiny_avatar):
 
     from lipsync._proto import lipsync_pb2 as pb
     from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-    from lipsync.client import channel
-    from lipsync.cluster import Cluster, UpstreamTls, envoy_binary
+    from lipsync.apps.client import channel
+    from lipsync.apps.cluster import Cluster, UpstreamTls, envoy_binary
     try:
         envoy_binary()
     except RuntimeError as exc:

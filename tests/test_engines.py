@@ -11,10 +11,18 @@ import onnxruntime
 import pytest
 import torch
 
-from lipsync.export.onnx_export import export_audio_encoder, export_generator
-from lipsync.engines import (BUILDS, EngineCache, EngineConfig, EngineError, build_engine, cache_key,
-                             choose_backend, tensorrt_available)
-from lipsync.models import AudioEncoder, Generator, load_audio_encoder, load_generator
+from lipsync.apps.export.onnx_export import export_audio_encoder, export_generator
+from lipsync.model.engines import (
+    BUILDS,
+    EngineCache,
+    EngineConfig,
+    EngineError,
+    build_engine,
+    cache_key,
+    choose_backend,
+    tensorrt_available,
+)
+from lipsync.model.networks import AudioEncoder, Generator, load_audio_encoder, load_generator
 
 TRT_OK, TRT_WHY = tensorrt_available()
 

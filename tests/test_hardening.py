@@ -12,18 +12,18 @@ import grpc
 import numpy as np
 import pytest
 import torch
-
-from lipsync import audio
-from lipsync._proto import lipsync_pb2 as pb
-from lipsync.engines import EngineConfig, build_engine, compile_buckets
-from lipsync.errors import InvalidRequest, status_of
-from lipsync.limits import Limits
-from lipsync.models import CheckpointError, load_generator
-from lipsync.scheduler import DeviceWorkers, ModelScheduler
-from lipsync.streaming import StreamSession
-
 from conftest import ROOT
 from test_server import ServerProcess, _code, call, model_override, synth
+
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync.codec import audio
+from lipsync.errors import InvalidRequest, status_of
+from lipsync.model import audio_features
+from lipsync.model.engines import EngineConfig, build_engine, compile_buckets
+from lipsync.model.networks import CheckpointError, load_generator
+from lipsync.runtime.messages import Audio, EndOfAudio
+from lipsync.runtime.scheduler import DeviceWorkers, ModelScheduler
+from lipsync.runtime.streaming import StreamSession
 
 
 # --------------------------------------------------------------------------- engines and batches
@@ -73,7 +73,7 @@ def test_resampling_any_allowed_rate_is_cheap():
     """Rates with a huge polyphase kernel (8001 Hz: 16000 phases) resample directly, in bounded memory."""
     script = textwrap.dedent("""
         import resource, time, torch
-        from lipsync import audio
+        from lipsync.codec import audio
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
         for rate in (8001, 47999, 44101):
@@ -121,20 +121,20 @@ def test_wrong_variant_says_what_to_do(weights):
 # --------------------------------------------------------------------------- flow control
 def test_a_stream_that_is_not_read_stops_reading(pipeline, speech):
     """A client that sends 10 s of audio but takes no frames: the server renders at most its buffer ahead."""
-    limits = Limits(_server_cfg(stream_buffer_frames=12))
     pcm = (speech.repeat(3)[:160000].numpy() * 32767).astype(np.int16).tobytes()
 
     async def main():
         scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4)
         scheduler.start()
-        session = StreamSession(scheduler, audio.AudioFormat("s16le", 16000, 1), 0, 75, audio.LOOKAHEAD, limits)
+        session = StreamSession(scheduler, audio.AudioFormat("s16le", 16000, 1), 0, 75, audio_features.LOOKAHEAD,
+                                buffer_frames=12, max_audio_s=600)
         read = []
 
         async def messages():
             for lo in range(0, len(pcm), 3200):
                 read.append(lo)
-                yield "audio", pcm[lo:lo + 3200]
-            yield "end", b""
+                yield Audio(pcm[lo:lo + 3200])
+            yield EndOfAudio()
         chunks = session.run(messages())
         await chunks.__anext__()  # the client takes one chunk, then stops reading
         await asyncio.sleep(6)
@@ -174,7 +174,7 @@ def _pcm(speech, seconds: float) -> bytes:
 def test_requests_longer_than_the_queue_are_split(tight, speech):
     pcm = _pcm(speech, 0.6)  # 15 frames, the queue holds 8
     response = call(tight, lambda s, m: s.Synthesize(synth(pcm)))
-    assert len(response.frames) == audio.frame_count(len(pcm) // 2) > 8
+    assert len(response.frames) == audio_features.frame_count(len(pcm) // 2) > 8
 
 
 def test_a_response_that_cannot_be_sent_is_refused_before_work(tight, speech):
@@ -188,8 +188,8 @@ def test_a_response_that_cannot_be_sent_is_refused_before_work(tight, speech):
 
 
 def test_a_live_utterance_longer_than_the_queue_plays(tight, speech):
-    from lipsync.client import Say, channel, converse
     from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+    from lipsync.apps.client import Say, channel, converse
 
     pcm = _pcm(speech, 0.6)  # 15 frames, the queue holds 8
 
@@ -200,7 +200,7 @@ def test_a_live_utterance_longer_than_the_queue_plays(tight, speech):
     result = asyncio.run(main())
     finished = [e.finished for _, e in result.events if e.WhichOneof("event") == "finished"]
     assert finished and not finished[0].interrupted, result.summary()
-    assert finished[0].frames_played == audio.frame_count(len(pcm) // 2) > 8
+    assert finished[0].frames_played == audio_features.frame_count(len(pcm) // 2) > 8
 
 
 def test_a_cancelled_cold_load_is_shared_not_repeated(tight, speech):
@@ -208,7 +208,7 @@ def test_a_cancelled_cold_load_is_shared_not_repeated(tight, speech):
     code, _ = _code(tight, lambda s, m: s.Synthesize(synth(pcm, model_id="cold"), timeout=0.2))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     response = call(tight, lambda s, m: s.Synthesize(synth(pcm, model_id="cold")))
-    assert len(response.frames) == audio.frame_count(len(pcm) // 2)
+    assert len(response.frames) == audio_features.frame_count(len(pcm) // 2)
     assert tight.logs().count("loading model cold on") == 1
 
 
@@ -323,7 +323,7 @@ def test_every_invalid_setting_is_one_line():
     import contextlib
     import io
 
-    from lipsync.cli import main
+    from lipsync.apps.cli import main
     for override, message in BAD_SETTINGS:
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

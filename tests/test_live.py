@@ -13,17 +13,17 @@ import grpc
 import numpy as np
 import pytest
 import torch
-
-from lipsync import audio, jpeg
-from lipsync._proto import lipsync_pb2 as pb
-from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-from lipsync.avatar import load_avatar
-from lipsync.client import Say, channel, converse, open_stream
-from lipsync.live import LiveConfig, LiveSession
-from lipsync.scheduler import DeviceWorkers, ModelScheduler, Priority
-
 from conftest import worst_psnr
 from test_server import ServerProcess, model_override
+
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+from lipsync.apps.client import Say, channel, converse, open_stream
+from lipsync.codec import audio, jpeg
+from lipsync.model import audio_features
+from lipsync.model.avatar import load_avatar
+from lipsync.runtime.live import LiveConfig, LiveSession
+from lipsync.runtime.scheduler import DeviceWorkers, ModelScheduler, Priority
 
 TIME_SCALE = 3.0
 QUALITY = 80
@@ -106,7 +106,7 @@ def test_speech_frames_equal_synthesize_at_the_same_position(conversation, live_
     finished = events_of(result, "finished")["a"]
     speech = [f for f in result.frames if f.kind == pb.SPEECH and f.utterance_id == "a"]
     assert not finished.interrupted and finished.frames_played == finished.frames_total == len(speech)
-    assert len(speech) == audio.frame_count(len(pcms["a"]) // 2)
+    assert len(speech) == audio_features.frame_count(len(pcms["a"]) // 2)
     assert speech[0].index == started.first_frame and speech[0].avatar_position == started.avatar_position
     assert [f.utterance_frame for f in speech] == list(range(len(speech)))
 
@@ -125,7 +125,7 @@ def test_speech_frames_carry_the_utterance_audio(conversation):
     result, pcms, _ = conversation
     frames = [f for f in result.frames if f.utterance_id == "a" and f.kind != pb.HELD]  # SPEECH, then the tail
     assert [f.utterance_frame for f in frames] == list(range(len(frames)))
-    assert all(f.kind == pb.IDLE for f in frames[audio.frame_count(len(pcms["a"]) // 2):])
+    assert all(f.kind == pb.IDLE for f in frames[audio_features.frame_count(len(pcms["a"]) // 2):])
     carried = np.frombuffer(b"".join(f.audio for f in frames), dtype=np.int16)
     wave = audio.decode_pcm(pcms["a"], S16)
     expected = (audio.resample(wave, 16000, OUT_RATE) * 32768.0).round().clamp(-32768, 32767).to(torch.int16)
@@ -306,7 +306,7 @@ def test_in_process_session_passes_input_audio_through(pipeline, speech):
         return frames
     frames = asyncio.run(main())
     speech_frames = [f for f in frames if f.kind == "speech"]
-    assert len(speech_frames) == audio.frame_count(len(pcm) // 2)
+    assert len(speech_frames) == audio_features.frame_count(len(pcm) // 2)
     carried = b"".join(f.audio for f in frames if f.utterance_id == "x" and f.kind != "held")
     assert carried[:len(pcm)] == pcm and not any(carried[len(pcm):])
     assert frames[0].avatar_position == 3
@@ -414,7 +414,7 @@ def test_a_failed_render_ends_its_utterance_with_an_event(pipeline, speech):
     finished, kinds, stats = asyncio.run(main())
     assert finished["x"]["interrupted"] and "rendering failed (RuntimeError)" in finished["x"]["error"]
     assert not finished["y"]["interrupted"] and finished["y"]["error"] == ""
-    assert finished["y"]["frames_played"] == audio.frame_count(len(pcm) // 2)
+    assert finished["y"]["frames_played"] == audio_features.frame_count(len(pcm) // 2)
     assert stats["failed"] == 1 and "speech" in kinds
 
 
@@ -439,7 +439,7 @@ def test_a_flooding_session_leaves_other_clients_served(flood_server, speech):
         started = time.perf_counter()
         response = await stub.Synthesize(pb.SynthesizeRequest(model_id="tiny", audio=short, format=pb.AudioFormat(
             encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)))
-        assert len(response.frames) == audio.frame_count(len(short) // 2)
+        assert len(response.frames) == audio_features.frame_count(len(short) // 2)
         return time.perf_counter() - started
 
     async def main():
@@ -490,7 +490,7 @@ def test_a_flooding_session_leaves_other_clients_served(flood_server, speech):
 def test_concurrent_admissions_never_overshoot_the_capacity(pipeline):
     """Ten sessions asking at once, as the server admits them (idle JPEGs first, then admit and construct with no
     await between): with capacity for four, four open."""
-    from lipsync.live import admit
+    from lipsync.runtime.live import admit
 
     async def main():
         scheduler = ModelScheduler(pipeline, DeviceWorkers())

@@ -5,7 +5,6 @@ import asyncio
 
 import numpy as np
 import pytest
-
 from test_server import ServerProcess, model_override
 
 rtc = pytest.importorskip("livekit.rtc", reason="livekit-agents is not installed (the livekit extra)")

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lipsync.models import (AudioEncoder, CheckpointError, Generator, load_audio_encoder, load_generator,
-                            parameter_count)
-
 from conftest import SPEC
+
+from lipsync.model.networks import (
+    AudioEncoder,
+    CheckpointError,
+    Generator,
+    load_audio_encoder,
+    load_generator,
+    parameter_count,
+)
 
 
 def spec_keys(name: str) -> list[tuple[str, list[int]]]:

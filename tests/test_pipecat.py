@@ -8,19 +8,24 @@ import time
 
 import numpy as np
 import pytest
-
 from test_server import ServerProcess, model_override
 
 pytest.importorskip("pipecat", reason="pipecat-ai is not installed (the pipecat extra)")
-from pipecat.frames.frames import (EndFrame, InterruptionFrame, OutputImageRawFrame, TTSAudioRawFrame,  # noqa: E402
-                                   TTSStartedFrame, TTSStoppedFrame)
+from pipecat.frames.frames import (  # noqa: E402
+    EndFrame,
+    InterruptionFrame,
+    OutputImageRawFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection  # noqa: E402
 from pipecat.tests.utils import QueuedFrameProcessor  # noqa: E402
 from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
-from lipsync.audio import encode_s16, resample  # noqa: E402
+from lipsync.codec.audio import encode_s16, resample  # noqa: E402
 from lipsync.integrations.pipecat import LipsyncVideoService  # noqa: E402
 
 RATE = 16000  # the pipeline's audio output rate and the session's

@@ -8,10 +8,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lipsync import audio
-from lipsync.engines import EngineConfig
-from lipsync.pipeline import load_pipeline
-from lipsync.render import synthesize
+from lipsync.codec import audio
+from lipsync.model import audio_features
+from lipsync.model.engines import EngineConfig
+from lipsync.model.pipeline import load_pipeline
+from lipsync.runtime.render import synthesize
 
 
 class HostCopyForbidden(TorchFunctionMode):
@@ -44,7 +45,7 @@ class NoScalarSync(TorchDispatchMode):
 def test_synthesize_returns_every_frame(pipeline, speech):
     wave = speech[:9000]
     result = synthesize(pipeline, wave, start_frame=1, quality=80)
-    assert len(result.frames) == audio.frame_count(9000)
+    assert len(result.frames) == audio_features.frame_count(9000)
     assert [f.index for f in result.frames] == list(range(len(result.frames)))
     assert [f.avatar_frame for f in result.frames[:7]] == [1, 2, 3, 4, 5, 4, 3]
     for f in result.frames:
@@ -58,7 +59,7 @@ def test_no_host_copies_between_pcm_and_jpeg(pipeline, speech):
     wave = audio.decode_pcm(pcm, audio.AudioFormat("s16le", 16000, 1))
     with HostCopyForbidden(), NoScalarSync():
         result = synthesize(pipeline, wave, quality=75, inline=True)
-    assert len(result.frames) == audio.frame_count(8000)
+    assert len(result.frames) == audio_features.frame_count(8000)
     # the guards really fire
     with pytest.raises(AssertionError, match="host transfer"), HostCopyForbidden():
         wave[:4].numpy()
@@ -67,7 +68,7 @@ def test_no_host_copies_between_pcm_and_jpeg(pipeline, speech):
 
 
 def test_engine_output_matches_plain_model(pipeline, weights):
-    from lipsync.models import load_generator
+    from lipsync.model.networks import load_generator
     net = load_generator(weights["328"])
     feats, ids = torch.rand(3, 32, 16, 16), [0, 1, 2]
     with torch.no_grad():
@@ -84,6 +85,6 @@ def test_cuda_pipeline_keeps_frames_on_the_device(tiny_spec, speech):
     wave = audio.decode_pcm(pcm, audio.AudioFormat("s16le", 16000, 1), device="cuda")
     with HostCopyForbidden(), NoScalarSync():
         result = synthesize(cuda, wave, quality=75, inline=True)
-    assert len(result.frames) == audio.frame_count(8000)
+    assert len(result.frames) == audio_features.frame_count(8000)
     for f in result.frames:
         assert cv2.imdecode(np.frombuffer(f.jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (192, 256, 3)

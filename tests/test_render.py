@@ -9,11 +9,11 @@ import av
 import cv2
 import numpy as np
 import pytest
+from conftest import SPEECH
 from torchvision.io import decode_image
 
-from lipsync import audio
-
-from conftest import SPEECH
+from lipsync.codec import audio
+from lipsync.model import audio_features
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_render_frames_and_mp4(weights, tiny_avatar, short_wav, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     wave = audio.load_wav(short_wav)
-    expected = audio.frame_count(wave.numel())
+    expected = audio_features.frame_count(wave.numel())
     files = sorted(frames_dir.iterdir())
     assert [f.name for f in files] == [f"{i:06d}.png" for i in range(expected)]
     rects = json.loads((tiny_avatar / "crop_rects.json").read_text())
@@ -96,7 +96,7 @@ def test_render_takes_any_audio_file(weights, tiny_avatar, short_wav, tmp_path):
                            str(m4a), "--frames-out", str(tmp_path / "f"), "--format", "jpeg", "--device", "cpu"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert len(list((tmp_path / "f").glob("*.jpg"))) == audio.frame_count(wave.numel())
+    assert len(list((tmp_path / "f").glob("*.jpg"))) == audio_features.frame_count(wave.numel())
 
 
 def test_render_checks_the_audio_before_loading_the_model(tiny_avatar, tmp_path):
@@ -112,7 +112,7 @@ def test_render_checks_the_audio_before_loading_the_model(tiny_avatar, tmp_path)
                                              (["serve"], "(default: False)"), (["export"], "(default: 328)")])
 def test_help_shows_defaults(command, default, capsys):
     """The console entry point's own parser (in process: a subprocess per flag would only re-import torch)."""
-    from lipsync.cli import main
+    from lipsync.apps.cli import main
     with pytest.raises(SystemExit) as done:
         main([*command, "--help"])
     assert done.value.code == 0 and default in " ".join(capsys.readouterr().out.split())
@@ -123,7 +123,7 @@ def test_mp4_writer_keeps_each_colour_in_its_channel(tmp_path):
     (against OpenCV's own colour conversion of the decoded frame, not ours). An odd size is cropped to even."""
     import torch
 
-    from lipsync.video import Mp4Writer
+    from lipsync.codec.video import Mp4Writer
     y, x = torch.meshgrid(torch.linspace(0, 1, 49), torch.linspace(0, 1, 67), indexing="ij")
     frame = (torch.stack([x, y, 1 - x * y]) * 255).round().to(torch.uint8)  # R, G, B: three different ramps
     writer = Mp4Writer(tmp_path / "colours.mp4", 67, 49, with_audio=False, crf=10)

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from lipsync import audio
-from lipsync.scheduler import DeviceWorkers, ModelScheduler, QueueFull
+from lipsync.model import audio_features
+from lipsync.runtime.scheduler import DeviceWorkers, ModelScheduler, QueueFull
 
 
 def test_sessions_share_encoder_and_generator_calls(pipeline, speech):
@@ -17,7 +17,8 @@ def test_sessions_share_encoder_and_generator_calls(pipeline, speech):
     async def main():
         scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4, max_delay_ms=20)
         scheduler.start()
-        steps = await asyncio.gather(*[scheduler.features(audio.FeatureStream(None), w, end=True) for w in waves])
+        steps = await asyncio.gather(*[scheduler.features(audio_features.FeatureStream(None), w, end=True)
+                                       for w in waves])
         feats = [f for _, f in steps]
         ids = [pipeline.avatar.frames_for(0, 0, f.shape[0]) for f in feats]
         rendered = await asyncio.gather(*[scheduler.submit(f, i, 80) for f, i in zip(feats, ids)])
@@ -29,7 +30,7 @@ def test_sessions_share_encoder_and_generator_calls(pipeline, speech):
     total = sum(f.shape[0] for f in feats)
     assert scheduler.batches == -(-total // 4)  # frames of all requests packed into full batches
     for wave, f, (jpegs, timings) in zip(waves, feats, rendered):
-        torch.testing.assert_close(f, audio.frame_features(wave, pipeline.encoder), atol=1e-5, rtol=0)
+        torch.testing.assert_close(f, audio_features.frame_features(wave, pipeline.encoder), atol=1e-5, rtol=0)
         assert len(jpegs) == f.shape[0] and all(j[:2] == b"\xff\xd8" for j in jpegs)
         assert timings["batch_size"] == 4 and timings["inference"] > 0
 
@@ -49,9 +50,10 @@ def test_idle_jpegs_are_a_small_lru_encoded_off_the_encode_thread(pipeline, monk
     one encode, which does not run on the encode pool (the live frames' thread)."""
     import threading
 
-    from lipsync import jpeg as jpeg_module
-    from lipsync.scheduler import IDLE_QUALITIES
     from torchvision.io import decode_jpeg
+
+    from lipsync.codec import jpeg as jpeg_module
+    from lipsync.runtime.scheduler import IDLE_QUALITIES
 
     encodes, threads = [], set()
     real = jpeg_module.encode_frames

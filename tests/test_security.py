@@ -18,17 +18,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import ROOT
+from test_server import S16, ServerProcess, model_override
 
-from lipsync import audio
 from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync._proto import monolithic_pb2 as mono
 from lipsync._proto import monolithic_pb2_grpc as mono_grpc
-from lipsync.client import Credentials, channel, open_stream
-from lipsync.security import Principal, SecurityConfigError, TokenTable
-
-from conftest import ROOT
-from test_server import S16, ServerProcess, model_override
+from lipsync.api.security import Principal, SecurityConfigError, TokenTable
+from lipsync.apps.client import Credentials, channel, open_stream
+from lipsync.model import audio_features
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="deploy/make-certs.sh needs openssl")
 
@@ -392,7 +391,7 @@ def test_sighup_swaps_certificates_and_tokens_while_a_stream_flows(pki, weights,
                 return frames, ended, checks
         frames, ended, checks = asyncio.run(main())
         # the stream opened before the swap ran to its end, every frame of its 1.2 s of audio
-        assert ended and frames == audio.frame_count(6 * len(PCM) // 2) and checks is not None
+        assert ended and frames == audio_features.frame_count(6 * len(PCM) // 2) and checks is not None
         old_certs, old_token, new_both = checks
         assert old_certs[0] == "UNAVAILABLE"  # new connections get the new certificate and client CA
         assert old_token[0] == "UNAUTHENTICATED" and new_both[0] == "OK"
@@ -560,14 +559,14 @@ def test_the_readme_security_setup(tmp_path, weights, tiny_avatar, speech_1s_wav
         done = subprocess.run(["bash", "-c", line + " --model tiny"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert json.loads(done.stdout[done.stdout.index("{"):])["frames"] == audio.frame_count(16000)
+        assert json.loads(done.stdout[done.stdout.index("{"):])["frames"] == audio_features.frame_count(16000)
         assert "over mutual TLS, tokens required" in srv.logs()
     finally:
         srv.stop()
 
 
 def test_reflection_can_require_a_token():
-    from lipsync.security import AccessInterceptor, Security, TlsFiles
+    from lipsync.api.security import AccessInterceptor, Security, TlsFiles
 
     method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
     closed = AccessInterceptor(Security(TlsFiles({}), None, reflection_open=False))

@@ -14,15 +14,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import SPEECH
 from torchvision.io import decode_jpeg
 
-from lipsync import audio
 from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync._proto import monolithic_pb2 as mono
 from lipsync._proto import monolithic_pb2_grpc as mono_grpc
-
-from conftest import SPEECH
+from lipsync.codec import audio
+from lipsync.model import audio_features
 
 S16 = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)
 
@@ -113,7 +113,7 @@ def unary(server, pcm):
 
 # --------------------------------------------------------------------------- the API
 def test_synthesize_returns_all_frames(unary, pcm):
-    expected = audio.frame_count(len(pcm) // 2)
+    expected = audio_features.frame_count(len(pcm) // 2)
     assert [f.index for f in unary.frames] == list(range(expected))
     assert [f.avatar_frame for f in unary.frames[:7]] == [1, 2, 3, 4, 5, 4, 3]
     assert unary.frames[3].pts_ms == pytest.approx(120.0)
@@ -480,6 +480,6 @@ def test_graceful_shutdown_finishes_in_flight_work(weights, tiny_avatar, tmp_pat
         srv.proc.send_signal(signal.SIGTERM)
         return await pending
     response = call(srv, request_then_stop)
-    assert len(response.frames) == audio.frame_count(len(pcm) // 2)
+    assert len(response.frames) == audio_features.frame_count(len(pcm) // 2)
     assert srv.proc.wait(60) == 0
     assert "shutting down" in srv.logs()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_server import ServerProcess, model_override
 
 pytest.importorskip("aiortc", reason="aiortc is not installed (the web extra)")
@@ -24,8 +23,8 @@ import av  # noqa: E402
 from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
 from aiortc.mediastreams import MediaStreamError  # noqa: E402
 
-from lipsync.audio import encode_s16, resample  # noqa: E402
-from lipsync.web import SpeechGate  # noqa: E402
+from lipsync.apps.web import SpeechGate  # noqa: E402
+from lipsync.codec.audio import encode_s16, resample  # noqa: E402
 
 RATE = 48000
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

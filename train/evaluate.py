@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lipsync import presenter  # noqa: E402
-from lipsync.avatar import avatar_frame  # noqa: E402
+from lipsync.model import presenter
+from lipsync.model.avatar import avatar_frame  # noqa: E402
 
 CLOSED = 0.03  # measured openness below this is a shut mouth (shut ≈ 0.013, openness 0.1 ≈ 0.039)
 

@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lipsync import presenter  # noqa: E402
-from lipsync.audio import parse_wav, decode_pcm, resample  # noqa: E402
+from lipsync.codec.audio import decode_pcm, parse_wav, resample  # noqa: E402
+from lipsync.model import presenter
 
 SUBJECTS = ["the old man", "my sister", "a small dog", "the teacher", "our neighbour", "the pilot", "every child",
             "the farmer", "a quiet girl", "the doctor", "his brother", "the baker", "a tall woman", "the captain",

@@ -39,11 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lipsync import audio, presenter  # noqa: E402
-from lipsync.avatar import MASK_SLICES, rect_from_landmarks  # noqa: E402
-from lipsync.compose import TEMPLATE_BORDER, resize_bicubic  # noqa: E402
-from lipsync.engines import cpu_bf16_supported  # noqa: E402
-from lipsync.models import AudioEncoder, Generator, load_audio_encoder, load_generator  # noqa: E402
+from lipsync.codec import audio
+from lipsync.model import audio_features, presenter
+from lipsync.model.avatar import MASK_SLICES, rect_from_landmarks  # noqa: E402
+from lipsync.model.compose import TEMPLATE_BORDER, resize_bicubic  # noqa: E402
+from lipsync.model.engines import cpu_bf16_supported  # noqa: E402
+from lipsync.model.networks import AudioEncoder, Generator, load_audio_encoder, load_generator  # noqa: E402
 
 SIZE, TEMPLATE = 320, 328
 MOUTH_ZONE = (slice(60, 200), slice(70, 250))  # rows, columns of the ROI around the presenter's mouth
@@ -75,18 +76,19 @@ def mel_windows(data: Path) -> torch.Tensor:
 
 def mel_windows_of(wave: torch.Tensor) -> torch.Tensor:
     """SPEC §2–§3 windows of 16 kHz speech: [D, 1, 80, 16]."""
-    mel = audio.melspectrogram(wave)
-    count = audio.window_count(mel.shape[0])
-    starts = [min(audio.window_start(v), mel.shape[0] - audio.WINDOW_STEPS) for v in range(count)]
-    return torch.stack([mel[s:s + audio.WINDOW_STEPS].T for s in starts])[:, None]
+    mel = audio_features.melspectrogram(wave)
+    count = audio_features.window_count(mel.shape[0])
+    starts = [min(audio_features.window_start(v), mel.shape[0] - audio_features.WINDOW_STEPS) for v in range(count)]
+    return torch.stack([mel[s:s + audio_features.WINDOW_STEPS].T for s in starts])[:, None]
 
 
-ROWS = audio.CONTEXT_BEFORE + audio.CONTEXT_AFTER  # embedding rows per frame (SPEC §5)
+ROWS = audio_features.CONTEXT_BEFORE + audio_features.CONTEXT_AFTER  # embedding rows per frame (SPEC §5)
 
 
-def audio_features(encoder: AudioEncoder, windows: torch.Tensor, frames: list[int]) -> torch.Tensor:
+def batch_features(encoder: AudioEncoder, windows: torch.Tensor, frames: list[int]) -> torch.Tensor:
     """SPEC §5 features [B,32,16,16] of the given frames; the encoder runs once on every window they need."""
-    rows = torch.tensor([audio.context_embeddings(t, windows.shape[0]) for t in frames])  # [B,ROWS], −1: zero row
+    # [B,ROWS], −1: a zero row
+    rows = torch.tensor([audio_features.context_embeddings(t, windows.shape[0]) for t in frames])
     valid = rows >= 0
     needed, inverse = torch.unique(rows[valid], return_inverse=True)
     embeddings = encoder(windows[needed.to(windows.device)])
@@ -104,9 +106,9 @@ def utterance_edges(features: torch.Tensor, share: float, rng: random.Random) ->
     for b in range(rows.shape[0]):
         if rng.random() < share:
             if rng.random() < 0.5:
-                rows[b, :rng.randint(1, audio.CONTEXT_BEFORE)] = 0
+                rows[b, :rng.randint(1, audio_features.CONTEXT_BEFORE)] = 0
             else:
-                rows[b, ROWS - rng.randint(1, audio.CONTEXT_AFTER - 1):] = 0
+                rows[b, ROWS - rng.randint(1, audio_features.CONTEXT_AFTER - 1):] = 0
     return rows.reshape(features.shape)
 
 
@@ -301,7 +303,7 @@ def main() -> None:
             visual = visual.contiguous(memory_format=torch.channels_last)
         target = rois_[frames].flip(1).float().div(255.0).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            features = utterance_edges(audio_features(encoder, windows_, frames), edges, rng)
+            features = utterance_edges(batch_features(encoder, windows_, frames), edges, rng)
             predicted = generator(visual, features).float()
         error = (predicted - target).abs()
         rows, cols = MOUTH_ZONE

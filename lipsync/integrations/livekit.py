@@ -14,10 +14,10 @@ from typing import AsyncIterator
 from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, VideoGenerator
 
-from .._proto import lipsync_pb2 as pb
-from .._proto import lipsync_pb2_grpc as pb_grpc
-from ..client import Credentials, channel, open_stream, routing
-from ..jpeg import decode_rgb
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+from lipsync.apps.client import Credentials, channel, open_stream, routing
+from lipsync.codec.jpeg import decode_rgb
 
 
 class LipsyncVideoGenerator(VideoGenerator):

@@ -15,16 +15,24 @@ import itertools
 import grpc
 import numpy as np
 from av import AudioFrame, AudioResampler
-from pipecat.frames.frames import (CancelFrame, EndFrame, Frame, InterruptionFrame, OutputImageRawFrame, StartFrame,
-                                   TTSAudioRawFrame, TTSStoppedFrame)
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    OutputImageRawFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+    TTSStoppedFrame,
+)
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
-from .._proto import lipsync_pb2 as pb
-from .._proto import lipsync_pb2_grpc as pb_grpc
-from ..client import Credentials, channel, open_stream, routing
-from ..jpeg import decode_rgb
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+from lipsync.apps.client import Credentials, channel, open_stream, routing
+from lipsync.codec.jpeg import decode_rgb
 
 
 class LipsyncVideoService(AIService):

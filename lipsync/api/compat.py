@@ -1,0 +1,147 @@
+"""`monolithic.MonolithicService`: the Go server's API (SPEC §11) on lipsync's registry and scheduler.
+
+Its convention is kept: errors come back as success=false + error text, never as a gRPC status (the same
+`api.protocol` wrapper as LipSync's RPCs, which maps, counts and logs them, answers with that response instead).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from lipsync import timebase
+from lipsync._proto import monolithic_pb2 as mono
+from lipsync._proto import monolithic_pb2_grpc as mono_grpc
+from lipsync.api import convert
+from lipsync.api.limits import model_id as checked_model_id
+from lipsync.api.protocol import unary
+from lipsync.codec.audio import AudioFormat
+from lipsync.errors import InvalidRequest
+from lipsync.model import audio_features
+from lipsync.model.audio_features import FeatureStream
+from lipsync.runtime.registry import ModelEntry
+from lipsync.runtime.scheduler import Priority
+
+if TYPE_CHECKING:
+    from lipsync.api.server import Server
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 32
+GENERATOR_SHAPE = (6, 320, 320)
+AUDIO_FEATURE_SIZE = 32 * 16 * 16
+
+
+def gpu_id(device: str) -> int:
+    return int(device.split(":")[1]) if device.startswith("cuda:") else -1
+
+
+def _floats(data: bytes, count: int, what: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if len(data) != count * 4:
+        raise InvalidRequest(f"{what} has {len(data)} bytes; {count} float32 ({count * 4} bytes, "
+                             f"{' x '.join(map(str, shape))}) are needed")
+    values = torch.frombuffer(bytearray(data), dtype=torch.float32).view(*shape)
+    if not torch.isfinite(values).all():
+        raise InvalidRequest(f"{what} contains NaN or Inf")
+    return values
+
+
+class MonolithicService(mono_grpc.MonolithicServiceServicer):
+    def __init__(self, server: Server):
+        self.s = server
+
+    @unary(name="Monolithic/InferBatchComposite", failure=lambda error, ms: mono.CompositeBatchResponse(
+        success=False, error=error, total_time_ms=ms))
+    async def InferBatchComposite(self, request: mono.CompositeBatchRequest, context, started: float
+                                  ) -> mono.CompositeBatchResponse:
+        return await self._infer(request, started)
+
+    async def _infer(self, request: mono.CompositeBatchRequest, started: float) -> mono.CompositeBatchResponse:
+        n = request.batch_size
+        if not 1 <= n <= MAX_BATCH:
+            raise InvalidRequest(f"batch_size {n} is outside 1..{MAX_BATCH}")
+        start = self.s.limits.start_frame(request.start_frame_idx)
+        self.s.registry.entry(checked_model_id(request.model_id))
+        visual = _floats(request.visual_frames, n * int(np.prod(GENERATOR_SHAPE)), "visual_frames",
+                     (n, *GENERATOR_SHAPE)) if request.visual_frames else None
+        wave = fixed = None
+        if request.raw_audio:
+            fmt = AudioFormat("f32le", request.sample_rate or timebase.SAMPLE_RATE, 1)
+            wave = await asyncio.to_thread(self.s.decode_audio, request.raw_audio, fmt)
+            # Too little audio for batch_size frames: pad with silence at the end (its frames see silence).
+            needed = n * timebase.SAMPLES_PER_FRAME
+            while audio_features.frame_count(max(wave.numel(), needed)) < n:
+                needed += timebase.SAMPLES_PER_FRAME
+            if wave.numel() < needed:
+                wave = torch.cat([wave, wave.new_zeros(needed - wave.numel())])
+        elif request.audio_features:
+            fixed = _floats(request.audio_features, AUDIO_FEATURE_SIZE, "audio_features", (1, 32, 16, 16))
+        else:
+            raise InvalidRequest("raw_audio (or the deprecated audio_features) is required")
+        async with self.s.model(request.model_id) as (entry, loaded_now, load_ms):
+            if visual is not None and entry.spec.variant != "328":
+                raise InvalidRequest("visual_frames are 6x320x320 and need a 328-variant model")
+            t0 = time.perf_counter()
+            if wave is not None:
+                stream = FeatureStream(None, entry.pipeline.device)
+                features = (await entry.scheduler.features(stream, wave, end=True))[1][:n]
+            else:
+                features = fixed.expand(n, -1, -1, -1).to(entry.pipeline.device)
+            audio_ms = (time.perf_counter() - t0) * 1e3
+            if visual is not None:
+                visual = visual.to(entry.pipeline.device)
+            ids = entry.pipeline.avatar.frames_for(start, 0, n)
+            jpegs, timings = await entry.scheduler.render(features, ids, self.s.limits.default_quality, visual,
+                                                          Priority.BATCH)
+        timings["audio"] = audio_ms
+        timings["total"] = (time.perf_counter() - started) * 1e3
+        self.s.record("infer_batch_composite", entry, len(jpegs), timings)
+        return mono.CompositeBatchResponse(
+            composited_frames=jpegs, inference_time_ms=timings["inference"],
+            composite_time_ms=timings["composite"] + timings["encode"], total_time_ms=timings["total"],
+            audio_processing_ms=audio_ms, model_loaded=loaded_now, model_load_time_ms=load_ms if loaded_now else 0,
+            success=True, gpu_id=gpu_id(entry.device))
+
+    def _info(self, e: ModelEntry) -> dict[str, Any]:
+        inference = list(e.latencies.get("inference", []))
+        return dict(model_id=e.spec.name, loaded=e.loaded, gpu_id=gpu_id(e.device) if e.loaded else -1,
+                    memory_mb=e.memory_bytes // 2**20, request_count=e.requests,
+                    avg_inference_ms=float(np.mean(inference)) if inference else 0.0)
+
+    @unary(name="Monolithic/ListModels")
+    async def ListModels(self, request, context, started) -> mono.ListModelsResponse:
+        return mono.ListModelsResponse(models=[mono.ModelInfo(**self._info(e))
+                                               for e in self.s.registry.entries.values()])
+
+    @unary(name="Monolithic/LoadModel", failure=lambda error, ms: mono.LoadModelResponse(success=False, error=error))
+    async def LoadModel(self, request, context, started) -> mono.LoadModelResponse:
+        device = f"cuda:{request.preferred_gpu}" if request.preferred_gpu > 0 else None
+        entry, _, ms = await self.s.registry.load(checked_model_id(request.model_id), device)
+        return mono.LoadModelResponse(success=True, gpu_id=gpu_id(entry.device), load_time_ms=ms)
+
+    @unary(name="Monolithic/UnloadModel",
+           failure=lambda error, ms: mono.UnloadModelResponse(success=False, error=error))
+    async def UnloadModel(self, request, context, started) -> mono.UnloadModelResponse:
+        was_loaded = await self.s.registry.unload(checked_model_id(request.model_id))
+        return mono.UnloadModelResponse(success=was_loaded, error="" if was_loaded else "model is not loaded")
+
+    @unary(name="Monolithic/GetModelStats")
+    async def GetModelStats(self, request, context, started) -> mono.GetModelStatsResponse:
+        out = []
+        for e in self.s.registry.entries.values():
+            total = int(sum(e.latencies.get("inference", [])))
+            out.append(mono.ModelStats(**self._info(e), total_inference_ms=total,
+                                       last_used_timestamp=convert.unix_ms(e.last_used) // 1000))
+        return mono.GetModelStatsResponse(models=out)
+
+    @unary(name="Monolithic/Health")
+    async def Health(self, request, context, started) -> mono.HealthResponse:
+        r = self.s.registry
+        gpus = [d for d in r.devices if d.startswith("cuda")]
+        return mono.HealthResponse(healthy=self.s.accepting, loaded_models=sum(e.loaded for e in r.entries.values()),
+                                   max_models=r.config.max_models * len(r.devices),
+                                   gpu_ids=[gpu_id(d) for d in gpus],
+                                   gpu_memory_used_gb=[r.used_bytes(d) / 2**30 for d in gpus])

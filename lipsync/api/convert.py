@@ -1,0 +1,142 @@
+"""Protocol buffers ↔ lipsync's own types, in one place: audio formats, the client's streaming messages, frames,
+timings, live events, model and device descriptions. Services call these and hold no message-building code."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+import torch
+
+from lipsync import timebase
+from lipsync._proto import lipsync_pb2 as pb
+from lipsync.codec.audio import AudioFormat
+from lipsync.errors import InvalidRequest
+from lipsync.runtime.messages import (
+    Audio,
+    EndOfAudio,
+    EndUtterance,
+    Interrupt,
+    LiveMessage,
+    StartUtterance,
+    StreamMessage,
+)
+
+if TYPE_CHECKING:
+    from lipsync.api.limits import Limits
+    from lipsync.runtime.live import Event, Frame, LiveSession
+    from lipsync.runtime.registry import ModelEntry, Registry
+
+# The one table of audio encodings on the wire: proto enum ↔ codec name (UNSPECIFIED means s16le, SPEC §9).
+ENCODING_NAMES = {pb.AUDIO_ENCODING_UNSPECIFIED: "s16le", pb.PCM_S16LE: "s16le", pb.PCM_F32LE: "f32le", pb.WAV: "wav"}
+ENCODING_ENUMS = {"s16le": pb.PCM_S16LE, "f32le": pb.PCM_F32LE, "wav": pb.WAV}
+FRAME_KINDS = {"idle": pb.IDLE, "speech": pb.SPEECH, "held": pb.HELD}
+MAX_UTTERANCE_ID = 256  # characters of a client's utterance id kept (it is echoed in events and logs)
+
+
+# --------------------------------------------------------------------------- requests → domain
+def audio_format(limits: Limits, fmt: pb.AudioFormat, allow_wav: bool) -> AudioFormat:
+    """A request's audio format, checked (an unknown enum value is refused by name)."""
+    return limits.audio_format(ENCODING_NAMES.get(fmt.encoding), fmt.sample_rate, fmt.channels, allow_wav)
+
+
+def format_message(fmt: AudioFormat) -> pb.AudioFormat:
+    return pb.AudioFormat(encoding=ENCODING_ENUMS[fmt.encoding], sample_rate=fmt.sample_rate, channels=fmt.channels)
+
+
+STREAM_MESSAGES: dict[str, Callable[[Any], StreamMessage]] = {
+    "audio": lambda m: Audio(m.audio),
+    "end_of_audio": lambda m: EndOfAudio(),
+}
+LIVE_MESSAGES: dict[str, Callable[[Any], LiveMessage]] = {
+    "audio": lambda m: Audio(m.audio),
+    "start_utterance": lambda m: StartUtterance(m.start_utterance.utterance_id[:MAX_UTTERANCE_ID],
+                                                m.start_utterance.interrupt),
+    "end_utterance": lambda m: EndUtterance(),
+    "interrupt": lambda m: Interrupt(),
+}
+
+
+async def _parsed(requests: AsyncIterator, parsers: dict[str, Callable], rpc: str) -> AsyncIterator:
+    """A streaming call's messages after its config, as runtime messages; a second config, or a message with
+    none of its fields set, breaks the protocol."""
+    async for message in requests:
+        kind = message.WhichOneof("message")
+        if kind == "config":
+            raise InvalidRequest("config may only be sent once, as the first message")
+        if kind not in parsers:
+            raise InvalidRequest(f"empty {rpc} message: set {' or '.join(parsers)}")
+        yield parsers[kind](message)
+
+
+def stream_messages(requests: AsyncIterator[pb.StreamRequest]) -> AsyncIterator[StreamMessage]:
+    return _parsed(requests, STREAM_MESSAGES, "stream")
+
+
+def live_messages(requests: AsyncIterator[pb.ConverseRequest]) -> AsyncIterator[LiveMessage]:
+    return _parsed(requests, LIVE_MESSAGES, "Converse")
+
+
+# --------------------------------------------------------------------------- domain → responses
+def timings(t: dict[str, float]) -> pb.StageTimings:
+    return pb.StageTimings(audio_ms=t.get("audio", 0), queue_ms=t.get("queue", 0), inference_ms=t.get("inference", 0),
+                           composite_ms=t.get("composite", 0), encode_ms=t.get("encode", 0),
+                           total_ms=t.get("total", 0), batch_size=int(t.get("batch_size", 0)))
+
+
+def frames(first_index: int, avatar_frames: list[int], jpegs: list[bytes]) -> list[pb.Frame]:
+    return [pb.Frame(index=first_index + k, avatar_frame=f, jpeg=j, pts_ms=(first_index + k) * timebase.FRAME_MS)
+            for k, (f, j) in enumerate(zip(avatar_frames, jpegs))]
+
+
+def session_info(session: LiveSession, entry: ModelEntry, loaded_now: bool, load_ms: float) -> pb.SessionInfo:
+    return pb.SessionInfo(session_id=session.id, fps=timebase.FPS, frame_interval_ms=session.interval * 1e3,
+                          output_sample_rate=session.out_rate, samples_per_frame=session.samples_per_frame,
+                          avatar_frames=session.avatar.frame_count, device=entry.device, model_loaded=loaded_now,
+                          model_load_ms=load_ms if loaded_now else 0)
+
+
+def event(e: Event) -> pb.ConverseEvent:
+    if e.kind == "started":
+        return pb.ConverseEvent(started=pb.UtteranceStarted(**e.fields))
+    if e.kind == "finished":
+        return pb.ConverseEvent(finished=pb.UtteranceFinished(**e.fields))
+    return pb.ConverseEvent(late=pb.LateFrame(**e.fields))
+
+
+def live_frame(frame: Frame, events: list[Event]) -> pb.ConverseResponse:
+    return pb.ConverseResponse(frame=pb.LiveFrame(
+        index=frame.index, pts_ms=frame.index * timebase.FRAME_MS, avatar_position=frame.avatar_position,
+        avatar_frame=frame.avatar_frame, jpeg=frame.jpeg, audio=frame.audio, kind=FRAME_KINDS[frame.kind],
+        utterance_id=frame.utterance_id, utterance_frame=max(frame.utterance_frame, 0)),
+        events=[event(e) for e in events])
+
+
+def unix_ms(monotonic_s: float) -> int:
+    """A time.monotonic() instant as Unix milliseconds (0 stays 0: never)."""
+    return int((time.time() - (time.monotonic() - monotonic_s)) * 1e3) if monotonic_s else 0
+
+
+def model_info(e: ModelEntry) -> pb.ModelInfo:
+    return pb.ModelInfo(model_id=e.spec.name, loaded=e.loaded, device=e.device, memory_bytes=e.memory_bytes,
+                        requests=e.requests, frames=e.frames, load_ms=e.load_ms, last_used_unix_ms=unix_ms(e.last_used),
+                        pinned=e.pinned, backend=e.pipeline.generator.backend if e.pipeline else "",
+                        variant=e.spec.variant, avatar_frames=e.pipeline.avatar.frame_count if e.pipeline else 0,
+                        in_flight=e.in_flight)
+
+
+def model_stats(e: ModelEntry) -> pb.ModelStats:
+    stages = {k: pb.LatencySummary(mean_ms=v["mean"], p50_ms=v["p50"], p95_ms=v["p95"], count=v["count"])
+              for k, v in e.latency_summary().items()}
+    return pb.ModelStats(info=model_info(e), stages=stages)
+
+
+def devices(registry: Registry) -> list[pb.DeviceInfo]:
+    out = []
+    for d in registry.devices:
+        cuda = d.startswith("cuda")
+        out.append(pb.DeviceInfo(device=d, name=torch.cuda.get_device_name(d) if cuda else "cpu",
+                                 memory_used_bytes=registry.used_bytes(d),
+                                 memory_budget_bytes=int(registry.config.memory_budget_mb * 2**20),
+                                 memory_total_bytes=torch.cuda.get_device_properties(d).total_memory if cuda else 0,
+                                 loaded_models=len(registry.loaded_on(d))))
+    return out

@@ -1,0 +1,143 @@
+"""Request limits (`server` config) and the validation of every client-supplied number and format."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from lipsync import timebase
+from lipsync.api.security import AuthConfig, TlsConfig
+from lipsync.codec import audio
+from lipsync.codec.audio import AudioFormat
+from lipsync.codec.jpeg import MAX_QUALITY, MIN_QUALITY
+from lipsync.config import limit, section
+from lipsync.errors import InvalidRequest, ResourceExhausted, clip
+from lipsync.model import audio_features
+from lipsync.runtime.live import LiveConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    """`server` section of conf/server/default.yaml (the YAML holds the defaults users read; these mirror them)."""
+    host: str = "127.0.0.1"
+    port: int = limit(50051, low=0, high=65535)
+    metrics_port: int = limit(9090, low=-1, high=65535)           # -1 disables, 0 picks a free port
+    metrics_host: str = "127.0.0.1"
+    metrics_auth: str = limit("auto", choices=("auto", "open", "token"))
+    metrics_token_file: str | None = None
+    max_message_mb: float = limit(100.0, low=0.0625, high=2047)
+    max_concurrent_rpcs: int = limit(1024, low=1)                  # RPCs in progress at once, all connections
+    max_connection_streams: int = limit(128, low=1)                # HTTP/2 streams at once per connection
+    keepalive_time_s: float = limit(30.0, above=0)
+    keepalive_timeout_s: float = limit(10.0, above=0)
+    shutdown_grace_s: float = limit(30.0, low=0)
+    drain_s: float = limit(0.0, low=0)
+    worker_name: str | None = None
+    max_streams: int = limit(256, low=0)
+    max_audio_seconds: float = limit(600.0, above=0)
+    stream_buffer_frames: int = limit(250, low=1)
+    stream_idle_timeout_s: float = limit(60.0, above=0)             # Stream: no message for this long ends it
+    strict_models: bool = True
+    max_start_frame: int = limit(100_000_000, low=0)
+    jpeg_quality: int = limit(75, low=MIN_QUALITY, high=MAX_QUALITY)
+    config_timeout_s: float = limit(10.0, above=0)
+    live: LiveConfig = dataclasses.field(default_factory=LiveConfig)
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+
+    @classmethod
+    def from_dict(cls, cfg: Any) -> "ServerConfig":
+        config = section(cls, cfg, "server")
+        for name, part in (("live", LiveConfig), ("tls", TlsConfig), ("auth", AuthConfig)):
+            value = getattr(config, name)
+            setattr(config, name, value if isinstance(value, part) else part.from_dict(value))
+        return config
+
+
+class Limits:
+    """Limits from the `server` config section, and checks of request fields against them."""
+
+    def __init__(self, cfg: Any):
+        cfg = cfg if isinstance(cfg, ServerConfig) else ServerConfig.from_dict(cfg)
+        self.config = cfg
+        self.live = cfg.live
+        self.max_audio_s = cfg.max_audio_seconds
+        self.max_streams = cfg.max_streams
+        self.default_quality = cfg.jpeg_quality
+        self.max_start_frame = cfg.max_start_frame
+        self.max_message_bytes = int(cfg.max_message_mb * 2**20)
+        self.stream_buffer_frames = cfg.stream_buffer_frames
+        self.config_timeout_s = cfg.config_timeout_s
+        self.stream_idle_timeout_s = cfg.stream_idle_timeout_s
+
+    @property
+    def max_receive_bytes(self) -> int:
+        """The largest request message worth receiving: the longest allowed audio in the largest format (48 kHz
+        stereo float) plus room for the other fields, or the message limit if that is smaller."""
+        return min(self.max_message_bytes, int(self.max_audio_s * audio.MAX_RATE * 2 * 4) + 2**16)
+
+    def quality(self, q: int) -> int:
+        if q == 0:
+            return self.default_quality
+        if not MIN_QUALITY <= q <= MAX_QUALITY:
+            raise InvalidRequest(f"jpeg_quality {q} is outside {MIN_QUALITY}..{MAX_QUALITY}")
+        return q
+
+    def start_frame(self, n: int) -> int:
+        if not 0 <= n <= self.max_start_frame:
+            raise InvalidRequest(f"start_frame {n} is outside 0..{self.max_start_frame}")
+        return n
+
+    def lookahead(self, frames: int) -> int:
+        """A Stream's look-ahead in frames (0: the full look-ahead of SPEC §5)."""
+        lookahead = frames or audio_features.LOOKAHEAD
+        if not 1 <= lookahead <= audio_features.LOOKAHEAD:
+            raise InvalidRequest(f"lookahead_frames {frames} is outside 0..{audio_features.LOOKAHEAD}")
+        return lookahead
+
+    def audio_format(self, encoding: str | None, sample_rate: int, channels: int, allow_wav: bool) -> AudioFormat:
+        """A request's audio format (encoding name, or None if the client sent an unknown enum value)."""
+        if encoding is None:
+            raise InvalidRequest("unknown audio encoding; use PCM_S16LE, PCM_F32LE or (Synthesize only) WAV")
+        if encoding == "wav" and not allow_wav:
+            raise InvalidRequest("WAV is not accepted for streams; send PCM_S16LE or PCM_F32LE")
+        result = AudioFormat(encoding, sample_rate or timebase.SAMPLE_RATE, channels or 1)
+        if encoding != "wav":
+            result.validate()
+        return result
+
+    def check_duration(self, samples: int, rate: int) -> None:
+        audio.check_duration(samples, rate, self.max_audio_s, "server.max_audio_seconds")
+
+    def check_response_size(self, frames: int, bytes_per_frame: float) -> None:
+        """Refuse, before any work, a unary response that could not be sent."""
+        estimate = frames * bytes_per_frame
+        if estimate > self.max_message_bytes:
+            raise ResourceExhausted(
+                f"{frames} frames would make a response of about {estimate / 2**20:.1f} MB, over the "
+                f"{self.max_message_bytes / 2**20:g} MB message limit (server.max_message_mb): use the Stream RPC "
+                "for long audio, or a lower jpeg_quality")
+
+    def check_consistency(self, max_queue_frames: int, max_batch: int) -> list[str]:
+        """Contradictions between limits, as warnings for the startup log."""
+        problems = []
+        if max_queue_frames < 2 * max_batch:
+            problems.append(f"registry.max_queue_frames={max_queue_frames} is below two batches of "
+                            f"registry.max_batch={max_batch}: batches cannot fill")
+        if self.stream_buffer_frames < audio_features.LOOKAHEAD + 1:
+            problems.append(f"server.stream_buffer_frames={self.stream_buffer_frames} is below the look-ahead")
+        for problem in problems:
+            log.warning("configuration: %s", problem)
+        return problems
+
+
+def model_id(value: str) -> str:
+    """A request's model id, refused when absurd (it is echoed into messages and logs)."""
+    if not value:
+        raise InvalidRequest("model_id is required")
+    if len(value) > 256:
+        raise InvalidRequest(f"model_id is {len(value)} characters long; model ids have at most 256 ({clip(value)})")
+    return value

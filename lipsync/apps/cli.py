@@ -1,0 +1,281 @@
+"""`lipsync` command line: render, export, serve, client, cluster, avatar, bench (SPEC §12)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from lipsync.apps.options import DefaultsFormatter
+from lipsync.config import SOURCE_ROOT
+
+log = logging.getLogger("lipsync")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --------------------------------------------------------------------------- render
+def add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="render speech with a SyncTalk_2D model to MP4 and/or numbered frames",
+                       formatter_class=DefaultsFormatter)
+    p.add_argument("--checkpoint", required=True, help="generator checkpoint (.pth)")
+    p.add_argument("--audio-encoder", required=True, help="audio encoder checkpoint (audio_visual_encoder.pth)")
+    p.add_argument("--avatar", required=True, help="avatar directory or SyncTalk_2D dataset directory")
+    p.add_argument("--audio", required=True, help="speech: WAV (16-bit PCM or float) or any audio file PyAV "
+                                                  "decodes (mp3, ogg, m4a, flac …)")
+    p.add_argument("--variant", default="328", choices=["328", "160"])
+    p.add_argument("--asr", default="ave", choices=["ave"], help="audio branch of the generator")
+    p.add_argument("--start-frame", type=int, default=0, help="avatar position of output frame 0 (1 = SyncTalk_2D)")
+    p.add_argument("--sequence", default="pingpong", choices=["pingpong", "loop"])
+    p.add_argument("--out", help="MP4 to write (H.264 + the speech as AAC)")
+    p.add_argument("--frames-out", help="directory for numbered frames 000000.png, …")
+    p.add_argument("--format", default="png", choices=["png", "jpeg"], help="frame format for --frames-out")
+    p.add_argument("--quality", type=int, default=None, help="JPEG quality for --format jpeg (default: config)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "eager", "compile", "onnxruntime", "openvino", "tensorrt"])
+    p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
+    p.add_argument("--feather", type=int, default=0, help="feather the pasted square over N template pixels")
+    p.add_argument("--max-audio-seconds", type=float, default=3600.0,
+                   help="refuse longer audio (decoding stops there)")
+    p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.max_batch=8")
+    p.set_defaults(func=run_render)
+
+
+def run_render(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from lipsync.codec.audio import load_audio
+    from lipsync.codec.jpeg import encode_frames
+    from lipsync.codec.video import Mp4Writer
+    from lipsync.config import load_config
+    from lipsync.model.engines import EngineConfig
+    from lipsync.model.pipeline import ModelSpec, PipelineConfig, load_pipeline, micro_batch_setting, pick_device
+    from lipsync.runtime.render import render_wave
+    from lipsync.runtime.scheduler import DeviceWorkers, ModelScheduler
+
+    if not args.out and not args.frames_out:
+        raise SystemExit("render: give --out FILE.mp4 and/or --frames-out DIR")
+    cfg = load_config([f"engine={args.backend}", *args.overrides], "render")
+    device = pick_device(args.device)
+    wave = load_audio(args.audio, max_seconds=args.max_audio_seconds)  # checked before the (slow) model load
+    spec = ModelSpec.from_dict("render", {"checkpoint": args.checkpoint, "audio_encoder": args.audio_encoder,
+                                          "avatar": args.avatar, "variant": args.variant, "asr": args.asr,
+                                          "sequence": args.sequence, "feather": args.feather,
+                                          "engine_file": args.engine_file})
+    engine_cfg, pipeline_cfg = EngineConfig.from_dict(cfg.engine), PipelineConfig.from_dict(cfg.pipeline)
+    quality = args.quality if args.quality is not None else pipeline_cfg.jpeg_quality
+    pipeline = load_pipeline(spec, engine_cfg, device, micro_batch_setting(pipeline_cfg, engine_cfg, device.type),
+                             progress=True)
+    frames_dir = Path(args.frames_out).expanduser().resolve() if args.frames_out else None
+    if frames_dir:
+        frames_dir.mkdir(parents=True, exist_ok=True)
+    height, width = pipeline.avatar.frames.shape[2:]
+    writer = Mp4Writer(args.out, width, height, with_audio=True, crf=int(cfg.video.crf),
+                        preset=str(cfg.video.preset)) if args.out else None
+    jpeg_only = frames_dir is not None and args.format == "jpeg" and writer is None
+    bar = tqdm(desc="rendering", unit="frame")
+
+    def write(first: int, ids: list[int], outputs: list) -> None:
+        import torch
+        from torchvision.io import write_png
+        if jpeg_only:
+            for k, data in enumerate(outputs):
+                (frames_dir / f"{first + k:06d}.jpg").write_bytes(data)
+        else:
+            frames = torch.stack(outputs)
+            if frames_dir and args.format == "jpeg":
+                for k, data in enumerate(encode_frames(frames, quality)):
+                    (frames_dir / f"{first + k:06d}.jpg").write_bytes(data)
+            elif frames_dir:
+                for k, frame in enumerate(frames):
+                    write_png(frame, str(frames_dir / f"{first + k:06d}.png"))
+            if writer:
+                writer.write(frames)
+        bar.update(len(outputs))
+
+    async def main() -> dict[str, float]:
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=pipeline.micro_batch, max_delay_ms=0)
+        scheduler.start()
+        try:
+            return await render_wave(scheduler, wave, args.start_frame, quality if jpeg_only else None, write)
+        finally:
+            await scheduler.stop()
+    t0 = time.perf_counter()
+    timings = asyncio.run(main())
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    if writer:
+        writer.close(wave)
+    total = bar.n
+    print(f"rendered {total} frames in {elapsed:.2f} s ({total / elapsed:.1f} frames/s) on {device}; "
+          + ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items()))
+    if writer:
+        print(f"video: {writer.path}")
+    if frames_dir:
+        print(f"frames: {frames_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- avatar
+def add_avatar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("avatar", help="inspect, import or synthesise avatars",
+                       formatter_class=DefaultsFormatter)
+    asub = p.add_subparsers(dest="avatar_cmd", required=True)
+    info = asub.add_parser("info", help="validate an avatar or SyncTalk_2D dataset and describe it")
+    info.add_argument("path")
+    imp = asub.add_parser("import", help="convert a SyncTalk_2D dataset into an avatar directory")
+    imp.add_argument("dataset")
+    imp.add_argument("out")
+    synth = asub.add_parser("synth", help="write a synthetic avatar (for tests and the demo)",
+                            formatter_class=DefaultsFormatter)
+    synth.add_argument("out")
+    synth.add_argument("--frames", type=int, default=24)
+    synth.add_argument("--width", type=int, default=640)
+    synth.add_argument("--height", type=int, default=360)
+    synth.add_argument("--layout", default="avatar", choices=["avatar", "synctalk"])
+    p.set_defaults(func=run_avatar)
+
+
+def run_avatar(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    from tqdm import tqdm
+
+    from lipsync.model.avatar import find_source, load_avatar
+    from lipsync.model.demo import make_avatar
+
+    if args.avatar_cmd == "synth":
+        print(make_avatar(args.out, args.frames, args.width, args.height, args.layout))
+        return 0
+    if args.avatar_cmd == "info":
+        avatar = load_avatar(args.path, progress=True)
+        sizes = {(r[2] - r[0], r[3] - r[1]) for r in avatar.rects}
+        print(json.dumps({"path": str(Path(args.path).resolve()), "frames": avatar.frame_count,
+                          "width": avatar.frames.shape[3], "height": avatar.frames.shape[2],
+                          "crop_sizes": sorted(sizes)[:10], "alpha": avatar.alpha is not None}, indent=2))
+        return 0
+    source = find_source(args.dataset)
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    assert source.images is not None
+    for i, img in enumerate(tqdm(source.images, desc="importing", unit="frame")):
+        shutil.copyfile(img, out / f"frame_{i:06d}{img.suffix.lower()}")
+    (out / "crop_rects.json").write_text(json.dumps(source.rects))
+    print(f"avatar written to {out} ({len(source.images)} frames)")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+BENCHMARKS = ("pipeline", "engines", "server", "live")
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (pipeline, engines, server, live)",
+                       formatter_class=DefaultsFormatter)
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/bench_NAME.py (see its --help)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    script = SOURCE_ROOT / "benchmarks" / f"bench_{args.name}.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"benchmark script not found: {script} (benchmarks/ ships with the source tree)")
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+# --------------------------------------------------------------------------- web
+def add_web(sub: argparse._SubParsersAction) -> None:
+    from lipsync.apps.client import add_connection_options
+
+    p = sub.add_parser("web", help="a browser page to watch and talk to an avatar live over WebRTC "
+                                   "(pip install 'lipsync[web]')", formatter_class=DefaultsFormatter)
+    add_connection_options(p)
+    p.add_argument("--host", help="address the page listens on (default: web.host of conf/web.yaml, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="the page's port (default: web.port of conf/web.yaml, 8080; 0 = any)")
+    p.add_argument("overrides", nargs="*", help="hydra overrides of conf/web.yaml, e.g. web.gate_threshold_dbfs=-50")
+    p.set_defaults(func=run_web)
+
+
+def run_web(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from lipsync.apps.client import credentials_from_args
+    from lipsync.config import load_config
+    try:
+        from lipsync.apps.web import WebConfig, serve
+    except ImportError as exc:
+        print(f"lipsync web: error: {exc.name or exc} is not installed; pip install 'lipsync[web]'", file=sys.stderr)
+        return 2
+    overrides = list(args.overrides)
+    overrides += [f"web.host={args.host}"] if args.host else []
+    overrides += [f"web.port={args.port}"] if args.port is not None else []
+    config = WebConfig.from_dict(load_config(overrides, name="web").web)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(serve(args.server, config, credentials_from_args(args)))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    asyncio.run(main())
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    import os
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC core's own log lines would interleave with ours; every
+    #                                                 failure it reports reaches us as an exception or status
+    parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.",
+                                     formatter_class=DefaultsFormatter)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_render(sub)
+    add_avatar(sub)
+    add_bench(sub)
+    from lipsync.apps.client import add_parser as add_client
+    from lipsync.apps.cluster import add_parser as add_cluster
+    from lipsync.apps.export.cli import add_parser as add_export
+    from lipsync.apps.serve import add_parser as add_serve
+    add_export(sub)
+    add_serve(sub)
+    add_client(sub)
+    add_cluster(sub)
+    add_web(sub)
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        from lipsync.codec.audio import AudioFormatError, AudioTooLong
+        from lipsync.config import ConfigError
+        from lipsync.model.avatar import AvatarError
+        from lipsync.model.engines import EngineError
+        from lipsync.model.networks import CheckpointError
+        from lipsync.model.pipeline import ModelFileError
+        if isinstance(exc, (AudioFormatError, AudioTooLong, AvatarError, CheckpointError, EngineError,
+                            FileNotFoundError, ModelFileError, ConfigError)):
+            print(f"lipsync {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`lipsync serve`: its command line (run, or `--check` the configuration and the declared models' files), and
+`spawn`, which starts it in a child process for the demo, the benchmarks and the tests."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import subprocess
+import sys
+
+from lipsync.api.server import ServeConfig, StartupError, check_models, prepare, serve
+from lipsync.apps.options import DefaultsFormatter
+from lipsync.config import ConfigError, load_config
+
+log = logging.getLogger("lipsync.api.server")
+
+
+def spawn(overrides: list[str], cwd: str | None = None, log_file=None):
+    """Start `lipsync serve` in a child process on a free port; returns (process, port) once it is ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", "server.port=0",
+                             *overrides], stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=cwd)
+    match = re.match(r"READY port=(\d+)", proc.stdout.readline())
+    if not match:
+        raise RuntimeError(f"lipsync serve failed to start (exit {proc.wait()})")
+    return proc, int(match.group(1))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server (hydra overrides: server.port=50100 engine=eager …)",
+                       formatter_class=DefaultsFormatter)
+    p.add_argument("--check", action="store_true", help="validate the configuration and every declared model's "
+                                                        "files, then exit (0: all good)")
+    p.add_argument("overrides", nargs="*", help="hydra overrides of conf/config.yaml")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = load_config(args.overrides)
+        config = ServeConfig.from_dict(cfg)
+        logging.getLogger().setLevel(config.logging.level)
+        log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+        if args.check:
+            server_cfg, security, registry, _ = prepare(config)
+            problems = check_models(registry, strict=False)
+            warning = security.exposure_warning(server_cfg.host)
+            print(json.dumps({"security": f"warning: {warning}" if warning else "ok",
+                              "models": {n: problems.get(n, "ok") for n in registry.entries}}, indent=2))
+            return 1 if problems else 0
+        asyncio.run(serve(config))
+    except (StartupError, ConfigError) as exc:
+        print(f"lipsync serve: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,216 @@
+"""Engine selection by measurement (`engine.backend: auto`).
+
+Each candidate backend/precision that exists on the device is built (with its accuracy gate against eager fp32 on
+the model's reference input), timed for a few seconds at each tuning batch, and the fastest (backend, precision,
+batch) wins; a larger batch or a later candidate must beat the incumbent by `tune_margin` (latency and preference
+win ties). The decision is stored per machine (CPU model and features or GPU, library versions, model digest,
+candidates), so the next load builds only the winner.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from lipsync.model.engines import (
+    ONNX_RUNTIMES,
+    Engine,
+    EngineConfig,
+    EngineError,
+    build_engine,
+    cache_key,
+    cpu_bf16_supported,
+    onnx_runtime_available,
+    sized,
+    tensorrt_available,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decision:
+    """What `auto` chose for one network on one machine, and the measurements behind it."""
+    backend: str
+    precision: str
+    batch: int
+    frames_per_s: float
+    key: str
+    measured: list[dict[str, Any]] = field(default_factory=list)  # every candidate: timings or why it was refused
+
+    def describe(self) -> str:
+        return f"{self.backend}/{self.precision} at batch {self.batch} ({self.frames_per_s:.1f} frames/s)"
+
+
+def cpu_name() -> str:
+    """The CPU model as the kernel reports it (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(device: torch.device) -> dict[str, Any]:
+    """Everything about this machine a measurement depends on."""
+    versions: dict[str, Any] = {"torch": torch.__version__}
+    for module in (*ONNX_RUNTIMES, "torch_tensorrt"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:
+            versions[module] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"gpu": props.name, "capability": f"{props.major}.{props.minor}", **versions}
+    return {"cpu": cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(), "bf16": cpu_bf16_supported(),
+            "threads": torch.get_num_threads(), **versions}
+
+
+def available(candidate: str, device: torch.device) -> tuple[bool, str]:
+    """Whether a "backend/precision" candidate can run on `device`, and why not."""
+    backend, _, precision = candidate.partition("/")
+    if backend == "tensorrt":
+        return tensorrt_available()
+    if backend in ONNX_RUNTIMES:
+        ok, why = onnx_runtime_available(backend) if device.type == "cpu" else (False, "CPU only")
+        if not ok:
+            return False, why
+        if precision not in ONNX_RUNTIMES[backend]:
+            return False, f"{backend} computes in {' or '.join(ONNX_RUNTIMES[backend])} only"
+    if device.type == "cpu" and precision == "bf16" and not cpu_bf16_supported():
+        return False, "this CPU has no native bf16 (AVX512-BF16/AMX)"
+    if device.type == "cpu" and precision == "fp16":
+        return False, "no fp16 kernels on CPU"
+    return True, "available"
+
+
+def time_engine(engine: Engine, sample_shapes: list[tuple[int, ...]], batch: int, seconds: float) -> float:
+    """Steady-state frames/s of `engine` at `batch` (same seeded inputs each time, one warm-up call)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.rand(batch, *s, generator=generator).to(engine.device) for s in sample_shapes]
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    engine(*inputs)
+    sync()
+    calls, started = 0, time.perf_counter()
+    while True:
+        engine(*inputs)
+        calls += 1
+        sync()
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and calls >= 2:
+            return calls * batch / elapsed
+
+
+def decide(rows: list[dict[str, Any]], margin: float) -> dict[str, Any] | None:
+    """The winning measurement: rows are in preference order (candidate, then batch); a row replaces the
+    incumbent only when it is faster by more than `margin`."""
+    best = None
+    for row in rows:
+        if row.get("frames_per_s") and (best is None or row["frames_per_s"] > best["frames_per_s"] * (1 + margin)):
+            best = row
+    return best
+
+
+class DecisionCache:
+    """Decisions as JSON files under `<cache_dir>/decisions/`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve() / "decisions"
+
+    def get(self, key: str) -> Decision | None:
+        file = self.root / f"{key}.json"
+        try:
+            return Decision(**json.loads(file.read_text()))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            log.warning("engine decision %s is unreadable (%s); measuring again", file, exc)
+            return None
+
+    def put(self, decision: Decision) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{decision.key}.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(decision), indent=2))
+        tmp.replace(self.root / f"{decision.key}.json")
+
+
+def _config_for(config: EngineConfig, candidate: str, batch: int) -> EngineConfig:
+    backend, _, precision = candidate.partition("/")
+    return dataclasses.replace(sized(config, batch), backend=backend, precision=precision,
+                               cuda_graphs=config.cuda_graphs or backend == "compile")
+
+
+def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, device: torch.device,
+                 name: str, key_parts: dict[str, Any], probe: list[Tensor] | None = None,
+                 batches: list[int] | None = None, progress: bool = False,
+                 build: Callable[..., Engine] = build_engine) -> tuple[Engine, Decision]:
+    """The fastest engine for `net` on `device` that passes the accuracy gate, and the decision behind it (reused
+    from the cache when this machine, model and candidate list were measured before)."""
+    device = torch.device(device)
+    candidates = list(config.candidates.get(device.type, []))
+    batches = sorted(batches or config.tune_batches.get(device.type, [config.max_batch]))
+    if not candidates:
+        raise EngineError(f"{name}: no engine candidates configured for {device.type} (engine.candidates)")
+    key = cache_key(machine=machine_key(device), model=key_parts, shapes=sample_shapes, candidates=candidates,
+                    batches=batches, margin=config.tune_margin, gates=[config.tolerance, config.min_psnr_db],
+                    options=[config.channels_last, config.onnxruntime_threads, config.onnxruntime_spinning,
+                             config.openvino_threads])
+    cache = DecisionCache(config.cache_dir)
+    decision = cache.get(key)
+    if decision is not None:
+        log.info("%s: %s, measured earlier on this machine (decision %s)", name, decision.describe(), key)
+        try:
+            chosen = f"{decision.backend}/{decision.precision}"
+            return build(net, sample_shapes, _config_for(config, chosen, decision.batch), device, name, key_parts,
+                         progress=progress, probe=probe), decision
+        except EngineError as exc:
+            log.warning("%s: the cached choice no longer builds (%s); measuring again", name, exc)
+    rows: list[dict[str, Any]] = []
+    best_engine, best_row = None, None
+    for candidate in candidates:
+        ok, why = available(candidate, device)
+        if not ok:
+            rows.append({"candidate": candidate, "refused": why})
+            log.info("%s: skipping %s (%s)", name, candidate, why)
+            continue
+        started = time.perf_counter()
+        try:
+            engine = build(net, sample_shapes, _config_for(config, candidate, batches[-1]), device, name, key_parts,
+                           progress=progress, probe=probe)
+        except Exception as exc:  # accuracy gate, a compiler error, a missing library: never fatal here
+            rows.append({"candidate": candidate, "refused": f"{type(exc).__name__}: {exc}"})
+            log.warning("%s: refusing %s: %s", name, candidate, exc)
+            continue
+        build_s = time.perf_counter() - started
+        for batch in batches:
+            fps = time_engine(engine, sample_shapes, batch, config.tune_seconds)
+            row = {"candidate": candidate, "batch": batch, "frames_per_s": round(fps, 3), "build_s": round(build_s, 2),
+                   "max_error": engine.max_error, "psnr_db": engine.psnr_db}
+            rows.append(row)
+            log.info("%s: %s at batch %d: %.2f frames/s", name, candidate, batch, fps)
+        winner = decide(rows, config.tune_margin)
+        if winner is not None and winner["candidate"] == candidate and winner is not best_row:
+            best_engine, best_row = engine, winner
+        del engine
+    if best_row is None or best_engine is None:
+        raise EngineError(f"{name}: no engine candidate could be built on {device}: "
+                          + "; ".join(f"{r['candidate']}: {r['refused']}" for r in rows if "refused" in r))
+    backend, _, precision = best_row["candidate"].partition("/")
+    decision = Decision(backend, precision, best_row["batch"], best_row["frames_per_s"], key, rows)
+    runner_up = decide([r for r in rows if r.get("candidate") != best_row["candidate"]], config.tune_margin)
+    log.info("%s: chose %s%s", name, decision.describe(),
+             f"; next best {runner_up['candidate']} at batch {runner_up['batch']} "
+             f"({runner_up['frames_per_s']:.1f} frames/s)" if runner_up else "")
+    cache.put(decision)
+    best_engine.max_batch = decision.batch
+    return best_engine, decision

@@ -1,0 +1,254 @@
+"""Avatars (SPEC §7): frames + crop rectangles, validated, held on the device as uint8, with per-frame crop
+templates and generator inputs precomputed once."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
+
+from lipsync.model.compose import TEMPLATE_BORDER, resize_bicubic
+from lipsync.model.networks import INPUT_SIZE, TEMPLATE_SIZE
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+SEQUENCES = ("pingpong", "loop")
+# Mouth region blanked in the generator's second input, as numpy slices [rows, cols] (§7.3 step 3).
+MASK_SLICES = {"328": (slice(5, 310), slice(5, 315)), "160": (slice(5, 150), slice(5, 155))}
+
+
+class AvatarError(ValueError):
+    """An avatar source that cannot be used; the message names the offending file."""
+
+
+# --------------------------------------------------------------------------- sequencing (§7.4)
+def avatar_frame(n: int, frame_total: int, sequence: str = "pingpong") -> int:
+    """Avatar frame drawn for position n = start_frame + output index."""
+    if frame_total == 1:
+        return 0
+    if sequence == "loop":
+        return n % frame_total
+    period = 2 * (frame_total - 1)
+    t = n % period
+    return t if t <= frame_total - 1 else period - t
+
+
+# --------------------------------------------------------------------------- sources
+def rect_from_landmarks(path: Path) -> list[int]:
+    """Crop square from a SyncTalk_2D 110-point .lms file: x1=lms[1].x, y1=lms[52].y, x2=lms[31].x, y2=y1+w."""
+    try:
+        points = [[int(float(v)) for v in line.split()] for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as exc:
+        raise AvatarError(f"{path}: not a landmark file ({exc})") from None
+    if len(points) < 53 or any(len(p) != 2 for p in points):
+        raise AvatarError(f"{path}: expected 110 'x y' landmark lines, found {len(points)}")
+    x1, y1, x2 = points[1][0], points[52][1], points[31][0]
+    return [x1, y1, x2, y1 + (x2 - x1)]
+
+
+def _numbered(files: Iterable[Path], pattern: str) -> dict[int, Path]:
+    found: dict[int, Path] = {}
+    regex = re.compile(pattern)
+    for f in files:
+        m = regex.fullmatch(f.name)
+        if m and f.suffix.lower() in IMAGE_SUFFIXES + (".lms",):
+            found[int(m.group(1))] = f
+    return found
+
+
+def _contiguous(numbered: dict[int, Path], where: Path, example: str) -> list[Path]:
+    if not numbered:
+        raise AvatarError(f"no frames found in {where} (expected files like {example})")
+    first = min(numbered)
+    if first not in (0, 1):
+        raise AvatarError(f"frames in {where} start at number {first}; expected 0 or 1")
+    last = max(numbered)
+    missing = [i for i in range(first, last + 1) if i not in numbered]
+    if missing:
+        name = example.replace("N", str(missing[0]))
+        raise AvatarError(f"missing frame {where / name} ({len(missing)} missing between {first} and {last})")
+    return [numbered[i] for i in range(first, last + 1)]
+
+
+@dataclass
+class AvatarSource:
+    """Where an avatar's frames come from: image files or one video, plus one rectangle per frame."""
+    root: Path
+    images: list[Path] | None
+    video: Path | None
+    rects: list[list[int]]
+    alpha: Path | None
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.rects)
+
+
+def find_source(path: str | Path) -> AvatarSource:
+    """Recognise an avatar directory or a SyncTalk_2D dataset directory and validate its layout."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise AvatarError(f"avatar directory not found: {root}")
+    alpha = root / "alpha.png"
+    alpha = alpha if alpha.is_file() else None
+    if (root / "full_body_img").is_dir():
+        images = _contiguous(_numbered((root / "full_body_img").iterdir(), r"(\d+)\.\w+"),
+                             root / "full_body_img", "N.jpg")
+        lms_dir = root / "landmarks"
+        if not lms_dir.is_dir():
+            raise AvatarError(f"SyncTalk_2D dataset {root} has no landmarks/ directory")
+        rects = []
+        for img in images:
+            lms = lms_dir / f"{img.stem}.lms"
+            if not lms.is_file():
+                raise AvatarError(f"missing landmark file {lms} for frame {img}")
+            rects.append(rect_from_landmarks(lms))
+        return AvatarSource(root, images, None, rects, alpha)
+    rect_file = root / "crop_rects.json"
+    if not rect_file.is_file():
+        raise AvatarError(f"{root} is neither an avatar directory (no crop_rects.json) "
+                          "nor a SyncTalk_2D dataset (no full_body_img/)")
+    try:
+        rects = json.loads(rect_file.read_text())
+        rects = [[int(v) for v in r] for r in rects]
+        if not rects or any(len(r) != 4 for r in rects):
+            raise ValueError("expected a non-empty list of [x1, y1, x2, y2]")
+    except (ValueError, TypeError) as exc:
+        raise AvatarError(f"{rect_file}: {exc}") from None
+    videos = sorted(f for f in root.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES)
+    if videos:
+        return AvatarSource(root, None, videos[0], rects, alpha)
+    images = _contiguous(_numbered(root.iterdir(), r"frame_(\d+)\.\w+"), root, "frame_N.jpg")
+    if len(images) != len(rects):
+        raise AvatarError(f"{rect_file} has {len(rects)} rectangles but {root} has {len(images)} frames")
+    return AvatarSource(root, images, None, rects, alpha)
+
+
+def _read_image(path: Path) -> Tensor:
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except Exception as exc:
+        raise AvatarError(f"cannot decode image {path}: {exc}") from None
+
+
+def _read_video(path: Path, progress: bool) -> list[Tensor]:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return [torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).contiguous()
+                    for frame in tqdm(container.decode(video=0), desc=f"decoding {path.name}", unit="frame",
+                                      disable=not progress)]
+    except av.error.FFmpegError as exc:
+        raise AvatarError(f"cannot decode video {path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- the loaded avatar
+class Avatar:
+    """Frames [F,3,H,W] uint8 RGB on the device, rectangles, crop templates [F,3,T,T] and optional alpha."""
+
+    def __init__(self, frames: Tensor, rects: list[list[int]], variant: str = "328", sequence: str = "pingpong",
+                 alpha: Tensor | None = None, name: str = "avatar", progress: bool = False):
+        if sequence not in SEQUENCES:
+            raise AvatarError(f"unknown sequence {sequence!r}; expected one of {SEQUENCES}")
+        self.frames, self.rects, self.variant, self.sequence, self.name = frames, rects, variant, sequence, name
+        self.size = INPUT_SIZE[variant]
+        self.template_size = TEMPLATE_SIZE[variant]
+        height, width = frames.shape[2:]
+        for i, (x1, y1, x2, y2) in enumerate(rects):
+            if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+                raise AvatarError(f"{name}: crop rectangle {i} {[x1, y1, x2, y2]} lies outside the "
+                                  f"{width}×{height} frame")
+        side = self.template_size
+        self.templates = torch.stack([
+            resize_bicubic(frames[i, :, y1:y2, x1:x2], (side, side))
+            for i, (x1, y1, x2, y2) in enumerate(tqdm(rects, desc=f"{name}: crop templates", unit="frame",
+                                                       disable=not progress))])
+        # Per-frame alpha resized to each rectangle; None means α ≡ 1 (hard paste).
+        self.alpha: list[Tensor] | None = None
+        if alpha is not None:
+            self.alpha = [torch.nn.functional.interpolate(alpha[None, None].float(), size=(y2 - y1, x2 - x1),
+                                                          mode="bilinear", align_corners=False)[0]
+                          for x1, y1, x2, y2 in rects]
+
+    @property
+    def frame_count(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.frames.device
+
+    def frame_for(self, n: int) -> int:
+        return avatar_frame(n, self.frame_count, self.sequence)
+
+    def frames_for(self, start_frame: int, first: int, count: int) -> list[int]:
+        """Avatar frames of output frames first..first+count-1 for a request starting at `start_frame`."""
+        return [self.frame_for(start_frame + i) for i in range(first, first + count)]
+
+    def index(self, frame_ids: list[int]) -> Tensor:
+        """Frame ids as an index tensor on the avatar's device (from pinned memory, without a host sync)."""
+        ids = torch.tensor(frame_ids, dtype=torch.long)
+        if self.device.type == "cuda":
+            return ids.pin_memory().to(self.device, non_blocking=True)
+        return ids
+
+    def model_inputs(self, frame_ids: list[int]) -> Tensor:
+        """Generator visual input [B,6,S,S] float BGR in [0,1]: the ROI and the ROI with the mouth blanked."""
+        b, s = TEMPLATE_BORDER, self.size
+        roi = self.templates[self.index(frame_ids), :, b:b + s, b:b + s].flip(1)
+        masked = roi.clone()
+        rows, cols = MASK_SLICES[self.variant]
+        masked[:, :, rows, cols] = 0
+        return torch.cat([roi, masked], dim=1).float().div_(255.0)
+
+    @property
+    def nbytes(self) -> int:
+        held = [self.frames, self.templates] + (self.alpha or [])
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def load_avatar(path: str | Path, variant: str = "328", sequence: str = "pingpong",
+                device: str | torch.device = "cpu", feather: int = 0, progress: bool = False) -> Avatar:
+    """Load and validate an avatar directory or SyncTalk_2D dataset onto `device`."""
+    source = find_source(path)
+    if source.video is not None:
+        frames = _read_video(source.video, progress)
+        if len(frames) != source.frame_count:
+            raise AvatarError(f"{source.root / 'crop_rects.json'} has {source.frame_count} rectangles but "
+                              f"{source.video} has {len(frames)} frames")
+    else:
+        assert source.images is not None
+        frames = [_read_image(p) for p in tqdm(source.images, desc=f"loading {source.root.name}", unit="frame",
+                                               disable=not progress)]
+    shape = frames[0].shape
+    for i, frame in enumerate(frames):
+        if frame.shape != shape:
+            where = source.images[i] if source.images else f"{source.video} frame {i}"
+            raise AvatarError(f"{where} is {frame.shape[2]}×{frame.shape[1]} but the first frame is "
+                              f"{shape[2]}×{shape[1]}: all frames must have the same size")
+    stacked = torch.stack(frames).to(device)
+    side = TEMPLATE_SIZE[variant]
+    alpha = None
+    if source.alpha is not None:
+        mask = decode_image(str(source.alpha), mode=ImageReadMode.GRAY).float().div(255.0)
+        alpha = torch.nn.functional.interpolate(mask[None], size=(side, side), mode="bilinear")[0, 0]
+    elif feather > 0:
+        alpha = feather_mask(side, feather)
+    return Avatar(stacked, source.rects, variant, sequence, alpha.to(device) if alpha is not None else None,
+                  name=source.root.name, progress=progress)
+
+
+def feather_mask(side: int, feather: int) -> Tensor:
+    """Template-space alpha: 1 inside, ramping linearly to 0 over `feather` pixels at the border."""
+    ramp = ((torch.arange(side) + 0.5).minimum(side - 0.5 - torch.arange(side).float()) / feather).clamp(0, 1)
+    return ramp[:, None].minimum(ramp[None, :])

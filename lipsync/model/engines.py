@@ -1,0 +1,489 @@
+"""Engines: every network runs through one interface, `build_engine(net, sample_shapes, config, ...)`.
+
+Backends: `tensorrt` (torch_tensorrt dynamo IR, explicit fp16 typing, dynamic batch, cached on disk),
+`compile` (torch.compile with fixed batch buckets, optional CUDA graphs), `onnxruntime` and `openvino` (CPU, from
+our own ONNX export, cached on disk; OpenVINO also runs bf16 on CPUs with AMX/AVX512-BF16), `eager` (fp32/bf16 on
+CPU, fp16/bf16 on CUDA, channels_last where it helps) and `auto` (`lipsync.autotune` measures the candidates).
+Compilation and warm-up happen here, at model load.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from lipsync.config import ConfigError, limit, section, settings
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "compile", "onnxruntime", "openvino", "eager")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BUILDS: Counter[str] = Counter()  # compilations performed in this process, by backend (cache hits excluded)
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot be built or fails its accuracy gate."""
+
+
+@dataclass
+class EngineConfig:
+    backend: str = limit("auto", choices=BACKENDS)
+    precision: str = limit("auto", choices=("auto", "fp32", "fp16", "bf16"))  # auto: fp32 on CPU, fp16 on CUDA
+    channels_last: str | bool = "auto"  # auto: on for CPU eager (measured faster), off elsewhere
+    batch_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 24, 32])
+    min_batch: int = limit(1, low=1)
+    opt_batch: int = limit(24, low=1)
+    max_batch: int = limit(32, low=1, high=1024)
+    cuda_graphs: bool = False
+    cache_dir: str = "~/.cache/lipsync/engines"
+    tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1})
+    min_psnr_db: float = limit(40.0, low=0)  # reduced precision stays this close to fp32 on the reference (8-bit)
+    warmup: bool = True
+    onnxruntime_threads: int = limit(0, low=0)  # 0: torch's intra-op thread count
+    onnxruntime_spinning: bool = False  # busy-waiting ORT threads would steal the cores of the encode thread
+    openvino_threads: int = limit(0, low=0)  # 0: torch's intra-op thread count
+    # `auto`: candidates measured at load, in order of preference on ties, and the batches they are timed at
+    candidates: dict[str, list[str]] = field(default_factory=lambda: {
+        "cpu": ["openvino/fp32", "onnxruntime/fp32", "openvino/bf16", "eager/fp32", "eager/bf16"],
+        "cuda": ["tensorrt/fp16", "compile/fp16", "eager/fp16"]})
+    tune_batches: dict[str, list[int]] = field(default_factory=lambda: {"cpu": [1, 2, 4], "cuda": [8, 16, 32]})
+    tune_seconds: float = limit(1.5, above=0)  # timing per candidate and batch
+    tune_margin: float = limit(0.05, low=0, high=1)  # a larger batch or later candidate must be this much faster
+
+    @classmethod
+    def from_dict(cls, cfg: Any) -> "EngineConfig":
+        values = settings(cfg, cls, "engine")
+        if "tolerance" in values:
+            values["tolerance"] = {**cls().tolerance, **dict(values["tolerance"])}
+        for key in ("candidates", "tune_batches"):
+            if key in values:
+                values[key] = {device: list(v) for device, v in dict(values[key]).items()}
+        if "batch_buckets" in values:
+            values["batch_buckets"] = sorted(int(b) for b in values["batch_buckets"])
+        config = section(cls, values, "engine")
+        if not 1 <= config.min_batch <= config.opt_batch <= config.max_batch:
+            raise ConfigError(f"engine.min_batch={config.min_batch}, opt_batch={config.opt_batch}, max_batch="
+                              f"{config.max_batch}: must satisfy 1 <= min_batch <= opt_batch <= max_batch")
+        if any(int(b) < 1 for b in config.batch_buckets):
+            raise ConfigError(f"engine.batch_buckets={config.batch_buckets}: must be whole numbers >= 1")
+        return config
+
+
+def sized(config: EngineConfig, batch: int) -> EngineConfig:
+    """`config` for engines that never see more than `batch` frames (nothing larger is compiled or warmed)."""
+    return dataclasses.replace(config, max_batch=batch, opt_batch=min(config.opt_batch, batch),
+                               min_batch=min(config.min_batch, batch))
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import torch_tensorrt  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken TensorRT install
+        return False, f"torch_tensorrt is not importable ({type(exc).__name__}: {exc})"
+    return True, "torch_tensorrt and CUDA are present"
+
+
+def choose_backend(config: EngineConfig, device: torch.device) -> tuple[str, str]:
+    """Resolve `auto` to a concrete backend; returns (backend, reason)."""
+    if config.backend != "auto":
+        return config.backend, "requested in the engine config"
+    if device.type == "cuda":
+        ok, why = tensorrt_available()
+        if ok:
+            return "tensorrt", why
+        return "compile", f"TensorRT unavailable ({why}); torch.compile on CUDA"
+    return "eager", "CPU device: eager fp32 (TensorRT and CUDA graphs need CUDA)"
+
+
+# CPU backends that run our own ONNX export, and the precisions each computes in.
+ONNX_RUNTIMES = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
+
+
+def onnx_runtime_available(runtime: str) -> tuple[bool, str]:
+    """Whether `runtime` (a key of ONNX_RUNTIMES) and torch.onnx's exporter (onnxscript) import, and why not."""
+    try:
+        __import__(runtime)
+        import onnxscript  # noqa: F401
+    except Exception as exc:
+        return False, f"{runtime}/onnxscript are not importable ({type(exc).__name__}: {exc})"
+    return True, f"{runtime} is installed"
+
+
+def cpu_bf16_supported() -> bool:
+    """oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def resolve_precision(config: EngineConfig, device: torch.device) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+# --------------------------------------------------------------------------- engine objects
+class Engine:
+    """A callable network: inputs as float32 tensors with any batch size, output float32."""
+
+    def __init__(self, name: str, backend: str, precision: str, device: torch.device, max_batch: int,
+                 run: Callable[..., Tensor], dtype: torch.dtype, channels_last: bool):
+        self.name, self.backend, self.precision, self.device = name, backend, precision, device
+        self.max_batch, self._run, self.dtype, self.channels_last = max_batch, run, dtype, channels_last
+        self.max_error = float("nan")  # measured against eager fp32 when built
+        self.psnr_db = float("nan")
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        # A fixed memory layout: compiled graphs are specialised on strides, and views (unfold, transpose) vary.
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+    @torch.inference_mode()
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        total = inputs[0].shape[0]
+        outputs = []
+        for lo in range(0, total, self.max_batch):
+            chunk = [self._prepare(x[lo:lo + self.max_batch]) for x in inputs]
+            outputs.append(self._run(*chunk).float())
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def __repr__(self) -> str:
+        return f"Engine({self.name}: {self.backend} {self.precision} on {self.device})"
+
+
+def compile_buckets(config: EngineConfig) -> list[int]:
+    """The batch shapes a compiled engine is built for: the configured buckets below max_batch, and max_batch
+    itself, so every batch the engine is given (at most max_batch) has a bucket."""
+    return sorted({b for b in config.batch_buckets if b < config.max_batch} | {config.max_batch})
+
+
+def _bucketed(fn: Callable[..., Tensor], buckets: list[int]) -> Callable[..., Tensor]:
+    """Pad the batch to the next bucket so a compiled graph only ever sees bucket shapes."""
+    def run(*inputs: Tensor) -> Tensor:
+        n = inputs[0].shape[0]
+        bucket = next((b for b in buckets if b >= n), None)
+        if bucket is None:
+            raise EngineError(f"batch of {n} exceeds the largest compiled batch {buckets[-1]}")
+        if bucket != n:
+            inputs = tuple(torch.cat([x, x[-1:].expand(bucket - n, *x.shape[1:])]) for x in inputs)
+        return fn(*inputs)[:n]
+    return run
+
+
+# --------------------------------------------------------------------------- the engine cache
+def cache_key(**parts: Any) -> str:
+    """Stable hash of everything an engine depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class EngineCache:
+    """Directory of compiled artefacts keyed by `cache_key`; corrupt or stale entries are rebuilt."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    def path(self, key: str, name: str, file: str = "engine.ep") -> Path:
+        return self.root / f"{name.replace('/', '-')}-{key}" / file
+
+    def get_or_build(self, key: str, name: str, build: Callable[[], Any], save: Callable[[Any, Path], None],
+                     load: Callable[[Path], Any], meta: dict[str, Any], file: str = "engine.ep") -> Any:
+        path = self.path(key, name, file)
+        meta_file = path.with_name("meta.json")
+        if path.is_file():
+            try:
+                stored = json.loads(meta_file.read_text())
+                if stored.get("key") != key:
+                    raise ValueError(f"stale entry (key {stored.get('key')} != {key})")
+                artefact = load(path)
+                log.info("engine cache hit for %s: %s", name, path)
+                return artefact
+            except Exception as exc:
+                log.warning("engine cache entry %s is unusable (%s); rebuilding", path.parent, exc)
+                shutil.rmtree(path.parent, ignore_errors=True)
+        artefact = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save(artefact, tmp)
+        tmp.replace(path)
+        meta_file.write_text(json.dumps({"key": key, **meta}, indent=2, default=str))
+        log.info("engine for %s saved to %s", name, path)
+        return artefact
+
+
+# --------------------------------------------------------------------------- backends
+def _eager(net: nn.Module, dtype: torch.dtype, channels_last: bool) -> Callable[..., Tensor]:
+    net = net.to(dtype=dtype)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def _compiled(net: nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+              channels_last: bool) -> Callable[..., Tensor]:
+    net = _eager(net, dtype, channels_last)
+    mode = "reduce-overhead" if (config.cuda_graphs and device.type == "cuda") else None
+    BUILDS["compile"] += 1
+    compiled = torch.compile(net, mode=mode, dynamic=False, fullgraph=True)
+    if mode == "reduce-overhead":
+        graphed = compiled
+
+        def compiled(*inputs: Tensor) -> Tensor:
+            # A CUDA-graph replay reuses its output buffer: start a new step and hand out a copy.
+            torch.compiler.cudagraph_mark_step_begin()
+            return graphed(*inputs).clone()
+    return _bucketed(compiled, compile_buckets(config))
+
+
+def compile_tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig,
+                     device: torch.device, dtype: torch.dtype) -> tuple[Any, list[Any]]:
+    """The one TensorRT build (engine cache and `lipsync export` alike): torch.export with the inputs' shared batch
+    dimension declared explicitly, then torch_tensorrt's dynamo compile with explicit typing and the batch profile
+    min/opt/max. Returns (compiled program, its torch_tensorrt.Input specs)."""
+    import torch_tensorrt
+
+    net = net.to(device=device, dtype=dtype).eval()
+    inputs = [torch_tensorrt.Input(min_shape=(config.min_batch, *s), opt_shape=(config.opt_batch, *s),
+                                   max_shape=(config.max_batch, *s), dtype=dtype) for s in sample_shapes]
+    example = tuple(torch.rand(config.opt_batch, *s, device=device).to(dtype) for s in sample_shapes)
+    dynamic = None
+    if config.min_batch < config.max_batch:
+        batch = torch.export.Dim("batch", min=config.min_batch, max=config.max_batch)
+        dynamic = tuple({0: batch} for _ in sample_shapes)  # one dimension, shared by every input
+    exported = torch.export.export(net, example, dynamic_shapes=dynamic)
+    program = torch_tensorrt.dynamo.compile(exported, arg_inputs=inputs, use_explicit_typing=True, device=device)
+    return program, inputs
+
+
+def check_artefact(run: Callable[..., Tensor], sample_shapes: list[tuple[int, ...]], config: EngineConfig,
+                   device: torch.device, dtype: torch.dtype, source: str) -> None:
+    """A prebuilt engine must take this model's inputs (shapes, dtype) over the whole batch profile."""
+    for batch in sorted({config.min_batch, config.max_batch}):
+        try:
+            with torch.inference_mode():
+                out = run(*[torch.zeros(batch, *s, device=device, dtype=dtype) for s in sample_shapes])
+            if out.shape[0] != batch:
+                raise ValueError(f"it returned a batch of {out.shape[0]}")
+        except Exception as exc:
+            raise EngineError(f"{source} does not accept this model's inputs {sample_shapes} as {dtype} at batch "
+                              f"{batch} (engine profile {config.min_batch}/{config.opt_batch}/{config.max_batch}): "
+                              f"{exc}") from None
+
+
+def _tensorrt(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, device: torch.device,
+              dtype: torch.dtype, name: str, key_parts: dict[str, Any]) -> Callable[..., Tensor]:
+    import tensorrt
+    import torch_tensorrt
+
+    specs: list[Any] = []
+    net = net.to(device=device, dtype=dtype).eval()
+    props = torch.cuda.get_device_properties(device)
+    parts = {**key_parts, "gpu": props.name, "capability": f"{props.major}.{props.minor}",
+             "torch": torch.__version__, "torch_tensorrt": torch_tensorrt.__version__,
+             "tensorrt": tensorrt.__version__, "precision": str(dtype),
+             "profile": [config.min_batch, config.opt_batch, config.max_batch], "shapes": sample_shapes}
+    key = cache_key(**parts)
+
+    def build():
+        BUILDS["tensorrt"] += 1
+        log.info("compiling %s with TensorRT (batch %d/%d/%d, %s); this takes a few minutes the first time",
+                 name, config.min_batch, config.opt_batch, config.max_batch, dtype)
+        program, inputs = compile_tensorrt(net, sample_shapes, config, device, dtype)
+        specs[:] = inputs
+        return program
+
+    def save(program, path: Path) -> None:
+        torch_tensorrt.save(program, str(path), arg_inputs=specs, output_format="exported_program")
+
+    def load(path: Path):
+        return torch_tensorrt.load(str(path)).module()
+
+    cache = EngineCache(config.cache_dir)
+    module = cache.get_or_build(key, name, build, save, load, parts)
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
+    return module
+
+
+def _onnx_file(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, name: str,
+               key_parts: dict[str, Any]) -> Path:
+    """Our own ONNX export of `net` (fp32, dynamic batch), cached on disk per checkpoint, shapes and torch version;
+    onnxruntime and OpenVINO both read it."""
+    parts = {**key_parts, "torch": torch.__version__, "shapes": sample_shapes, "format": "onnx"}
+    names = onnx_input_names(sample_shapes)
+
+    def build() -> nn.Module:  # the export itself happens in `save`, straight into the cache entry
+        BUILDS["onnx"] += 1
+        log.info("exporting %s to ONNX (once per checkpoint; cached)", name)
+        return net
+
+    def save(module: nn.Module, path: Path) -> None:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        example = tuple(torch.rand(2, *shape) for shape in sample_shapes)
+        torch.onnx.export(module.float().eval(), example, str(path), input_names=names, output_names=["output"],
+                          dynamic_shapes=tuple({0: batch} for _ in sample_shapes), opset_version=18, dynamo=True,
+                          external_data=False, verbose=False)
+
+    cache = EngineCache(config.cache_dir)
+    path = cache.get_or_build(cache_key(**parts), name, build, save, lambda p: p, parts, file="model.onnx")
+    return path if isinstance(path, Path) else cache.path(cache_key(**parts), name, "model.onnx")
+
+
+def onnx_input_names(sample_shapes: list[tuple[int, ...]]) -> list[str]:
+    """The input names of our ONNX exports, in argument order."""
+    return [f"input{i}" for i in range(len(sample_shapes))]
+
+
+def _onnxruntime(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, name: str,
+                 key_parts: dict[str, Any]) -> Callable[..., Tensor]:
+    """The ONNX export run by onnxruntime's CPU provider (fp32)."""
+    import onnxruntime
+
+    path = _onnx_file(net, sample_shapes, config, name, key_parts)
+    names = onnx_input_names(sample_shapes)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = config.onnxruntime_threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.onnxruntime_spinning else "0")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(*inputs: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0])
+    return run
+
+
+def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, name: str,
+              key_parts: dict[str, Any], precision: str) -> Callable[..., Tensor]:
+    """The ONNX export compiled by OpenVINO's CPU plugin: fp32, or bf16 inference precision (AMX/AVX512-BF16);
+    inputs and outputs stay fp32. One infer request, used by one thread at a time."""
+    import openvino
+
+    path = _onnx_file(net, sample_shapes, config, name, key_parts)
+    compiled = openvino.Core().compile_model(str(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+        "PERFORMANCE_HINT": "LATENCY",  # one request at a time: all threads on each call
+        "INFERENCE_NUM_THREADS": config.openvino_threads or torch.get_num_threads()})
+    request, lock = compiled.create_infer_request(), threading.Lock()
+
+    def run(*inputs: Tensor) -> Tensor:
+        with lock:  # the outputs are copies (share_outputs=False): the next call cannot overwrite them
+            result = request.infer([x.numpy() for x in inputs], share_inputs=True, share_outputs=False)
+        return torch.from_numpy(result[0])
+    return run
+
+
+def load_tensorrt_artefact(path: str | Path) -> Callable[..., Tensor]:
+    """Load an engine written by `lipsync export --format tensorrt`."""
+    import torch_tensorrt
+
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise EngineError(f"TensorRT engine not found: {file}")
+    return torch_tensorrt.load(str(file)).module()
+
+
+# --------------------------------------------------------------------------- the one entry point
+def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig,
+                 device: str | torch.device, name: str = "net", key_parts: dict[str, Any] | None = None,
+                 artefact: str | Path | None = None, progress: bool = False,
+                 probe: list[Tensor] | None = None) -> Engine:
+    """Wrap `net` (eval, fp32) for `device` with the configured backend; warm up and check accuracy against eager
+    fp32 on `probe` (the model's reference input; seeded random inputs when not given)."""
+    device = torch.device(device)
+    backend, reason = choose_backend(config, device)
+    precision = resolve_precision(config, device)
+    if device.type == "cpu" and (precision == "fp16" or (precision == "bf16" and not cpu_bf16_supported())):
+        raise EngineError(f"precision {precision} is not supported on this CPU; use fp32")
+    if backend == "tensorrt":
+        ok, why = tensorrt_available()
+        if not ok:
+            raise EngineError(f"the tensorrt backend was requested but {why}")
+    if backend in ONNX_RUNTIMES:
+        ok, why = onnx_runtime_available(backend)
+        if device.type != "cpu" or precision not in ONNX_RUNTIMES[backend] or not ok:
+            raise EngineError(f"the {backend} backend runs {' or '.join(ONNX_RUNTIMES[backend])} on CPU only "
+                              f"(asked for {precision} on {device}{'' if ok else '; ' + why})")
+    dtype = PRECISIONS[precision]
+    channels_last = (device.type == "cpu" and backend == "eager") if config.channels_last == "auto" \
+        else bool(config.channels_last)
+    log.info("%s: backend %s (%s), precision %s, channels_last=%s, device %s", name, backend, reason, precision,
+             channels_last, device)
+    reference = net.to(device).eval().float()
+    generator = torch.Generator().manual_seed(1234)
+    if probe is None:
+        probe = [torch.rand(min(2, config.max_batch), *s, generator=generator) for s in sample_shapes]
+    probe = [x.to(device) for x in probe]
+    with torch.inference_mode():
+        expected = reference(*probe).float()
+    working = copy.deepcopy(reference)
+    started = time.perf_counter()
+    if backend == "eager":
+        run = _eager(working, dtype, channels_last)
+    elif backend == "compile":
+        run = _compiled(working, config, device, dtype, channels_last)
+    elif backend == "onnxruntime":
+        run = _onnxruntime(working, sample_shapes, config, name, key_parts or {})
+    elif backend == "openvino":
+        run = _openvino(working, sample_shapes, config, name, key_parts or {}, precision)
+        dtype = torch.float32  # the exported graph takes fp32; bf16 is OpenVINO's inference precision
+    elif artefact is not None:
+        run = load_tensorrt_artefact(artefact)
+        check_artefact(run, sample_shapes, config, device, dtype, f"TensorRT engine file {artefact}")
+    else:
+        run = _tensorrt(working, sample_shapes, config, device, dtype, name, key_parts or {})
+    engine = Engine(name, backend, precision, device, config.max_batch, run, dtype,
+                    channels_last and backend != "tensorrt" and backend not in ONNX_RUNTIMES)
+    if config.warmup and backend != "eager" and backend not in ONNX_RUNTIMES:
+        buckets = compile_buckets(config) if backend == "compile" \
+            else sorted({config.min_batch, config.opt_batch, config.max_batch})
+        for b in tqdm(buckets, desc=f"{name}: warming up {backend}", unit="batch", disable=not progress):
+            engine(*[torch.zeros(b, *s, device=device) for s in sample_shapes])
+    got = engine(*probe)
+    error = (got - expected).abs().max()
+    bound = config.tolerance[precision]
+    if not bool(error <= bound):
+        raise EngineError(f"{name}: {backend} {precision} engine differs from eager fp32 by {float(error):.3g} "
+                          f"(bound {bound:g}); refusing it")
+    engine.psnr_db = psnr_8bit(got, expected)
+    if precision != "fp32" and engine.psnr_db < config.min_psnr_db:
+        raise EngineError(f"{name}: {backend} {precision} output is {engine.psnr_db:.1f} dB PSNR from eager fp32 "
+                          f"on the reference input (at least {config.min_psnr_db:g} dB required); refusing it")
+    log.info("%s ready in %.1f s (vs eager fp32: max abs error %.2e, %.1f dB PSNR at 8 bits)", name,
+             time.perf_counter() - started, float(error), engine.psnr_db)
+    engine.max_error = float(error)
+    return engine
+
+
+def psnr_8bit(image: Tensor, reference: Tensor) -> float:
+    """PSNR in dB of two 0..1 images after rounding to 8 bits, as they are composited (inf when identical)."""
+    a = (image.float().clamp(0, 1) * 255).round()
+    b = (reference.float().clamp(0, 1) * 255).round()
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)

@@ -1,0 +1,536 @@
+"""Live sessions: a conversation's continuous video, paced at 25 fps by the server's monotonic clock.
+
+A session is a timeline of frame slots. Each slot shows one frame:
+- IDLE: the avatar's own frame at the session's avatar position (cached JPEG, no generator work); the position
+  advances by one.
+- SPEECH: the next rendered frame of the utterance at the head of the queue; the position advances by one.
+- HELD: that frame is not rendered in time: the avatar frame it will use is shown as idle and the position does
+  not advance, so the rest of the utterance (video and its audio) moves one slot later and sync holds.
+
+An utterance's frames are drawn at avatar positions start_pos + k, fixed when its first frames are submitted:
+start_pos is the position of the slot where it is planned to start (after the one before it, or after a lead that
+covers the measured render latency and, when the production rate is below 25 fps, enough buffering to play
+through). Idle frames walk the position up to start_pos, so speech↔idle transitions never jump, and the frames
+equal a Synthesize of the same audio with start_frame = start_pos.
+
+Every SPEECH frame carries its own 40 ms of the utterance's audio at the session's output rate; IDLE and HELD
+frames carry silence, except that an utterance's audio outlasts its D + 2 video frames (SPEC §3) by up to two
+frames: those frames show the avatar's own frame (IDLE, tagged with the utterance) and carry the rest of its audio.
+This module knows nothing of gRPC: `run` takes the client's parsed messages (`runtime.messages`) and yields what
+the protocol layer sends.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import torch
+
+from lipsync import timebase
+from lipsync.codec import audio
+from lipsync.codec.audio import AudioFormat, StreamResampler
+from lipsync.config import Section, limit
+from lipsync.errors import InvalidRequest
+from lipsync.model import audio_features
+from lipsync.model.audio_features import FeatureStream
+from lipsync.runtime.messages import Audio, EndUtterance, Interrupt, LiveMessage, StartUtterance
+from lipsync.runtime.scheduler import ModelScheduler, Priority
+
+log = logging.getLogger(__name__)
+
+IDLE, SPEECH, HELD = "idle", "speech", "held"
+CONTEXT_ROWS = audio_features.CONTEXT_BEFORE + audio_features.CONTEXT_AFTER - 1  # rows a chunk has past its frames
+MERGE_FRAMES = 64  # waiting feature chunks shorter than this are merged with the next (their context rows cost)
+
+
+class SessionError(InvalidRequest):
+    """A live-session message that breaks the protocol (reported to the client as INVALID_ARGUMENT)."""
+
+
+@dataclass
+class LiveConfig(Section):
+    """`server.live` section."""
+    WHERE = "server.live"
+    time_scale: float = limit(1.0, above=0, high=1000)  # wall-clock seconds per media second (>1 slows the clock)
+    max_sessions: int = limit(64, low=0)                 # open live sessions per server
+    duty_cycle: float = limit(0.5, above=0, high=1)      # share of time a session is assumed to speak (admission)
+    headroom: float = limit(0.9, above=0, high=1)        # admit while speech needs <= headroom x measured capacity
+    lead_margin_frames: int = limit(2, low=0, high=250)  # slots added to the measured render latency before a start
+    latency_safety: float = limit(1.5, low=1, high=10)   # the measured batch latency x this when planning a start
+    max_utterance_s: float = limit(300.0, above=0)       # longest utterance accepted
+    max_queued_utterances: int = limit(16, low=0)        # utterances waiting behind the one playing
+    max_queued_speech_s: float = limit(120.0, above=0)   # speech received and not yet played, all utterances
+    render_ahead_s: float = limit(2.0, above=0, high=60)  # frames go to the generator once due within this
+    idle_timeout_s: float = limit(600.0, above=0)        # a session whose client sends nothing this long ends
+
+
+@dataclass
+class Frame:
+    """One slot's frame as it leaves the session."""
+    index: int
+    avatar_position: int
+    avatar_frame: int
+    jpeg: bytes
+    audio: bytes
+    kind: str
+    utterance_id: str = ""
+    utterance_frame: int = -1
+
+
+@dataclass
+class Event:
+    kind: str  # "started" | "finished" | "late"
+    fields: dict[str, Any]
+
+
+@dataclass(eq=False)
+class Utterance:
+    id: str
+    features: FeatureStream
+    resampler: StreamResampler                   # input rate → 16 kHz (features)
+    out_resampler: StreamResampler | None        # input rate → output rate (carried audio); None: same rate
+    first_audio_at: float | None = None
+    samples_in: int = 0                          # input samples received
+    pending: bytearray = field(default_factory=bytearray)  # input bytes not yet turned into features
+    end_requested: bool = False                  # end_utterance received
+    ended: bool = False                          # ... and processed
+    total: int | None = None                     # frames, once ended and every feature is out
+    out_audio: bytearray = field(default_factory=bytearray)  # s16le at the output rate, from byte `audio_base` on
+    audio_base: int = 0                          # bytes of carried audio already played and dropped
+    waiting: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first frame, its rows [n+15,512]):
+    #                                            frames not yet submitted (start unknown, or beyond the horizon)
+    start_pos: int | None = None
+    rendered: dict[int, bytes] = field(default_factory=dict)
+    next_k: int = 0                              # next frame to show
+    first_frame: int = -1
+    last_frame: int = -1
+    late: int = 0
+    jobs: list[asyncio.Future] = field(default_factory=list)
+    cancelled: bool = False
+    horizon: int = 0                             # frames ahead of the clock that may be rendering (set at start)
+
+
+class LiveSession:
+    """One conversation on one loaded model. Client-side calls (`start_utterance`, `audio`, `end_utterance`,
+    `interrupt`, `close`) come from the reader task; `frames()` is the paced output."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, scheduler: ModelScheduler, config: LiveConfig, in_format: AudioFormat, out_rate: int,
+                 start_frame: int, quality: int, idle_jpegs: list[bytes]):
+        if out_rate % timebase.FPS or not audio.MIN_RATE <= out_rate <= audio.MAX_RATE:
+            raise SessionError(f"output_sample_rate {out_rate} must be a multiple of {timebase.FPS} Hz within "
+                               f"{audio.MIN_RATE}..{audio.MAX_RATE}")
+        self.scheduler, self.config, self.in_format = scheduler, config, in_format
+        self.avatar = scheduler.pipeline.avatar
+        self.out_rate, self.quality, self.idle = out_rate, quality, idle_jpegs
+        self.samples_per_frame = out_rate // timebase.FPS
+        self.silence = bytes(2 * self.samples_per_frame)
+        self.interval = timebase.SAMPLES_PER_FRAME / timebase.SAMPLE_RATE * config.time_scale
+        self.id = f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        self.slot = 0                   # index of the next frame to send
+        self.pos = start_frame          # avatar position of the next slot
+        self.queue: list[Utterance] = []  # in play order; queue[0] is playing or next
+        self.open: Utterance | None = None  # receiving audio
+        self.events: list[Event] = []
+        self.closed = asyncio.Event()
+        self._work = asyncio.Event()  # audio or an end is waiting for the feature worker
+        self.error: Exception | None = None  # what ended the session, if not the client
+        self.started_at: float | None = None  # perf_counter time of slot 0
+        self.horizon = max(1, math.ceil(config.render_ahead_s * timebase.FPS))  # frames (media time)
+        self.stats = {"frames": 0, "speech": 0, "idle": 0, "held": 0, "utterances": 0, "interrupted": 0,
+                      "failed": 0}
+        scheduler.live_sessions.add(self)  # counted by admission from here (frames() or close() gives it back)
+
+    # ------------------------------------------------------------------ client messages (never wait on the device)
+    def start_utterance(self, utterance_id: str = "", interrupt: bool = False) -> None:
+        if interrupt:
+            self.interrupt()
+        if self.open is not None:
+            raise SessionError(f"utterance {self.open.id!r} is still open: send end_utterance first")
+        if len(self.queue) > self.config.max_queued_utterances:
+            raise SessionError(f"{len(self.queue)} utterances are queued; the limit is "
+                               f"{self.config.max_queued_utterances}")
+        out = None if self.out_rate == self.in_format.sample_rate else \
+            StreamResampler(self.in_format.sample_rate, self.out_rate)
+        self.open = Utterance(utterance_id, FeatureStream(None, self.scheduler.pipeline.device),
+                              StreamResampler(self.in_format.sample_rate), out)
+        self.queue.append(self.open)
+        self.stats["utterances"] += 1
+
+    def audio(self, data: bytes) -> None:
+        """Queue audio of the open utterance (opening one if none is); the feature worker takes it from here."""
+        if len(data) % self.in_format.frame_bytes:
+            raise SessionError(f"{len(data)} bytes is not a multiple of {self.in_format.frame_bytes} "
+                               f"({self.in_format.encoding}, {self.in_format.channels} channel(s))")
+        if self.open is None:
+            self.start_utterance()
+        u = self.open
+        assert u is not None
+        if u.cancelled:
+            return  # refused (see below): the rest of its audio is dropped until end_utterance
+        u.first_audio_at = u.first_audio_at or time.perf_counter()
+        u.samples_in += len(data) // self.in_format.frame_bytes
+        if u.samples_in > self.config.max_utterance_s * self.in_format.sample_rate:
+            raise SessionError(f"utterance {u.id!r} is longer than server.live.max_utterance_s "
+                               f"({self.config.max_utterance_s:g} s)")
+        if self.queued_speech_s() > self.config.max_queued_speech_s:
+            self._drop(u, f"the session holds more than server.live.max_queued_speech_s "
+                          f"({self.config.max_queued_speech_s:g} s) of speech not yet played")
+            return
+        u.pending += data
+        self._work.set()
+
+    def queued_speech_s(self) -> float:
+        """Seconds of speech received and not yet played, over the queued utterances."""
+        rate = self.in_format.sample_rate
+        return sum(max(0.0, u.samples_in / rate - u.next_k / timebase.FPS) for u in self.queue if not u.cancelled)
+
+    def memory_bound(self, jpeg_bytes: int) -> int:
+        """The most `held_bytes` can reach, for JPEGs of at most `jpeg_bytes`: per second of queued speech its
+        input audio (until decoded), its carried audio at the output rate and its feature rows (25 × 2 KB); the
+        rendered frames of one horizon, plus the frames of one utterance's lead."""
+        context = CONTEXT_ROWS
+        per_second = self.in_format.sample_rate * self.in_format.frame_bytes + self.out_rate * 2 + \
+            timebase.FPS * 512 * 4 * 2 * (1 + context / MERGE_FRAMES)  # rows (storage up to twice what waits)
+        utterances = self.config.max_queued_utterances + 2
+        horizon = max([self.horizon, *(u.horizon for u in self.queue)])
+        return int(self.config.max_queued_speech_s * per_second + utterances * 2 * context * 512 * 4
+                   + (horizon + self.scheduler.max_batch) * jpeg_bytes)
+
+    def held_bytes(self) -> int:
+        """Memory this session holds for its utterances: audio not yet decoded, features not yet rendered (as
+        rows), rendered JPEGs not yet shown, and the carried audio at the output rate."""
+        total = 0
+        for u in self.queue:
+            total += len(u.pending) + len(u.out_audio) + sum(len(j) for j in u.rendered.values())
+            total += sum(rows.untyped_storage().nbytes() for _, rows in u.waiting)
+        return total
+
+    def end_utterance(self) -> None:
+        u = self.open
+        if u is None:
+            raise SessionError("end_utterance without an open utterance")
+        self.open = None
+        u.end_requested = True
+        self._work.set()
+
+    def interrupt(self) -> None:
+        """Barge-in: drop every utterance not yet fully shown; the next slot is idle."""
+        for u in list(self.queue):
+            self._cancel(u)
+        self.queue.clear()
+        self.open = None
+
+    def close(self) -> None:
+        self.interrupt()
+        self.closed.set()
+        self.scheduler.live_sessions.discard(self)
+
+    def apply(self, message: LiveMessage) -> None:
+        """One client message (none waits on the device)."""
+        if isinstance(message, Audio):
+            self.audio(message.data)
+        elif isinstance(message, StartUtterance):
+            self.start_utterance(message.utterance_id, message.interrupt)
+        elif isinstance(message, EndUtterance):
+            self.end_utterance()
+        elif isinstance(message, Interrupt):
+            self.interrupt()
+        else:
+            raise SessionError(f"{type(message).__name__} is not a live-session message")
+
+    async def run(self, messages: AsyncIterator[LiveMessage]) -> AsyncIterator[tuple[Frame, list[Event]]]:
+        """The session's frames while a reader applies the client's messages. The session closes when the client
+        closes its side or a message breaks the protocol; that error is raised after the last frame."""
+        failed: list[BaseException] = []
+
+        async def read() -> None:
+            try:
+                async for message in messages:
+                    self.apply(message)
+            except Exception as exc:
+                failed.append(exc)
+            finally:
+                self.close()
+
+        reader = asyncio.ensure_future(read())
+        try:
+            async for item in self.frames():
+                yield item
+            if failed:
+                raise failed[0]
+        finally:
+            reader.cancel()
+
+    # ------------------------------------------------------------------ audio → features → render jobs
+    async def _feature_worker(self) -> None:
+        """Turns queued audio into features, utterance by utterance, all pending chunks in one step."""
+        try:
+            while True:
+                await self._work.wait()
+                self._work.clear()
+                for u in list(self.queue):
+                    while not u.cancelled and (u.pending or (u.end_requested and not u.ended)):
+                        if u.pending:
+                            data, u.pending = bytes(u.pending), bytearray()
+                            wave = await asyncio.to_thread(self._decode, u, data)
+                            await self._features(u, wave, end=False)
+                        else:
+                            await self._end(u)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # bad audio, or a failed feature step: the session ends with it
+            self.error = exc
+            self.closed.set()
+
+    async def _end(self, u: Utterance) -> None:
+        u.ended = True
+        if u.samples_in == 0:  # nothing was said: nothing to show
+            self.queue.remove(u)
+            self._finish(u, interrupted=False)
+            return
+        if u.out_resampler is not None:
+            u.out_audio += audio.encode_s16(u.out_resampler.finish())
+        await self._features(u, u.resampler.finish(), end=True)
+
+    def _decode(self, u: Utterance, data: bytes) -> torch.Tensor:
+        """Input bytes → 16 kHz samples for features; the carried audio at the output rate is appended."""
+        wave = audio.decode_pcm(data, self.in_format, allow_empty=True)
+        if u.out_resampler is None:
+            u.out_audio += audio.encode_s16(wave)
+        else:
+            u.out_audio += audio.encode_s16(u.out_resampler.push(wave))
+        return u.resampler.push(wave)
+
+    async def _features(self, u: Utterance, wave: torch.Tensor, end: bool) -> None:
+        first, feats = await self.scheduler.features(u.features, wave, end)
+        if u.cancelled:
+            return
+        if end:
+            u.total = u.features.frames_emitted
+        if feats.shape[0]:
+            rows = audio_features.rows_from_features(feats)
+            context = CONTEXT_ROWS
+            if u.waiting and u.waiting[-1][1].shape[0] - context < MERGE_FRAMES and \
+                    u.waiting[-1][0] + u.waiting[-1][1].shape[0] - context == first:  # small and adjacent: merge,
+                before_first, before = u.waiting.pop()                               # so chunks stay large
+                first, rows = before_first, torch.cat([before, rows[context:]])
+            u.waiting.append((first, rows))
+            if u.start_pos is not None:
+                self._submit_waiting(u)
+
+    def _schedule(self) -> None:
+        """Fix the start positions that can be known now (called once per slot, so an end_utterance that follows
+        its audio within a slot is seen before the start is planned) and submit the frames waiting for them."""
+        for i, u in enumerate(self.queue):
+            if u.start_pos is None:
+                if not u.waiting:
+                    break  # nothing to render yet
+                if i == 0:
+                    lead = self._lead_frames(u)
+                    u.start_pos, u.horizon = self.pos + lead, max(self.horizon, lead + 1)
+                    log.debug("session %s: utterance %r starts in %d slots (measured %s frames/s, latency %s s)",
+                              self.id, u.id, lead, self.scheduler.capacity_fps, self.scheduler.batch_latency_s)
+                else:
+                    before = self.queue[i - 1]
+                    if before.start_pos is None or before.total is None:
+                        break  # where it ends is not known yet
+                    u.start_pos, u.horizon = before.start_pos + before.total, self.horizon
+            self._submit_waiting(u)
+
+    def _submit_waiting(self, u: Utterance) -> None:
+        """Submit the waiting frames that are due within the utterance's horizon of the clock; the rest wait as
+        rows (a flood of queued speech costs the generator nothing until it is nearly due)."""
+        assert u.start_pos is not None
+        until = self.pos - u.start_pos + u.horizon  # frames k < until show within the horizon
+        context = CONTEXT_ROWS
+        keep = []
+        for first, rows in u.waiting:
+            n = rows.shape[0] - context
+            now = max(0, min(n, until - first))
+            if now:
+                self._submit(u, first, audio_features.features_from_rows(rows[:now + context]))
+            if now < n:
+                rest = rows[now:]
+                if rest.untyped_storage().nbytes() > 2 * rest.numel() * rest.element_size():
+                    rest = rest.clone()  # free what was submitted once it is half the storage (amortized copies)
+                keep.append((first + now, rest))
+        u.waiting = keep
+
+    def _lead_frames(self, u: Utterance) -> int:
+        """Slots between now and the start of an utterance that starts from idle: the measured render latency
+        (with a safety factor), plus buffering when this session's share of the measured production rate is
+        below the playback rate and the utterance's length is known."""
+        latency = self.scheduler.batch_latency_s or 0.0
+        lead = math.ceil(latency * self.config.latency_safety / self.interval) + self.config.lead_margin_frames
+        capacity = self.scheduler.capacity_fps
+        if capacity:
+            samples = u.samples_in * timebase.SAMPLE_RATE // self.in_format.sample_rate
+            frames = u.total or audio_features.frame_count(samples)
+            speaking = max(1, sum(1 for s in self.scheduler.live_sessions if s.queue))
+            rate, play = capacity / speaking, 1.0 / self.interval
+            if rate < play:  # frame k is ready at ~(k+1)/rate, shown at start + k/play: buffer for the last one
+                lead += math.ceil(frames * (play / rate - 1))
+        return lead
+
+    def _submit(self, u: Utterance, first: int, feats: torch.Tensor) -> None:
+        assert u.start_pos is not None and self.started_at is not None
+        ids = [self.avatar.frame_for(u.start_pos + k) for k in range(first, first + feats.shape[0])]
+        slot = self.slot + (u.start_pos + first - self.pos)  # where frame `first` is planned to show
+        deadline = self.started_at + slot * self.interval
+
+        def done(lo: int, hi: int, jpegs: list[bytes]) -> None:
+            if not u.cancelled:
+                for j, data in enumerate(jpegs):
+                    u.rendered[first + lo + j] = data
+
+        job = self.scheduler.submit(feats, ids, self.quality, priority=Priority.LIVE, deadline=deadline,
+                                    step=self.interval, on_frames=done)
+        job.add_done_callback(lambda f: self._rendered(u, f))
+        u.jobs.append(job)
+
+    def _rendered(self, u: Utterance, job: asyncio.Future) -> None:
+        """A render job's outcome: frames arrive through the callback; a failure (device out of memory, engine
+        error) ends its utterance with an event that says so, never a stall."""
+        if job.cancelled():
+            return
+        exc = job.exception()
+        if exc is not None and not u.cancelled:
+            log.error("live session %s: rendering utterance %r failed: %s: %s", self.id, u.id, type(exc).__name__,
+                      exc)
+            self.stats["failed"] += 1
+            self._drop(u, f"rendering failed ({type(exc).__name__}); the server log has the details")
+
+    def _drop(self, u: Utterance, why: str) -> None:
+        """End one utterance early with `why` in its finished event; the session goes on."""
+        self._cancel(u, error=why)
+        if u in self.queue:
+            self.queue.remove(u)
+
+    def _cancel(self, u: Utterance, error: str = "") -> None:
+        if u.cancelled:
+            return
+        u.cancelled = True
+        for job in u.jobs:
+            job.cancel()  # frames not yet in a batch are dropped by the scheduler
+        u.rendered.clear()
+        u.waiting.clear()
+        u.pending.clear()
+        self.stats["interrupted"] += 1
+        self._finish(u, interrupted=True, error=error)
+
+    def _finish(self, u: Utterance, interrupted: bool, error: str = "") -> None:
+        played = min(u.next_k, u.total) if u.total is not None else u.next_k
+        self.events.append(Event("finished", {
+            "utterance_id": u.id, "last_frame": u.last_frame, "interrupted": interrupted, "frames_played": played,
+            "frames_total": u.total if u.total is not None else played, "played_ms": played * 1000.0 / timebase.FPS,
+            "late_frames": u.late, "error": error}))
+
+    # ------------------------------------------------------------------ the clock
+    def _audio_of(self, u: Utterance, k: int) -> bytes:
+        lo, hi = 2 * k * self.samples_per_frame - u.audio_base, 2 * (k + 1) * self.samples_per_frame - u.audio_base
+        piece = bytes(u.out_audio[lo:hi])
+        if lo >= 2 * timebase.FPS * self.samples_per_frame:  # a second has played: drop it (a long utterance holds
+            del u.out_audio[:lo]                           # only what is still to play)
+            u.audio_base += lo
+        return piece + bytes(hi - lo - len(piece))  # the frames past the audio's end carry silence
+
+    def _tick(self) -> Frame:
+        """The frame of the current slot (and its events)."""
+        index = self.slot
+        self.slot += 1
+        head = self.queue[0] if self.queue else None
+        if head is None or head.start_pos is None or self.pos < head.start_pos:
+            frame = self._idle(index, IDLE)
+            self.pos += 1
+            return frame
+        k = head.next_k
+        if head.total is not None and k >= head.total:  # the audio outlasts the video by up to 2 frames: its
+            frame = self._idle(index, IDLE)               # tail plays over the avatar's own frames
+            frame.audio, frame.utterance_id, frame.utterance_frame = self._audio_of(head, k), head.id, k
+            self._advance(head, index)
+            return frame
+        data = head.rendered.pop(k, None)
+        if data is None:  # not rendered in time: hold the position, shift the utterance by one slot
+            head.late += 1
+            self.events.append(Event("late", {"frame": index, "utterance_id": head.id}))
+            frame = self._idle(index, HELD)
+            frame.utterance_id = head.id
+            return frame
+        if k == 0:
+            head.first_frame = index
+            waited = time.perf_counter() - (head.first_audio_at or time.perf_counter())
+            self.events.append(Event("started", {"utterance_id": head.id, "first_frame": index,
+                                                 "avatar_position": head.start_pos, "latency_ms": waited * 1e3}))
+        frame = Frame(index, self.pos, self.avatar.frame_for(self.pos), data, self._audio_of(head, k), SPEECH,
+                      head.id, k)
+        self._advance(head, index)
+        return frame
+
+    def _advance(self, head: Utterance, index: int) -> None:
+        """One frame of the head utterance was shown; finish it after its last video and audio frame."""
+        head.next_k += 1
+        head.last_frame = index
+        self.pos += 1
+        if head.total is not None and head.next_k >= max(head.total, self._audio_frames(head)):
+            self.queue.pop(0)
+            self._finish(head, interrupted=False)
+
+    def _audio_frames(self, u: Utterance) -> int:
+        return -(-(u.audio_base + len(u.out_audio)) // (2 * self.samples_per_frame))
+
+    def _idle(self, index: int, kind: str) -> Frame:
+        f = self.avatar.frame_for(self.pos)
+        return Frame(index, self.pos, f, self.idle[f], self.silence, kind)
+
+    async def frames(self) -> AsyncIterator[tuple[Frame, list[Event]]]:
+        """Frame n leaves at start + n × interval (monotonic clock, no drift) until the session closes."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        self.started_at = time.perf_counter()
+        worker = asyncio.ensure_future(self._feature_worker())
+        try:
+            while not self.closed.is_set():
+                due = start + self.slot * self.interval
+                delay = due - loop.time()
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(self.closed.wait(), delay)
+                        break
+                    except asyncio.TimeoutError:
+                        pass
+                self._schedule()
+                frame = self._tick()
+                self.stats["frames"] += 1
+                self.stats[frame.kind] += 1
+                events, self.events = self.events, []
+                yield frame, events
+            if self.error is not None:
+                raise self.error
+        finally:
+            worker.cancel()
+            self.scheduler.live_sessions.discard(self)
+            self.interrupt()
+
+
+def admit(scheduler: ModelScheduler, config: LiveConfig) -> tuple[bool, str]:
+    """Whether one more live session fits the model's measured capacity at the configured duty cycle. Sessions
+    count from their construction, so an admission followed by `LiveSession(...)` with no await between is
+    atomic."""
+    sessions = len(scheduler.live_sessions)
+    if sessions == 0:
+        return True, "first live session of this model"
+    capacity = scheduler.capacity_fps or 0.0
+    need = (sessions + 1) * timebase.FPS / config.time_scale * config.duty_cycle
+    if need <= capacity * config.headroom:
+        return True, f"{need:.0f} of {capacity * config.headroom:.0f} frames/s"
+    return False, (f"the model's device cannot sustain {sessions + 1} live sessions: they need {need:.0f} frames/s "
+                   f"at a {config.duty_cycle:.0%} speaking duty cycle and {capacity:.0f} frames/s were measured "
+                   f"({config.headroom:.0%} usable)")

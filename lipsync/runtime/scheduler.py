@@ -1,0 +1,510 @@
+"""Cross-request batching for one loaded model (SPEC §10).
+
+Requests, streams and live sessions submit frames (audio features + avatar frames). One batching task per model
+packs frames from all of them into generator batches of up to `max_batch`, waiting at most `max_delay_ms` for a
+batch to fill. Frames are served by deadline: live slots first, then Stream, then Synthesize; within a class the
+earliest deadline first, where a request's frame k is due k × 40 ms after it arrived (so jobs of the same class
+share the generator fairly instead of the first one draining). Inference runs on the device's inference thread;
+compositing and JPEG run on its encode thread, so batch k+1 infers while batch k encodes. The queue is bounded in
+frames. A failing batch fails exactly the requests in it; the batcher keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from lipsync import timebase
+from lipsync.codec import jpeg
+from lipsync.errors import ResourceExhausted
+from lipsync.model.audio_features import FeatureStream
+from lipsync.model.pipeline import Pipeline, StageClock
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(ResourceExhausted):
+    """The model's frame queue is at its bound."""
+
+
+class Priority(IntEnum):
+    """Service classes, most urgent first."""
+    LIVE = 0       # a live session's frame slots
+    STREAM = 1     # Stream RPCs
+    BATCH = 2      # Synthesize and the compatibility service
+
+
+IDLE_QUALITIES = 4  # JPEG qualities of the avatar's idle frames kept per model (least recently used dropped)
+JOB_FRAMES = 256  # `render` splits longer requests into jobs of this many frames (two in flight)
+
+
+def _device_call(stream: Any, fn: Callable, *args: Any) -> Any:
+    """Run on a device thread, on `stream` (CUDA) if given. StopIteration cannot cross into an asyncio future (it
+    would never resolve): turn it, like any escape, into an ordinary error."""
+    try:
+        if stream is None:
+            return fn(*args)
+        with torch.cuda.stream(stream):
+            return fn(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} raised StopIteration") from exc
+
+
+class _Inline(concurrent.futures.Executor):
+    """Runs work in the calling thread (DeviceWorkers(inline=True)): for checks that must see every tensor
+    operation of the device path, such as the host-copy guard, which is thread-local."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+class DeviceWorkers:
+    """One inference thread and one encode thread per device (nvJPEG serialises on a global lock anyway). On
+    CUDA each has its own stream, so encoding batch k never waits for the inference of batch k+1 (nvJPEG
+    synchronises the stream it runs on); work passes from one to the other with events. The threads make their
+    device current, so events and allocations land on it."""
+
+    def __init__(self, inline: bool = False) -> None:
+        self._pools: dict[str, tuple[Any, Any]] = {}
+        self._streams: dict[str, tuple[Any, Any]] = {}
+        self.inline = inline
+
+    def get(self, device: torch.device) -> tuple[Any, Any]:
+        key = str(device)
+        if self.inline:
+            return _Inline(), _Inline()
+        if key not in self._pools:
+            init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+            self._pools[key] = (ThreadPoolExecutor(1, thread_name_prefix=f"infer-{key}", initializer=init),
+                                ThreadPoolExecutor(1, thread_name_prefix=f"encode-{key}", initializer=init))
+        return self._pools[key]
+
+    def streams(self, device: torch.device) -> tuple[Any, Any]:
+        """(inference stream, encode stream) of a CUDA device; (None, None) elsewhere."""
+        key = str(device)
+        if key not in self._streams:
+            self._streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if device.type == "cuda" \
+                else (None, None)
+        return self._streams[key]
+
+    def shutdown(self) -> None:
+        for infer, encode in self._pools.values():
+            infer.shutdown(wait=False, cancel_futures=True)
+            encode.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(eq=False)
+class Job:
+    """Frames of one request (or one stream step) waiting for the generator."""
+    features: Tensor
+    frame_ids: list[int]
+    quality: int | None  # None: raw frames, not JPEG
+    visual: Tensor | None
+    future: asyncio.Future
+    submitted: float = field(default_factory=time.perf_counter)
+    next: int = 0  # frames handed to batches so far
+    done: int = 0
+    results: list[bytes | None] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: {"queue": 0.0, "inference": 0.0, "composite": 0.0,
+                                                               "encode": 0.0})
+    batch_size: int = 0
+    started: float | None = None
+    priority: Priority = Priority.BATCH
+    deadline: float = 0.0  # when frame 0 is due (perf_counter clock); frame k is due deadline + k * step
+    step: float = timebase.FRAME_S
+    on_frames: Callable[[int, int, list[bytes]], None] | None = None  # per delivered slice: (lo, hi, jpegs)
+
+    def due(self, k: int) -> tuple[int, float]:
+        return self.priority, self.deadline + k * self.step
+
+    @property
+    def size(self) -> int:
+        return len(self.frame_ids)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done()
+
+
+@dataclass
+class BatchSlice:
+    job: Job
+    lo: int
+    hi: int
+
+
+class ModelScheduler:
+    """Batches the audio encoder (mel windows from every session) and the generator (frames) for one model."""
+
+    def __init__(self, pipeline: Pipeline, workers: DeviceWorkers, max_batch: int = 32, max_delay_ms: float = 2.0,
+                 max_queue_frames: int = 4096, max_encodes_in_flight: int = 2, max_encoder_batch: int = 1024):
+        self.pipeline = pipeline
+        self.infer_pool, self.encode_pool = workers.get(pipeline.device)
+        self.infer_stream, self.encode_stream = workers.streams(pipeline.device)
+        self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
+        self.max_queue_frames = max_queue_frames
+        self.jobs: deque[Job] = deque()
+        self.queued_frames = 0
+        self.windows: deque[tuple[Tensor, asyncio.Future]] = deque()  # audio-encoder work from all sessions
+        self.max_encoder_batch = max_encoder_batch
+        self._wakeup = asyncio.Event()
+        self._encodes = asyncio.Semaphore(max_encodes_in_flight)
+        self._task: asyncio.Task | None = None
+        self.batches = 0  # generator calls
+        self.encoder_calls = 0
+        # Measured service: seconds from a batch leaving the queue to its JPEGs (EWMA), and frames/s at full batches.
+        self.batch_latency_s: float | None = None
+        self.capacity_fps: float | None = None
+        self._idle_jpegs: collections.OrderedDict[int, asyncio.Future] = collections.OrderedDict()
+        self._idle_lock = asyncio.Lock()
+        self.live_sessions: set[Any] = set()  # open live sessions of this model (admission control)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.pipeline.name}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for future in [job.future for job in self.jobs] + [f for _, f in self.windows]:
+            if not future.done():
+                future.set_exception(RuntimeError("model unloaded"))
+        self.jobs.clear()
+        self.windows.clear()
+        self.queued_frames = 0
+
+    # -- measured service rate
+    def _measured(self, frames: int, seconds: float, weight: float = 0.2) -> None:
+        if seconds <= 0:
+            return
+        self.batch_latency_s = seconds if self.batch_latency_s is None else \
+            (1 - weight) * self.batch_latency_s + weight * seconds
+        if frames >= self.max_batch:  # throughput is only meaningful for full batches
+            rate = frames / seconds
+            self.capacity_fps = rate if self.capacity_fps is None else (1 - weight) * self.capacity_fps + weight * rate
+        elif self.capacity_fps is None:
+            self.capacity_fps = frames / seconds  # a first, pessimistic figure
+
+    async def calibrate(self) -> float:
+        """Measure frames/s of one full batch through generator, compositing and JPEG (once per model)."""
+        if self.capacity_fps is None:
+            n = self.max_batch
+            ids = self.pipeline.avatar.frames_for(0, 0, n)
+            features = torch.zeros(n, *self.pipeline.generator_audio_shape, device=self.pipeline.device)
+            for _ in range(2):  # the first call may still pay one-time costs
+                t0 = time.perf_counter()
+                await self.submit(features, ids, 75)
+                seconds = time.perf_counter() - t0
+            self.batch_latency_s = self.capacity_fps = None
+            self._measured(n, seconds, weight=1.0)
+            log.info("model %s: measured %.1f frames/s at batch %d (%.0f ms per batch)", self.pipeline.name,
+                     self.capacity_fps, n, seconds * 1e3)
+        assert self.capacity_fps is not None
+        return self.capacity_fps
+
+    async def idle_jpegs(self, quality: int) -> list[bytes]:
+        """The avatar's own frames as JPEG at `quality`, encoded once and kept for the IDLE_QUALITIES qualities
+        used last (each is a full copy of the avatar as JPEG). Encoded off the serving path: on a thread of its
+        own (and a CUDA stream of its own), one quality at a time, concurrent askers sharing the one encode."""
+        if quality in self._idle_jpegs:
+            self._idle_jpegs.move_to_end(quality)
+            return await self._idle_jpegs[quality]
+        frames, device = self.pipeline.avatar.frames, self.pipeline.device
+
+        def encode() -> list[bytes]:
+            side = torch.cuda.Stream(device) if device.type == "cuda" else None
+            return _device_call(side, lambda: [j for lo in range(0, frames.shape[0], self.max_batch)
+                                               for j in jpeg.encode_frames(frames[lo:lo + self.max_batch], quality)])
+
+        async def build() -> list[bytes]:
+            async with self._idle_lock:
+                return await asyncio.to_thread(encode)
+        task = self._idle_jpegs[quality] = asyncio.ensure_future(build())
+        while len(self._idle_jpegs) > IDLE_QUALITIES:
+            self._idle_jpegs.popitem(last=False)
+        try:
+            return await asyncio.shield(task)
+        except BaseException:
+            if task.done() and self._idle_jpegs.get(quality) is task and not task.cancelled() and task.exception():
+                del self._idle_jpegs[quality]  # a failed encode is not kept
+            raise
+
+    def feature_stream(self) -> FeatureStream:
+        """A fresh feature stream for one utterance on this model's device (encoder calls go through `features`)."""
+        return FeatureStream(None, self.pipeline.device)
+
+    # -- work that runs on the device threads
+    async def run_on_device(self, fn, *args):
+        """Run device work (mel spectrogram, windows) on this device's inference thread, in order with batches."""
+        return await asyncio.get_running_loop().run_in_executor(self.infer_pool, _device_call, self.infer_stream,
+                                                                fn, *args)
+
+    async def features(self, stream: FeatureStream, wave: Tensor | None, end: bool) -> tuple[int, Tensor]:
+        """One step of a session's audio: new samples (and/or end of audio) → (first frame index, features of
+        the frames that became final). The encoder call is shared with every other session of the model."""
+        windows = await self.run_on_device(stream.end_windows if end else stream.windows, wave)
+        embeddings = await self.encode(windows)
+        return await self.run_on_device(stream.accept, embeddings)
+
+    def encode(self, windows: Tensor) -> asyncio.Future:
+        """Queue mel windows [n,1,80,16] for the audio encoder; resolves to embeddings [n,512]. Windows from
+        all sessions waiting at the same time go through the encoder in one call."""
+        future = asyncio.get_running_loop().create_future()
+        if windows.shape[0] == 0:
+            future.set_result(windows.new_zeros(0, 512))
+            return future
+        self.windows.append((windows, future))
+        self._wakeup.set()
+        return future
+
+    def _run_encoder(self, work: list[tuple[Tensor, asyncio.Future]]) -> list[Tensor]:
+        self.encoder_calls += 1
+        embeddings = self.pipeline.encoder(torch.cat([w for w, _ in work]))
+        return list(embeddings.split([w.shape[0] for w, _ in work]))
+
+    async def _encode_pending(self) -> None:
+        work, size = [], 0
+        while self.windows and size < self.max_encoder_batch:
+            windows, future = self.windows.popleft()
+            if not future.done():
+                work.append((windows, future))
+                size += windows.shape[0]
+        if not work:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.infer_pool, _device_call, self.infer_stream,
+                                                 self._run_encoder, work)
+        except Exception as exc:
+            log.error("audio encoder batch for %s failed: %s", self.pipeline.name, exc)
+            results = [exc] * len(work)
+        for (_, future), result in zip(work, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def submit(self, features: Tensor, frame_ids: list[int], quality: int | None, visual: Tensor | None = None,
+               priority: Priority = Priority.BATCH, deadline: float | None = None, step: float = timebase.FRAME_S,
+               on_frames: Callable[[int, int, list[bytes]], None] | None = None) -> asyncio.Future:
+        """Queue frames; the future resolves to (list of JPEG bytes, timings dict). Frame k is due at
+        `deadline + k*step` (default: now + k × 40 ms); `on_frames(lo, hi, jpegs)` sees each slice as soon as it
+        is encoded. Cancelling the future drops the frames not yet in a batch."""
+        n = len(frame_ids)
+        future = asyncio.get_running_loop().create_future()
+        if n == 0:
+            future.set_result(([], {"queue": 0.0, "inference": 0.0, "composite": 0.0, "encode": 0.0,
+                                    "batch_size": 0}))
+            return future
+        # Live frames are bounded by admission control and each session's own limits, and refusing them would
+        # break a conversation's video: the queue bound applies to the other classes.
+        if priority != Priority.LIVE and self.queued_frames + n > self.max_queue_frames:
+            raise QueueFull(f"model {self.pipeline.name}: queue holds {self.queued_frames} frames; "
+                            f"{n} more would exceed its bound of {self.max_queue_frames}")
+        job = Job(features, frame_ids, quality, visual, future, results=[None] * n, priority=priority,
+                  deadline=time.perf_counter() if deadline is None else deadline, step=step, on_frames=on_frames)
+        self.jobs.append(job)
+        self.queued_frames += n
+        self._wakeup.set()
+        return future
+
+    async def render(self, features: Tensor, frame_ids: list[int], quality: int | None,
+                     visual: Tensor | None = None, priority: Priority = Priority.BATCH, due: float | None = None
+                     ) -> tuple[list[Any], dict[str, float]]:
+        """JPEG bytes (or, with quality None, uint8 RGB frames [3,H,W] on the host) of any number of frames, as
+        jobs of at most JOB_FRAMES (and half the queue bound), two in flight: a long request never exceeds the
+        queue bound, and its virtual deadlines run on across its jobs. `due`: when the first frame is due
+        (perf_counter clock; default now), for callers that split one timeline into several requests."""
+        n = len(frame_ids)
+        step = max(1, min(JOB_FRAMES, self.max_queue_frames // 2))
+        arrived = time.perf_counter() if due is None else due
+        jobs: deque[asyncio.Future] = deque()
+        jpegs: list[bytes] = []
+        timings = {"queue": 0.0, "inference": 0.0, "composite": 0.0, "encode": 0.0, "batch_size": 0}
+        starts = iter(range(0, n, step))
+        try:
+            for lo in itertools.islice(starts, 2):
+                jobs.append(self._submit_slice(features, frame_ids, quality, visual, priority, arrived, lo, step))
+            first = True
+            while jobs:
+                got, t = await jobs.popleft()
+                lo = next(starts, None)
+                if lo is not None:
+                    jobs.append(self._submit_slice(features, frame_ids, quality, visual, priority, arrived, lo, step))
+                jpegs.extend(got)
+                for stage in ("inference", "composite", "encode"):
+                    timings[stage] += t.get(stage, 0.0)
+                timings["batch_size"] = max(timings["batch_size"], t.get("batch_size", 0))
+                if first:
+                    timings["queue"], first = t.get("queue", 0.0), False
+        finally:
+            for job in jobs:
+                job.cancel()
+        return jpegs, timings
+
+    def _submit_slice(self, features: Tensor, frame_ids: list[int], quality: int | None, visual: Tensor | None,
+                      priority: Priority, arrived: float, lo: int, step: int) -> asyncio.Future:
+        hi = lo + step
+        return self.submit(features[lo:hi], frame_ids[lo:hi], quality, None if visual is None else visual[lo:hi],
+                           priority, deadline=arrived + lo * timebase.FRAME_S)
+
+    def _take_batch(self) -> list[BatchSlice]:
+        """Up to max_batch frames, earliest (class, deadline) first; runs of one job stay together."""
+        for job in [j for j in self.jobs if j.cancelled]:
+            self.jobs.remove(job)
+            self.queued_frames -= job.size - job.next
+        batch, room = [], self.max_batch
+        while room and self.jobs:
+            ranked = sorted(self.jobs, key=lambda j: j.due(j.next))
+            best, runner_up = ranked[0], (ranked[1].due(ranked[1].next) if len(ranked) > 1 else None)
+            take = 1
+            while take < min(room, best.size - best.next) and (
+                    runner_up is None or best.due(best.next + take) <= runner_up):
+                take += 1
+            if batch and batch[-1].job is best and batch[-1].hi == best.next:
+                batch[-1].hi += take
+            else:
+                batch.append(BatchSlice(best, best.next, best.next + take))
+            best.next += take
+            room -= take
+            self.queued_frames -= take
+            if best.next == best.size:
+                self.jobs.remove(best)
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            if not self.jobs and not self.windows:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.queued_frames < self.max_batch and self.max_delay > 0 and not self._live_due():
+                await asyncio.sleep(self.max_delay)  # let concurrent requests join this batch
+            batch: list[BatchSlice] = []
+            try:
+                if self.windows:  # audio first: it gates the frames of every session
+                    await self._encode_pending()
+                batch = self._take_batch()
+                if batch:
+                    await self._dispatch(batch)
+            except asyncio.CancelledError:
+                self._fail(batch, RuntimeError("model unloaded"))
+                raise
+            except Exception as exc:  # a bug in one batch fails that batch, never the batcher
+                log.exception("batcher of %s: batch failed", self.pipeline.name)
+                self._fail(batch, exc)
+
+    def _live_due(self) -> bool:
+        """A live frame is waiting: do not hold the batch back for company."""
+        return any(j.priority == Priority.LIVE for j in self.jobs)
+
+    async def _dispatch(self, batch: list[BatchSlice]) -> None:
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        for s in batch:
+            if s.job.started is None:
+                s.job.started = now
+                s.job.timings["queue"] = (now - s.job.submitted) * 1e3
+        await self._encodes.acquire()  # released by _deliver, or here if the batch never reaches the encoder
+        try:
+            clock, predictions, ids, ready = await loop.run_in_executor(self.infer_pool, _device_call,
+                                                                        self.infer_stream, self._infer, batch)
+            encode = loop.run_in_executor(self.encode_pool, _device_call, self.encode_stream, self._finish, batch,
+                                          clock, predictions, ids, ready)
+        except BaseException:
+            self._encodes.release()
+            raise
+        encode.add_done_callback(lambda f, b=batch, n=len(ids), t=now: self._deliver(f, b, n, t))
+        self.batches += 1
+
+    def _infer(self, batch: list[BatchSlice]) -> tuple[StageClock, Tensor, list[int], Any]:
+        """Generator predictions of a batch, on the inference stream; the event marks when they are ready."""
+        clock = StageClock(self.pipeline.device)
+        ids = [i for s in batch for i in s.job.frame_ids[s.lo:s.hi]]
+        features = torch.cat([s.job.features[s.lo:s.hi] for s in batch])
+        visual = None
+        if any(s.job.visual is not None for s in batch):
+            visual = torch.cat([s.job.visual[s.lo:s.hi] if s.job.visual is not None
+                                else self.pipeline.avatar.model_inputs(s.job.frame_ids[s.lo:s.hi]) for s in batch])
+        with clock.stage("inference"):
+            predictions = self.pipeline.infer(features, ids, visual)
+        ready = None
+        if self.infer_stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(self.infer_stream)
+        return clock, predictions, ids, ready
+
+    def _finish(self, batch: list[BatchSlice], clock: StageClock, predictions: Tensor, ids: list[int],
+                ready: Any = None) -> tuple[list[bytes], dict[str, float]]:
+        """Composite and JPEG-encode a batch, on the encode stream once the predictions are ready."""
+        if ready is not None:
+            self.encode_stream.wait_event(ready)
+            predictions.record_stream(self.encode_stream)  # the allocator must not reuse it before we are done
+        with clock.stage("composite"):
+            frames = self.pipeline.compose(predictions, ids)
+        jpegs: list[Any] = [b""] * len(ids)
+        with clock.stage("encode"):
+            offset, groups = 0, {}
+            for s in batch:
+                groups.setdefault(s.job.quality, []).extend(range(offset, offset + s.hi - s.lo))
+                offset += s.hi - s.lo
+            for quality, rows in groups.items():
+                chosen = frames if len(rows) == len(ids) else frames[rows]  # indexing copies whole frames
+                # quality None: the frames themselves (offline rendering to video or PNG), on the host
+                out = jpeg.encode_frames(chosen, quality) if quality is not None else chosen.cpu()
+                for row, data in zip(rows, out):
+                    jpegs[row] = data
+        return jpegs, clock.result()
+
+    def _deliver(self, done: asyncio.Future, batch: list[BatchSlice], batch_size: int, started: float) -> None:
+        self._encodes.release()
+        if done.cancelled() or done.exception() is not None:
+            self._fail(batch, done.exception() or RuntimeError("encode cancelled"))
+            return
+        jpegs, timings = done.result()
+        self._measured(batch_size, time.perf_counter() - started)
+        offset = 0
+        for s in batch:
+            job = s.job
+            n = s.hi - s.lo
+            job.results[s.lo:s.hi] = jpegs[offset:offset + n]
+            offset += n
+            if job.on_frames is not None and not job.cancelled:
+                try:
+                    job.on_frames(s.lo, s.hi, jpegs[offset - n:offset])
+                except Exception:
+                    log.exception("frame callback of %s failed", self.pipeline.name)
+            for stage in ("inference", "composite", "encode"):
+                job.timings[stage] += timings.get(stage, 0.0)
+            job.batch_size = max(job.batch_size, batch_size)
+            job.done += n
+            if job.done == job.size and not job.future.done():
+                job.future.set_result((job.results, {**job.timings, "batch_size": job.batch_size}))
+
+    def _fail(self, batch: list[BatchSlice], exc: BaseException) -> None:
+        log.error("batch for %s failed: %s", self.pipeline.name, exc)
+        for s in batch:
+            if not s.job.future.done():
+                s.job.future.set_exception(exc)
