@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := lipsync/_proto/__init__.py
 
-.PHONY: setup test demo demo-model web bench gpu-check clean
+.PHONY: setup test conf demo demo-model web bench gpu-check clean
 
 ## setup: .venv with the pinned torch 2.11 family, lipsync editable with its dev extras, gRPC stubs (idempotent)
 setup: $(STAMP) $(STUBS)
@@ -22,6 +22,10 @@ $(STUBS): protos/lipsync/v1/lipsync.proto protos/monolithic.proto $(STAMP)
 test: setup
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 	$(PY) -m pytest -q
+
+## conf: write conf/'s default files from the section dataclasses (where every default and its comment live)
+conf: setup
+	$(PY) -m lipsync.apps.conf_files
 
 ## demo: serve the demo model, stream assets/speech.wav through it, write out/demo.mp4
 demo: setup

@@ -1,6 +1,7 @@
 """Hydra configuration: compose `conf/` with command-line overrides (no working-directory changes)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -81,14 +82,21 @@ def settings(cfg: Any, allowed: Any, what: str) -> dict[str, Any]:
 T = TypeVar("T")
 
 
-def limit(default: Any, *, low: float | None = None, high: float | None = None, choices: tuple = (),
-          above: float | None = None) -> Any:
-    """A config dataclass field with what is allowed: `low`/`high` inclusive bounds, `above` an exclusive lower
-    bound, `choices` the allowed values. `section()` checks them where the section is read."""
-    meta = {"low": low, "high": high, "choices": tuple(choices), "above": above}
+def setting(default: Any, help: str = "", *, low: float | None = None, high: float | None = None,
+            choices: tuple = (), above: float | None = None) -> Any:
+    """A config dataclass field: its default (the one place defaults live: conf/ is written from these), what it
+    is for (`help`, the comment beside it there), and what is allowed: `low`/`high` inclusive bounds, `above` an
+    exclusive lower bound, `choices` the allowed values. `section()` checks them where the section is read."""
+    meta = {"low": low, "high": high, "choices": tuple(choices), "above": above, "help": help}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def limit(default: Any, *, low: float | None = None, high: float | None = None, choices: tuple = (),
+          above: float | None = None, help: str = "") -> Any:
+    """`setting` with its bounds first (for fields whose bounds say most of what they are)."""
+    return setting(default, help, low=low, high=high, choices=choices, above=above)
 
 
 def allowed(f: dataclasses.Field, kind: Any = None) -> str:

@@ -10,7 +10,9 @@ import pytest
 from lipsync.api.limits import Limits, ServerConfig, model_id
 from lipsync.api.security import AuthConfig, TlsConfig
 from lipsync.api.server import LoggingConfig
-from lipsync.config import ConfigError, limit, load_config, section
+from lipsync.apps import conf_files
+from lipsync.apps.web import WebConfig
+from lipsync.config import ConfigError, conf_dir, limit, load_config, section
 from lipsync.errors import InvalidRequest, ResourceExhausted
 from lipsync.model.engines import EngineConfig
 from lipsync.model.pipeline import PipelineConfig
@@ -49,8 +51,7 @@ def test_a_section_converts_and_keeps_defaults():
                                       (EngineConfig, "engine"), (PipelineConfig, "pipeline"),
                                       (LoggingConfig, "logging")])
 def test_the_yaml_and_the_dataclasses_agree_on_every_default(cls, key):
-    """Both ship defaults (the YAML for readers, the dataclass for code that builds a section itself): a test
-    keeps them one set of values."""
+    """The composed YAML reads back as the dataclass's own defaults (the files are written from them)."""
     cfg = load_config()
     node = cfg
     for part in key.split("."):
@@ -61,6 +62,13 @@ def test_the_yaml_and_the_dataclasses_agree_on_every_default(cls, key):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         assert getattr(read, f.name) == default, f"{key}.{f.name}: YAML {getattr(read, f.name)!r} vs {default!r}"
+
+
+def test_the_conf_files_are_written_from_the_dataclasses():
+    """conf/'s default files hold what the dataclasses say (`make conf` writes them): one place for defaults."""
+    assert conf_files.stale(conf_dir()) == []
+    web = WebConfig.from_dict(load_config(name="web").web)
+    assert web == WebConfig()
 
 
 def test_limits_check_every_client_number():

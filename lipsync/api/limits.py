@@ -11,7 +11,7 @@ from lipsync.api.security import AuthConfig, TlsConfig
 from lipsync.codec import audio
 from lipsync.codec.audio import AudioFormat
 from lipsync.codec.jpeg import MAX_QUALITY, MIN_QUALITY
-from lipsync.config import limit, section
+from lipsync.config import Section, limit, section, setting
 from lipsync.errors import InvalidRequest, ResourceExhausted, clip
 from lipsync.model import audio_features
 from lipsync.runtime.live import LiveConfig
@@ -20,37 +20,52 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ServerConfig:
-    """`server` section of conf/server/default.yaml (the YAML holds the defaults users read; these mirror them)."""
-    host: str = "127.0.0.1"
+class ServerConfig(Section):
+    """`server`: the gRPC server of `lipsync serve`."""
+    WHERE = "server"
+    host: str = setting("127.0.0.1", "loopback by default: set 0.0.0.0 (with TLS and tokens) to serve other "
+                                     "machines")
     port: int = limit(50051, low=0, high=65535)
-    metrics_port: int = limit(9090, low=-1, high=65535)           # -1 disables, 0 picks a free port
-    metrics_host: str = "127.0.0.1"
-    metrics_auth: str = limit("auto", choices=("auto", "open", "token"))
-    metrics_token_file: str | None = None
-    max_message_mb: float = limit(100.0, low=0.0625, high=2047)
-    max_concurrent_rpcs: int = limit(1024, low=1)                  # RPCs in progress at once, all connections
-    max_connection_streams: int = limit(128, low=1)                # HTTP/2 streams at once per connection
+    metrics_port: int = limit(9090, low=-1, high=65535, help="Prometheus /metrics over HTTP; -1 disables, 0 picks "
+                                                              "a free port")
+    metrics_host: str = setting("127.0.0.1", "address of the metrics endpoint (0.0.0.0 for a scraper on another "
+                                             "machine)")
+    metrics_auth: str = setting("auto", "auto: scrapes need a token when the server checks tokens (a tokens_file "
+                                        "token with the metrics or admin role, or metrics_token_file); open | token",
+                                choices=("auto", "open", "token"))
+    metrics_token_file: str | None = setting(None, "file holding a bearer token that scrapes may send (besides "
+                                                   "tokens_file's)")
+    max_message_mb: float = limit(100.0, low=0.0625, high=2047, help="gRPC max send message size; received "
+                                  "messages are bounded by it and by the audio that max_audio_seconds allows (48 kHz "
+                                  "stereo float)")
+    max_concurrent_rpcs: int = limit(1024, low=1, help="RPCs in progress at once over all connections; more are "
+                                                       "refused (RESOURCE_EXHAUSTED)")
+    max_connection_streams: int = limit(128, low=1, help="HTTP/2 streams at once on one connection")
     keepalive_time_s: float = limit(30.0, above=0)
     keepalive_timeout_s: float = limit(10.0, above=0)
-    shutdown_grace_s: float = limit(30.0, low=0)
-    drain_s: float = limit(0.0, low=0)
-    worker_name: str | None = None
-    max_streams: int = limit(256, low=0)
-    max_audio_seconds: float = limit(600.0, above=0)
-    stream_buffer_frames: int = limit(250, low=1)
-    stream_idle_timeout_s: float = limit(60.0, above=0)             # Stream: no message for this long ends it
-    strict_models: bool = True
+    shutdown_grace_s: float = limit(30.0, low=0, help="SIGTERM/SIGINT: finish in-flight work for up to this long")
+    drain_s: float = limit(0.0, low=0, help="SIGTERM/SIGINT: report NOT_SERVING, keep serving this long (behind a "
+                           "proxy: longer than its health-check interval), then refuse new work and finish the rest")
+    worker_name: str | None = setting(None, "name in the x-lipsync-worker response header; null = HOSTNAME:PORT")
+    max_streams: int = limit(256, low=0, help="concurrent Stream RPCs")
+    max_audio_seconds: float = limit(600.0, above=0, help="per Synthesize request or stream")
+    stream_buffer_frames: int = limit(250, low=1, help="Stream: frames rendered or in flight but not yet taken by "
+                                                       "the client (flow control)")
+    stream_idle_timeout_s: float = limit(60.0, above=0, help="Stream: a stream whose client sends nothing for this "
+                                                             "long is closed (DEADLINE_EXCEEDED)")
+    strict_models: bool = setting(True, "refuse to start when a declared model's files are broken (false: serve the "
+                                        "others)")
     max_start_frame: int = limit(100_000_000, low=0)
-    jpeg_quality: int = limit(75, low=MIN_QUALITY, high=MAX_QUALITY)
-    config_timeout_s: float = limit(10.0, above=0)
+    jpeg_quality: int = limit(75, low=MIN_QUALITY, high=MAX_QUALITY, help="default when a request sends 0")
+    config_timeout_s: float = limit(10.0, above=0, help="Stream/Converse: close a stream whose config message has "
+                                                        "not come by then")
     live: LiveConfig = dataclasses.field(default_factory=LiveConfig)
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
     auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "ServerConfig":
-        config = section(cls, cfg, "server")
+        config = section(cls, cfg, cls.WHERE)
         for name, part in (("live", LiveConfig), ("tls", TlsConfig), ("auth", AuthConfig)):
             value = getattr(config, name)
             setattr(config, name, value if isinstance(value, part) else part.from_dict(value))

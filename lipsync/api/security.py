@@ -25,7 +25,7 @@ import grpc
 
 from lipsync.api import metrics
 from lipsync.api.headers import WORKER_HEADER
-from lipsync.config import Section, limit
+from lipsync.config import Section, limit, setting
 from lipsync.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -178,21 +178,25 @@ class ScrapeToken:
 # --------------------------------------------------------------------------- settings
 @dataclass
 class TlsConfig(Section):
-    """`server.tls`: TLS on the gRPC port (PEM files, re-read on SIGHUP)."""
+    """`server.tls`: TLS on the gRPC port (PEM files; re-read on SIGHUP)."""
     WHERE = "server.tls"
-    cert: str | None = None  # certificate chain
-    key: str | None = None  # its private key
-    client_ca: str | None = None  # set: mutual TLS, clients must present a certificate this CA signed
+    cert: str | None = setting(None, "certificate chain")
+    key: str | None = setting(None, "its private key")
+    client_ca: str | None = setting(None, "set: mutual TLS, clients must present a certificate this CA signed")
 
 
 @dataclass
 class AuthConfig(Section):
     """`server.auth`: bearer tokens with roles and quotas."""
     WHERE = "server.auth"
-    tokens_file: str | None = None  # lines `TOKEN ROLE[,ROLE] [name=LABEL] [streams=N] [sessions=N]`; null: none
-    reflection: str = limit("open", choices=("open", "auth"))  # auth: server reflection needs a token
-    default_streams: int = limit(64, low=0)  # per-token open Stream RPCs when a line has no streams= (0: no quota)
-    default_sessions: int = limit(16, low=0)  # per-token live sessions when a line has no sessions= (0: no quota)
+    tokens_file: str | None = setting(None, "lines `TOKEN ROLE[,ROLE] [name=LABEL] [streams=N] [sessions=N]` (roles: "
+                                            "infer, metrics, admin); clients send `authorization: Bearer TOKEN`; "
+                                            "null = no token check. Re-read on SIGHUP")
+    reflection: str = setting("open", "open | auth (server reflection needs a token)", choices=("open", "auth"))
+    default_streams: int = limit(64, low=0, help="per-token quota of open Stream RPCs when a line has no streams= "
+                                                 "(0 = server limit only)")
+    default_sessions: int = limit(16, low=0, help="per-token quota of live sessions when a line has no sessions= "
+                                                  "(0 = server limit only)")
 
 
 # --------------------------------------------------------------------------- TLS

@@ -33,7 +33,7 @@ from lipsync.api.security import AccessInterceptor, Principal, Quotas, Security,
 from lipsync.api.service import LipSyncService
 from lipsync.codec import audio
 from lipsync.codec.audio import AudioFormat
-from lipsync.config import Section, limit, section, settings
+from lipsync.config import Section, section, setting, settings
 from lipsync.errors import DeadlineExceeded, ResourceExhausted, Unauthenticated, Unavailable
 from lipsync.model.engines import EngineConfig
 from lipsync.model.pipeline import DEVICE_TYPES, PipelineConfig, micro_batch_setting
@@ -145,9 +145,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 @dataclass
 class LoggingConfig(Section):
-    """`logging` section."""
+    """`logging`: what `lipsync serve` logs (to stderr)."""
     WHERE = "logging"
-    level: str = limit("INFO", choices=LOG_LEVELS)
+    level: str = setting("INFO", "DEBUG also logs the composed config at start", choices=LOG_LEVELS)
     format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
     @classmethod

@@ -20,7 +20,7 @@ import shutil
 import ssl
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -38,6 +38,7 @@ from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync.apps.client import Credentials, channel, open_stream, routing
 from lipsync.codec import audio
 from lipsync.codec.jpeg import decode_rgb
+from lipsync.config import ConfigError, Section, limit, section, setting
 
 log = logging.getLogger(__name__)
 
@@ -49,51 +50,52 @@ HTTP_STATUS = {  # gRPC status of a refused session → HTTP status for the page
 
 
 @dataclass
-class WebConfig:
-    """`web` section of conf/web.yaml."""
+class WebConfig(Section):
+    """`web`: `lipsync web`, the browser page (--host/--port set web.host/web.port)."""
+    WHERE = "web"
     host: str = "127.0.0.1"
-    port: int = 8080
-    certfile: str = ""              # HTTPS certificate and key: browsers open the microphone only on https:// or
-    keyfile: str = ""               # localhost
-    sample_rate: int = 48000        # session audio in and out (WebRTC's Opus runs at 48 kHz)
-    jpeg_quality: int = 0           # 0: the server's default
-    video_backlog: int = 3          # frames waiting for the video encoder; beyond, the oldest is dropped (counted)
-    audio_backlog: int = 25         # the same for 40 ms audio frames
-    gate_threshold_dbfs: float = -45.0  # microphone level that counts as speech
-    gate_min_speech_ms: int = 250   # shorter bursts are ignored
-    gate_hangover_ms: int = 600     # silence that ends an utterance
-    gate_preroll_ms: int = 200      # audio kept from before the level rose
-    max_utterance_s: float = 30.0   # a longer microphone utterance is cut here; longer files are refused
-    max_upload_mb: float = 20.0
-    max_sessions: int = 8           # browsers bridged at once
-    max_text_chars: int = 1000
-    tts_command: str = "espeak-ng"  # text to speech (text on stdin, WAV on stdout); the page says when it is missing
+    port: int = limit(8080, low=0, high=65535)
+    certfile: str = setting("", "HTTPS for the page (with keyfile): browsers open the microphone only on https:// "
+                                "pages or on localhost")
+    keyfile: str = ""
+    sample_rate: int = setting(48000, "session audio in and out (WebRTC's Opus runs at 48 kHz)")
+    jpeg_quality: int = limit(0, low=0, high=100, help="0: the server's default")
+    video_backlog: int = limit(3, low=1, help="frames waiting for this bridge's video encoder before the oldest is "
+                                              "dropped")
+    audio_backlog: int = limit(25, low=1, help="40 ms audio frames waiting for the Opus encoder before the oldest is "
+                                               "dropped")
+    gate_threshold_dbfs: float = setting(-45.0, "the microphone's audio is cut into utterances by level (the avatar "
+                                                "repeats what was said): a 20 ms block at least this loud is speech")
+    gate_min_speech_ms: int = limit(250, low=0, help="shorter bursts are ignored")
+    gate_hangover_ms: int = limit(600, low=0, help="this much quiet ends an utterance")
+    gate_preroll_ms: int = limit(200, low=0, help="audio kept from just before the level rose")
+    max_utterance_s: float = limit(30.0, above=0, help="microphone utterances are cut here; longer files or texts "
+                                                       "are refused")
+    max_upload_mb: float = limit(20.0, above=0)
+    max_sessions: int = limit(8, low=1, help="browsers bridged at once")
+    max_text_chars: int = limit(1000, low=1)
+    tts_command: str = setting("espeak-ng", "text to speech (text on stdin, WAV on stdout); the page says so when it "
+                                            "is missing")
     tts_voice: str = "en-us"
-    tts_timeout_s: float = 20.0     # a text-to-speech run that takes longer is killed
-    max_tts_jobs: int = 2           # text-to-speech runs at once on this bridge (one per session)
-    allowed_hosts: list[str] = field(default_factory=list)  # Host names the page answers to besides loopback and
-    #                                 web.host (DNS rebinding); empty with a wildcard web.host: any
-    token_file: str = ""            # file holding a token the page and its API require (open the page once with
-    #                                 ?token=TOKEN; it is kept in a cookie); empty = no token
+    tts_timeout_s: float = limit(20.0, above=0, help="a text-to-speech run that takes longer is killed")
+    max_tts_jobs: int = limit(2, low=1, help="text-to-speech runs at once on this bridge (and one per session)")
+    allowed_hosts: list[str] = setting([], "host names browsers use for this page besides loopback and web.host (a "
+                                           "page whose name is rebound to this address gets 421); empty while "
+                                           "web.host is a wildcard (0.0.0.0): any name, with a warning at start")
+    token_file: str = setting("", "a file holding a token (16+ characters) the page requires: open it once as "
+                                  "/?token=TOKEN (kept in a cookie)")
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "WebConfig":
-        from lipsync.config import ConfigError, settings
-        values = settings(cfg, cls, "web")
+        values = dict(cfg or {})
         if "allowed_hosts" in values:
             values["allowed_hosts"] = [str(h) for h in (values["allowed_hosts"] or [])]
-        config = cls(**values)
+        config = section(cls, values, cls.WHERE)
         if config.sample_rate % timebase.FPS or not audio.MIN_RATE <= config.sample_rate <= audio.MAX_RATE:
             raise ConfigError(f"web.sample_rate={config.sample_rate}: must be a multiple of {timebase.FPS} within "
                               f"{audio.MIN_RATE}..{audio.MAX_RATE}")
         if bool(config.certfile) != bool(config.keyfile):
             raise ConfigError("web.certfile and web.keyfile go together: set both or neither")
-        for key in ("max_sessions", "max_tts_jobs", "max_text_chars", "video_backlog", "audio_backlog"):
-            if int(getattr(config, key)) < 1:
-                raise ConfigError(f"web.{key}={getattr(config, key)}: must be a whole number >= 1")
-        for key in ("max_utterance_s", "max_upload_mb", "tts_timeout_s"):
-            if not float(getattr(config, key)) > 0:
-                raise ConfigError(f"web.{key}={getattr(config, key)}: must be > 0")
         if str(config.tts_voice).startswith("-"):
             raise ConfigError(f"web.tts_voice={config.tts_voice!r}: a voice name, not an option")
         return config
@@ -102,7 +104,6 @@ class WebConfig:
         """The bridge's own token (web.token_file, read once), or None when the page is open."""
         if not self.token_file:
             return None
-        from lipsync.config import ConfigError
         path = Path(self.token_file).expanduser().resolve()
         try:
             token = path.read_text().strip()

@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lipsync.config import ConfigError, limit, section, settings
+from lipsync.config import ConfigError, Section, limit, section, setting, settings
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +40,46 @@ class EngineError(RuntimeError):
 
 
 @dataclass
-class EngineConfig:
-    backend: str = limit("auto", choices=BACKENDS)
-    precision: str = limit("auto", choices=("auto", "fp32", "fp16", "bf16"))  # auto: fp32 on CPU, fp16 on CUDA
-    channels_last: str | bool = "auto"  # auto: on for CPU eager (measured faster), off elsewhere
-    batch_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 24, 32])
-    min_batch: int = limit(1, low=1)
+class EngineConfig(Section):
+    """`engine`: how the networks run. `auto` (the default) chooses by measurement at load: every candidate that
+    exists on the device is built, checked against eager fp32 (max abs error and, for reduced precision, 8-bit PSNR
+    of the 320x320 prediction on the avatar's own frames) and timed at each tuning batch; the fastest wins (ties go
+    to the smaller batch and the earlier candidate). The decision is cached per machine, model and candidate list
+    under cache_dir/decisions, so later loads build only it."""
+    WHERE = "engine"
+    backend: str = setting("auto", "auto | tensorrt | compile | onnxruntime | openvino | eager", choices=BACKENDS)
+    precision: str = setting("auto", "for pinned backends: fp32 on CPU, fp16 on CUDA; or fp32 | fp16 | bf16",
+                             choices=("auto", "fp32", "fp16", "bf16"))
+    candidates: dict[str, list[str]] = setting({
+        "cpu": ["openvino/fp32", "onnxruntime/fp32", "openvino/bf16", "eager/fp32", "eager/bf16"],
+        "cuda": ["tensorrt/fp16", "compile/fp16", "eager/fp16"]},
+        "auto: measured at load, in order of preference on ties. CPU: bf16 ones only where the CPU has "
+        "AMX/AVX512-BF16 (add compile/fp32 to also try inductor, about a minute per batch); compile/* on CUDA runs "
+        "with CUDA graphs")
+    tune_batches: dict[str, list[int]] = setting({"cpu": [1, 2, 4], "cuda": [8, 16, 32]}, "auto: the batches each "
+                                                 "candidate is timed at")
+    tune_seconds: float = limit(1.5, above=0, help="timing per candidate and batch")
+    tune_margin: float = limit(0.05, low=0, high=1, help="a larger batch or a later candidate must be this much "
+                                                         "faster (5 %) to win")
+    min_psnr_db: float = limit(40.0, low=0, help="bf16/fp16 are refused below this fidelity to fp32 (8-bit PSNR)")
+    channels_last: str | bool = setting("auto", "auto: on for CPU eager (measured faster on CPU), off elsewhere")
+    batch_buckets: list[int] = setting([1, 2, 4, 8, 16, 24, 32], "torch.compile graphs (batches are padded up to "
+                                                                 "the next bucket)")
+    min_batch: int = limit(1, low=1, help="TensorRT dynamic batch profile")
     opt_batch: int = limit(24, low=1)
     max_batch: int = limit(32, low=1, high=1024)
-    cuda_graphs: bool = False
-    cache_dir: str = "~/.cache/lipsync/engines"
-    tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1})
-    min_psnr_db: float = limit(40.0, low=0)  # reduced precision stays this close to fp32 on the reference (8-bit)
-    warmup: bool = True
-    onnxruntime_threads: int = limit(0, low=0)  # 0: torch's intra-op thread count
-    onnxruntime_spinning: bool = False  # busy-waiting ORT threads would steal the cores of the encode thread
-    openvino_threads: int = limit(0, low=0)  # 0: torch's intra-op thread count
-    # `auto`: candidates measured at load, in order of preference on ties, and the batches they are timed at
-    candidates: dict[str, list[str]] = field(default_factory=lambda: {
-        "cpu": ["openvino/fp32", "onnxruntime/fp32", "openvino/bf16", "eager/fp32", "eager/bf16"],
-        "cuda": ["tensorrt/fp16", "compile/fp16", "eager/fp16"]})
-    tune_batches: dict[str, list[int]] = field(default_factory=lambda: {"cpu": [1, 2, 4], "cuda": [8, 16, 32]})
-    tune_seconds: float = limit(1.5, above=0)  # timing per candidate and batch
-    tune_margin: float = limit(0.05, low=0, high=1)  # a larger batch or later candidate must be this much faster
+    cuda_graphs: bool = setting(False, "torch.compile mode=reduce-overhead on CUDA (always on for the compile/* "
+                                       "candidates)")
+    onnxruntime_threads: int = limit(0, low=0, help="0: as many as torch uses")
+    onnxruntime_spinning: bool = setting(False, "busy-waiting ORT threads would steal the cores of the encode "
+                                                "thread")
+    openvino_threads: int = limit(0, low=0, help="0: as many as torch uses")
+    cache_dir: str = setting("~/.cache/lipsync/engines", "TensorRT engines, ONNX exports and decisions")
+    tolerance: dict[str, float] = setting({"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}, "accuracy gate at load: max "
+                                          "abs error vs eager fp32 (a coarse check that catches broken engines; "
+                                          "fidelity of reduced precision is decided by min_psnr_db). bf16 of a "
+                                          "trained model reaches ~0.06 at its worst pixel")
+    warmup: bool = setting(True, "run every batch bucket once at load, never on a user's first request")
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "EngineConfig":
@@ -74,7 +91,7 @@ class EngineConfig:
                 values[key] = {device: list(v) for device, v in dict(values[key]).items()}
         if "batch_buckets" in values:
             values["batch_buckets"] = sorted(int(b) for b in values["batch_buckets"])
-        config = section(cls, values, "engine")
+        config = section(cls, values, cls.WHERE)
         if not 1 <= config.min_batch <= config.opt_batch <= config.max_batch:
             raise ConfigError(f"engine.min_batch={config.min_batch}, opt_batch={config.opt_batch}, max_batch="
                               f"{config.max_batch}: must satisfy 1 <= min_batch <= opt_batch <= max_batch")

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from lipsync.config import ConfigError, Section, limit, section, settings
+from lipsync.config import ConfigError, Section, limit, section, setting, settings
 from lipsync.model import audio_features, compose
 from lipsync.model.autotune import tuned_engine
 from lipsync.model.avatar import Avatar, AvatarError, find_source, load_avatar
@@ -164,12 +164,15 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 @dataclass
 class PipelineConfig(Section):
-    """`pipeline` section: frames per generator call by device type, and `lipsync render`'s JPEG quality."""
+    """`pipeline`: frames per generator call by device type, and `lipsync render`'s JPEG quality."""
     WHERE = "pipeline"
-    micro_batch: dict = limit({"cpu": "auto", "cuda": "auto"})  # auto: measured with the engine (backend auto)
-    pinned_micro_batch: dict = limit({"cpu": 4, "cuda": 32})  # with a pinned backend (CPU loses with large batches)
+    micro_batch: dict = setting({"cpu": "auto", "cuda": "auto"}, "frames per generator call. auto: the batch "
+                                "measured together with the engine (engine.backend: auto picks the fastest "
+                                "backend/precision/batch on the device); a number fixes it")
+    pinned_micro_batch: dict = setting({"cpu": 4, "cuda": 32}, "the micro-batch when the engine backend is pinned "
+                                       "(eager/compile/...): CPU loses with large batches (activations outgrow the "
+                                       "caches), GPU wants them large")
     jpeg_quality: int = limit(75, low=1, high=100)
-
     @classmethod
     def from_dict(cls, cfg: Any) -> "PipelineConfig":
         config = section(cls, cfg, cls.WHERE)

@@ -55,19 +55,29 @@ class SessionError(InvalidRequest):
 
 @dataclass
 class LiveConfig(Section):
-    """`server.live` section."""
+    """`server.live`: live sessions (Converse)."""
     WHERE = "server.live"
-    time_scale: float = limit(1.0, above=0, high=1000)  # wall-clock seconds per media second (>1 slows the clock)
-    max_sessions: int = limit(64, low=0)                 # open live sessions per server
-    duty_cycle: float = limit(0.5, above=0, high=1)      # share of time a session is assumed to speak (admission)
-    headroom: float = limit(0.9, above=0, high=1)        # admit while speech needs <= headroom x measured capacity
-    lead_margin_frames: int = limit(2, low=0, high=250)  # slots added to the measured render latency before a start
-    latency_safety: float = limit(1.5, low=1, high=10)   # the measured batch latency x this when planning a start
-    max_utterance_s: float = limit(300.0, above=0)       # longest utterance accepted
-    max_queued_utterances: int = limit(16, low=0)        # utterances waiting behind the one playing
-    max_queued_speech_s: float = limit(120.0, above=0)   # speech received and not yet played, all utterances
-    render_ahead_s: float = limit(2.0, above=0, high=60)  # frames go to the generator once due within this
-    idle_timeout_s: float = limit(600.0, above=0)        # a session whose client sends nothing this long ends
+    time_scale: float = limit(1.0, above=0, high=1000, help="wall-clock seconds per media second; 1 = real time "
+                                                            "(tests on slow CPUs use more)")
+    max_sessions: int = limit(64, low=0, help="open live sessions per server")
+    duty_cycle: float = limit(0.5, above=0, high=1, help="share of time a session speaks, for admission against the "
+                                                         "measured capacity")
+    headroom: float = limit(0.9, above=0, high=1, help="admit while the sessions' speech needs <= headroom x "
+                                                       "measured frames/s")
+    lead_margin_frames: int = limit(2, low=0, high=250, help="slots added to the measured render latency before an "
+                                                             "utterance starts")
+    latency_safety: float = limit(1.5, low=1, high=10, help="measured batch latency x this when planning an "
+                                                            "utterance's start")
+    max_utterance_s: float = limit(300.0, above=0, help="longest utterance")
+    max_queued_utterances: int = limit(16, low=0, help="utterances waiting behind the one playing")
+    max_queued_speech_s: float = limit(120.0, above=0, help="speech received and not yet played (all utterances); "
+                                       "the utterance that would pass it ends at once with finished{interrupted, "
+                                       "error}")
+    render_ahead_s: float = limit(2.0, above=0, high=60, help="frames go to the generator once due within this many "
+                                  "seconds of the session's clock (the rest waits as feature rows): live work in the "
+                                  "queue stays bounded")
+    idle_timeout_s: float = limit(600.0, above=0, help="a session whose client sends nothing for this long ends "
+                                                       "(DEADLINE_EXCEEDED)")
 
 
 @dataclass

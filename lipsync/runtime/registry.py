@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lipsync.config import ConfigError, Section, limit
+from lipsync.config import ConfigError, Section, limit, setting
 from lipsync.errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, clip
 from lipsync.model.demo import ensure_demo_model
 from lipsync.model.engines import EngineConfig, EngineError
@@ -50,16 +50,19 @@ class ModelBusy(FailedPrecondition):
 
 @dataclass
 class RegistryConfig(Section):
-    """`registry` section: models per device, memory, eviction, batching across requests."""
+    """`registry`: which models are loaded where, memory, eviction, batching across requests."""
     WHERE = "registry"
-    max_models: int = limit(8, low=1)                     # per device
-    memory_budget_mb: float = limit(0.0, low=0)           # per device; 0 = unlimited
-    eviction: str = limit("lfu", choices=("lfu", "lru"))
-    idle_unload_s: float = limit(0.0, low=0)              # 0 = never
-    devices: list[str] | str = "auto"                     # auto = every CUDA device, else the CPU
-    max_batch: int = limit(32, low=1, high=1024)
-    max_delay_ms: float = limit(2.0, low=0, high=10000)
-    max_queue_frames: int = limit(4096, low=1)
+    max_models: int = limit(8, low=1, help="loaded models per device")
+    memory_budget_mb: float = limit(0.0, low=0, help="per device, measured at load; 0 = unlimited")
+    eviction: str = setting("lfu", "lfu | lru, among models with no request in flight; pinned models never",
+                            choices=("lfu", "lru"))
+    idle_unload_s: float = limit(0.0, low=0, help="unload models idle this long; 0 = never")
+    devices: list[str] | str = setting("auto", "auto = every CUDA device (else the CPU), or a list like [cuda:0, "
+                                               "cuda:1]")
+    max_batch: int = limit(32, low=1, high=1024, help="frames per generator batch across requests and streams")
+    max_delay_ms: float = limit(2.0, low=0, high=10000, help="wait at most this long for a batch to fill")
+    max_queue_frames: int = limit(4096, low=1, help="bounded queue per model: beyond it requests get "
+                                                    "RESOURCE_EXHAUSTED")
 
 
 @dataclass
