@@ -20,10 +20,12 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import time
 import types
 import warnings
 
 __version__ = "0.1.0"
+STARTED = time.monotonic()  # when this process first imported lipsync (`serve` logs its time to READY from it)
 
 # old module path (flat layout) → its module(s) now; `audio` was split into decoding and features
 MOVED = {

@@ -88,3 +88,15 @@ def test_the_flat_import_paths_still_work_and_say_where_things_went():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         import lipsync.model.pipeline  # noqa: F401  (the new paths warn about nothing)
+
+
+def test_the_command_line_lists_its_commands_without_importing_torch_or_grpc():
+    """`lipsync --help` (and `serve --help`) build only what they show: no command pays for another's imports."""
+    code = ("import sys\nfrom lipsync.apps.cli import main\n"
+            "for argv in (['--help'], ['serve', '--help'], ['render', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = sorted(m for m in ('torch', 'grpc', 'torchvision', 'hydra') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "HEAVY []" in done.stdout and "serve" in done.stdout and "--check" in done.stdout

@@ -19,7 +19,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lipsync import __version__
+from lipsync import STARTED, __version__
 from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync._proto import monolithic_pb2 as mono
@@ -278,6 +278,7 @@ async def serve(config: ServeConfig) -> None:
              "mutual TLS" if tls.client_ca else "TLS" if tls.enabled else "plaintext",
              ", tokens required" if state.security.tokens else "", ", ".join(state.registry.entries) or "none")
     watcher = asyncio.ensure_future(state.watch_calls())
+    log.info("ready %.1f s after start (imports, configuration, preloaded models)", time.monotonic() - STARTED)
     print(f"READY port={port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
 from pathlib import Path
 
-from lipsync.apps.options import DefaultsFormatter
-from lipsync.config import SOURCE_ROOT
+from lipsync.apps.options import COMMANDS, DefaultsFormatter, add_connection_options, command_parser
 
 log = logging.getLogger("lipsync")
 
@@ -19,8 +19,7 @@ def _setup_logging(level: str = "INFO") -> None:
 
 # --------------------------------------------------------------------------- render
 def add_render(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("render", help="render speech with a SyncTalk_2D model to MP4 and/or numbered frames",
-                       formatter_class=DefaultsFormatter)
+    p = command_parser(sub, "render")
     p.add_argument("--checkpoint", required=True, help="generator checkpoint (.pth)")
     p.add_argument("--audio-encoder", required=True, help="audio encoder checkpoint (audio_visual_encoder.pth)")
     p.add_argument("--avatar", required=True, help="avatar directory or SyncTalk_2D dataset directory")
@@ -124,8 +123,7 @@ def run_render(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- avatar
 def add_avatar(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("avatar", help="inspect, import or synthesise avatars",
-                       formatter_class=DefaultsFormatter)
+    p = command_parser(sub, "avatar")
     asub = p.add_subparsers(dest="avatar_cmd", required=True)
     info = asub.add_parser("info", help="validate an avatar or SyncTalk_2D dataset and describe it")
     info.add_argument("path")
@@ -177,8 +175,7 @@ BENCHMARKS = ("pipeline", "engines", "server", "live")
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (pipeline, engines, server, live)",
-                       formatter_class=DefaultsFormatter)
+    p = command_parser(sub, "bench")
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/bench_NAME.py (see its --help)")
     p.set_defaults(func=run_bench)
@@ -186,6 +183,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     import runpy
+
+    from lipsync.config import SOURCE_ROOT
 
     script = SOURCE_ROOT / "benchmarks" / f"bench_{args.name}.py"
     if not script.is_file():
@@ -198,10 +197,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- web
 def add_web(sub: argparse._SubParsersAction) -> None:
-    from lipsync.apps.client import add_connection_options
-
-    p = sub.add_parser("web", help="a browser page to watch and talk to an avatar live over WebRTC "
-                                   "(pip install 'lipsync[web]')", formatter_class=DefaultsFormatter)
+    p = command_parser(sub, "web")
     add_connection_options(p)
     p.add_argument("--host", help="address the page listens on (default: web.host of conf/web.yaml, 127.0.0.1)")
     p.add_argument("--port", type=int, help="the page's port (default: web.port of conf/web.yaml, 8080; 0 = any)")
@@ -239,6 +235,17 @@ def run_web(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- entry point
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option or its value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC core's own log lines would interleave with ours; every
@@ -247,18 +254,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=DefaultsFormatter)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_render(sub)
-    add_avatar(sub)
-    add_bench(sub)
-    from lipsync.apps.client import add_parser as add_client
-    from lipsync.apps.cluster import add_parser as add_cluster
-    from lipsync.apps.export.cli import add_parser as add_export
-    from lipsync.apps.serve import add_parser as add_serve
-    add_export(sub)
-    add_serve(sub)
-    add_client(sub)
-    add_cluster(sub)
-    add_web(sub)
+    chosen = _chosen_command(sys.argv[1:] if argv is None else argv)
+    for name, (module, function, summary) in COMMANDS.items():
+        if name == chosen:  # only the command that runs is imported (its parser and its work)
+            getattr(importlib.import_module(module), function)(sub)
+        else:
+            sub.add_parser(name, help=summary)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:

@@ -21,6 +21,7 @@ from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync.api import convert
 from lipsync.api.headers import ACCEPTED_HEADER, MODEL_HEADER, WORKER_HEADER
+from lipsync.apps.options import add_connection_options, command_parser
 from lipsync.codec import audio
 from lipsync.model import audio_features
 
@@ -197,19 +198,6 @@ def credentials_from_args(args: argparse.Namespace) -> Credentials:
     return Credentials(token=args.token or os.environ.get("LIPSYNC_TOKEN") or None, tls=args.tls, ca=args.tls_ca,
                        cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name,
                        insecure_token=args.allow_insecure_token)
-
-
-def add_connection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default="127.0.0.1:50051")
-    p.add_argument("--token", help="bearer token (default: $LIPSYNC_TOKEN)")
-    p.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs (implied by --tls-ca)")
-    p.add_argument("--tls-ca", metavar="CA.pem", help="CA that signed the server's certificate")
-    p.add_argument("--tls-cert", metavar="CERT.pem", help="client certificate, for servers that require mutual TLS")
-    p.add_argument("--tls-key", metavar="KEY.pem", help="the client certificate's private key")
-    p.add_argument("--tls-server-name", help="name to verify the server certificate against (when --server is an "
-                                             "address the certificate does not name)")
-    p.add_argument("--allow-insecure-token", action="store_true", help="send --token over plaintext to a server "
-                   "that is not on this machine (refused otherwise)")
 
 
 def _add(stage_ms: dict[str, float], timings: pb.StageTimings) -> None:
@@ -549,11 +537,7 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lipsync.apps.options import DefaultsFormatter
-
-    p = sub.add_parser("client", help="send a WAV to a lipsync server (Synthesize or Stream), or play a "
-                                      "conversation script through a live session (--converse)",
-                       formatter_class=DefaultsFormatter)
+    p = command_parser(sub, "client")
     add_connection_options(p)
     p.add_argument("--model", default="demo")
     p.add_argument("--audio", help="speech: WAV, or any audio file PyAV decodes (mp3, ogg, m4a, flac …)")

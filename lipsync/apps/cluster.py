@@ -200,10 +200,9 @@ class Cluster:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lipsync.apps.options import DefaultsFormatter
+    from lipsync.apps.options import command_parser
 
-    p = sub.add_parser("cluster", help="N workers behind a real Envoy on this machine (routing by x-model-id)",
-                       formatter_class=DefaultsFormatter)
+    p = command_parser(sub, "cluster")
     p.add_argument("--workers", type=int, default=2, help="worker processes (`lipsync serve` each)")
     p.add_argument("--port", type=int, default=50051, help="Envoy's gRPC port (the cluster's address; 0 = any)")
     p.add_argument("--host", default="127.0.0.1", help="Envoy's listening address (0.0.0.0: every interface)")

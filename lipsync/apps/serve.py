@@ -10,9 +10,7 @@ import re
 import subprocess
 import sys
 
-from lipsync.api.server import ServeConfig, StartupError, check_models, prepare, serve
-from lipsync.apps.options import DefaultsFormatter
-from lipsync.config import ConfigError, load_config
+from lipsync.apps.options import command_parser
 
 log = logging.getLogger("lipsync.api.server")
 
@@ -28,8 +26,7 @@ def spawn(overrides: list[str], cwd: str | None = None, log_file=None):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the gRPC server (hydra overrides: server.port=50100 engine=eager …)",
-                       formatter_class=DefaultsFormatter)
+    p = command_parser(sub, "serve")
     p.add_argument("--check", action="store_true", help="validate the configuration and every declared model's "
                                                         "files, then exit (0: all good)")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/config.yaml")
@@ -38,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
+
+    from lipsync.api.server import ServeConfig, StartupError, check_models, prepare, serve
+    from lipsync.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.overrides)

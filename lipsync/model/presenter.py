@@ -19,7 +19,8 @@ import numpy as np
 
 WIDTH, HEIGHT = 1280, 720
 POSE_PERIOD = 150  # frames (6 s): head motion and blinks repeat exactly
-SAMPLE_RATE, HOP = 16000, 640  # SPEC §1: 640 samples of 16 kHz audio per video frame
+from lipsync.timebase import SAMPLE_RATE  # SPEC §1: 640 samples a video frame
+from lipsync.timebase import SAMPLES_PER_FRAME as HOP
 
 SKIN = np.array([226, 182, 152], np.float32)
 LIPS = np.array([176, 78, 88], np.float32)

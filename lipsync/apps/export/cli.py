@@ -6,14 +6,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lipsync.apps.options import DefaultsFormatter
+    from lipsync.apps.options import command_parser
 
-    p = sub.add_parser("export", help="export a SyncTalk_2D checkpoint to ONNX or a TensorRT engine",
-                       formatter_class=DefaultsFormatter)
+    p = command_parser(sub, "export")
     p.add_argument("--checkpoint", required=True, help="generator checkpoint (.pth)")
     p.add_argument("--variant", default="328", choices=["328", "160"])
     p.add_argument("--format", required=True, choices=["onnx", "tensorrt"])
@@ -26,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from lipsync.model.networks import AUDIO_FEATURE_SHAPE, INPUT_SIZE, load_audio_encoder, load_generator
