@@ -134,6 +134,7 @@ def test_openvino_engines_against_eager(tmp_path):
     fp32 = build_engine(net, SHAPES, EngineConfig.from_dict({"backend": "openvino", "cache_dir": str(tmp_path)}),
                         "cpu")
     assert (fp32.backend, fp32.precision) == ("openvino", "fp32") and fp32.max_error <= 1e-3
+    assert any((tmp_path / "openvino").glob("*.blob")), "OpenVINO's compiled-model cache (CACHE_DIR) is empty"
     torch.testing.assert_close(fp32(x), net(x), atol=1e-5, rtol=1e-5)
     if not cpu_bf16_supported():
         pytest.skip("this CPU has no native bf16: the openvino/bf16 candidate is skipped")

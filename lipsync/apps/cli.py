@@ -14,7 +14,10 @@ log = logging.getLogger("lipsync")
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """lipsync's own loggers at `level`; other libraries' only from WARNING (their INFO is noise to our users)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("lipsync").setLevel(level)
 
 
 # --------------------------------------------------------------------------- render

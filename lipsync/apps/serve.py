@@ -42,7 +42,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.overrides)
         config = ServeConfig.from_dict(cfg)
-        logging.getLogger().setLevel(config.logging.level)
+        logging.getLogger("lipsync").setLevel(config.logging.level)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(config.logging.format))
         log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
         if args.check:
             server_cfg, security, registry, _ = prepare(config)

@@ -406,7 +406,10 @@ def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
     compiled = openvino.Core().compile_model(str(path), "CPU", {
         "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
         "PERFORMANCE_HINT": "LATENCY",  # one request at a time: all threads on each call
-        "INFERENCE_NUM_THREADS": config.openvino_threads or torch.get_num_threads()})
+        "INFERENCE_NUM_THREADS": config.openvino_threads or torch.get_num_threads(),
+        # OpenVINO's own cache of compiled models (keyed by model and these settings): a later load of the same
+        # export skips the compilation (1.2 s → 0.2 s for the demo generator on 2 cores)
+        "CACHE_DIR": str(Path(config.cache_dir).expanduser() / "openvino")})
     request, lock = compiled.create_infer_request(), threading.Lock()
 
     def run(*inputs: Tensor) -> Tensor:
