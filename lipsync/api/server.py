@@ -36,7 +36,7 @@ from lipsync.codec.audio import AudioFormat
 from lipsync.config import Section, section, setting, settings
 from lipsync.errors import DeadlineExceeded, ResourceExhausted, Unauthenticated, Unavailable
 from lipsync.model.engines import EngineConfig
-from lipsync.model.pipeline import DEVICE_TYPES, PipelineConfig, micro_batch_setting
+from lipsync.model.pipeline import PipelineConfig
 from lipsync.runtime.registry import ModelEntry, Registry, RegistryConfig
 
 log = logging.getLogger(__name__)
@@ -173,11 +173,8 @@ class ServeConfig:
     @classmethod
     def from_dict(cls, cfg: Any) -> "ServeConfig":
         values = settings(cfg, cls, "top-level")
-        engine = EngineConfig.from_dict(values.get("engine"))
-        pipeline = PipelineConfig.from_dict(values.get("pipeline"))
-        for device_type in DEVICE_TYPES:  # the micro-batch is read at each load: checked here, at start
-            micro_batch_setting(pipeline, engine, device_type)
-        return cls(ServerConfig.from_dict(values.get("server")), engine, pipeline,
+        return cls(ServerConfig.from_dict(values.get("server")), EngineConfig.from_dict(values.get("engine")),
+                   PipelineConfig.from_dict(values.get("pipeline")),
                    RegistryConfig.from_dict(values.get("registry")), LoggingConfig.from_dict(values.get("logging")),
                    {name: dict(model) for name, model in (values.get("models") or {}).items()},
                    str(values.get("device", "auto")))

@@ -35,7 +35,7 @@ import torch
 from lipsync import timebase
 from lipsync.codec import audio
 from lipsync.codec.audio import AudioFormat, StreamResampler
-from lipsync.config import Section, limit
+from lipsync.config import Section, limit, setting
 from lipsync.errors import InvalidRequest
 from lipsync.model import audio_features
 from lipsync.model.audio_features import FeatureStream
@@ -70,14 +70,14 @@ class LiveConfig(Section):
                                                             "utterance's start")
     max_utterance_s: float = limit(300.0, above=0, help="longest utterance")
     max_queued_utterances: int = limit(16, low=0, help="utterances waiting behind the one playing")
-    max_queued_speech_s: float = limit(120.0, above=0, help="speech received and not yet played (all utterances); "
-                                       "the utterance that would pass it ends at once with finished{interrupted, "
-                                       "error}")
-    render_ahead_s: float = limit(2.0, above=0, high=60, help="frames go to the generator once due within this many "
-                                  "seconds of the session's clock (the rest waits as feature rows): live work in the "
-                                  "queue stays bounded")
-    idle_timeout_s: float = limit(600.0, above=0, help="a session whose client sends nothing for this long ends "
-                                                       "(DEADLINE_EXCEEDED)")
+    max_queued_speech_s: float = setting(
+        120.0, "speech received and not yet played (all utterances); the utterance that would pass it ends at once "
+        "with finished{interrupted, error}", above=0)
+    render_ahead_s: float = setting(
+        2.0, "frames go to the generator once due within this many seconds of the session's clock (the rest waits "
+        "as feature rows): live work in the queue stays bounded", above=0, high=60)
+    idle_timeout_s: float = setting(600.0, "a session whose client sends nothing for this long ends "
+                                           "(DEADLINE_EXCEEDED)", above=0)
 
 
 @dataclass
