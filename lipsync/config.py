@@ -118,6 +118,12 @@ def allowed(f: dataclasses.Field, kind: Any = None) -> str:
     return name
 
 
+def field_kinds(cls: type) -> dict[str, Any]:
+    """Each field of a section dataclass with its plain type (int, float, bool, str, list, dict)."""
+    hints = _hints(cls)
+    return {f.name: _kind(f, hints) for f in dataclasses.fields(cls)}
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -71,6 +71,25 @@ def test_the_conf_files_are_written_from_the_dataclasses():
     assert web == WebConfig()
 
 
+def test_the_settings_reference_lists_every_key_of_conf():
+    """docs/settings.md against the composed config itself (not the dataclasses it is written from)."""
+    from omegaconf import OmegaConf
+
+    text = (conf_dir().parent / "docs" / "settings.md").read_text()
+
+    def keys(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict) and key in ("live", "tls", "auth"):
+                yield from keys(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+    serve = OmegaConf.to_container(load_config(), resolve=False)
+    found = [k for section in ("server", "registry", "pipeline", "logging", "engine")
+             for k in keys(serve[section], f"{section}.")]
+    found += list(keys(OmegaConf.to_container(load_config(name="web"))["web"], "web."))
+    assert len(found) > 90 and [k for k in found if f"| `{k}` |" not in text] == []
+
+
 def test_limits_check_every_client_number():
     limits = Limits(ServerConfig.from_dict({"max_audio_seconds": 2, "max_start_frame": 100}))
     assert limits.quality(0) == 75 and limits.quality(90) == 90

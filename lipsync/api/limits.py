@@ -25,7 +25,7 @@ class ServerConfig(Section):
     WHERE = "server"
     host: str = setting("127.0.0.1", "loopback by default: set 0.0.0.0 (with TLS and tokens) to serve other "
                                      "machines")
-    port: int = limit(50051, low=0, high=65535)
+    port: int = limit(50051, low=0, high=65535, help="the gRPC port (0 picks a free one; `READY port=N` says which)")
     metrics_port: int = limit(9090, low=-1, high=65535, help="Prometheus /metrics over HTTP; -1 disables, 0 picks "
                                                               "a free port")
     metrics_host: str = setting("127.0.0.1", "address of the metrics endpoint (0.0.0.0 for a scraper on another "
@@ -41,8 +41,8 @@ class ServerConfig(Section):
     max_concurrent_rpcs: int = limit(1024, low=1, help="RPCs in progress at once over all connections; more are "
                                                        "refused (RESOURCE_EXHAUSTED)")
     max_connection_streams: int = limit(128, low=1, help="HTTP/2 streams at once on one connection")
-    keepalive_time_s: float = limit(30.0, above=0)
-    keepalive_timeout_s: float = limit(10.0, above=0)
+    keepalive_time_s: float = limit(30.0, above=0, help="HTTP/2 keepalive pings to idle clients this often")
+    keepalive_timeout_s: float = limit(10.0, above=0, help="a client that does not answer a ping this fast is dropped")
     shutdown_grace_s: float = limit(30.0, low=0, help="SIGTERM/SIGINT: finish in-flight work for up to this long")
     drain_s: float = limit(0.0, low=0, help="SIGTERM/SIGINT: report NOT_SERVING, keep serving this long (behind a "
                            "proxy: longer than its health-check interval), then refuse new work and finish the rest")
@@ -55,7 +55,7 @@ class ServerConfig(Section):
                                                              "long is closed (DEADLINE_EXCEEDED)")
     strict_models: bool = setting(True, "refuse to start when a declared model's files are broken (false: serve the "
                                         "others)")
-    max_start_frame: int = limit(100_000_000, low=0)
+    max_start_frame: int = limit(100_000_000, low=0, help="largest start_frame a request may ask for")
     jpeg_quality: int = limit(75, low=MIN_QUALITY, high=MAX_QUALITY, help="default when a request sends 0")
     config_timeout_s: float = limit(10.0, above=0, help="Stream/Converse: close a stream whose config message has "
                                                         "not come by then")

@@ -148,7 +148,7 @@ class LoggingConfig(Section):
     """`logging`: what `lipsync serve` logs (to stderr)."""
     WHERE = "logging"
     level: str = setting("INFO", "DEBUG also logs the composed config at start", choices=LOG_LEVELS)
-    format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    format: str = setting("%(asctime)s %(levelname)s %(name)s: %(message)s", "Python logging format of every line")
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "LoggingConfig":

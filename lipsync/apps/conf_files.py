@@ -1,6 +1,7 @@
-"""conf/'s default files, written from the section dataclasses: each setting's default and its comment live in one
-place (the dataclass field, `config.setting`); the YAML that hydra composes and users read is made from them.
-`make conf` writes the files, `--check` (run by the tests) says which are out of date."""
+"""conf/'s default files and the settings reference (docs/settings.md), written from the section dataclasses: each
+setting's default and its comment live in one place (the dataclass field, `config.setting`); the YAML that hydra
+composes and users read, and the reference, are made from them. `make conf` writes them, `--check` (run by the
+tests) says which are out of date."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ import yaml
 from lipsync.api.limits import ServerConfig
 from lipsync.api.server import LoggingConfig
 from lipsync.apps.web import WebConfig
-from lipsync.config import conf_dir
+from lipsync.config import SOURCE_ROOT, allowed, conf_dir, field_kinds
 from lipsync.model.engines import EngineConfig
 from lipsync.model.pipeline import PipelineConfig
 from lipsync.runtime.registry import RegistryConfig
@@ -85,10 +86,43 @@ def render(cls: type, nested_under: str | None) -> str:
     return "\n".join(header + body) + "\n"
 
 
-def stale(root: Path) -> list[str]:
-    """The files under `root` that differ from what the dataclasses make."""
-    return [name for name, (cls, key) in FILES.items()
-            if not (root / name).is_file() or (root / name).read_text() != render(cls, key)]
+def _rows(cls: type, prefix: str) -> list[str]:
+    defaults, kinds = cls(), field_kinds(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(default):
+            rows += _rows(type(default), f"{prefix}{f.name}.")
+            continue
+        help_text = f.metadata.get("help", "").replace("|", "\\|")
+        rows.append(f"| `{prefix}{f.name}` | `{value_text(default)}` | {allowed(f, kinds[f.name])} | {help_text} |")
+    return rows
+
+
+def reference() -> str:
+    """docs/settings.md: every key of conf/'s sections with its default, what is allowed and what it is for."""
+    out = ["# Settings", "",
+           "Every key of `conf/`, written by `make conf` from the section dataclasses (where each default and its",
+           "comment live); `lipsync serve --check` and `serve` read the same dataclasses, and refuse a value outside",
+           "*allowed* with one line naming the key. Override any key on the command line (`server.port=50100`).", ""]
+    for name, (cls, key) in FILES.items():
+        section = cls.WHERE
+        out += [f"## `{section}` (conf/{name})", "", _summary(cls), "",
+                "| key | default | allowed | what it is for |", "| --- | --- | --- | --- |",
+                *_rows(cls, f"{section}."), ""]
+    return "\n".join(out)
+
+
+def outputs(root: Path) -> dict[Path, str]:
+    """Every file this writes, and what it should hold."""
+    files = {root / name: render(cls, key) for name, (cls, key) in FILES.items()}
+    files[SOURCE_ROOT / "docs" / "settings.md"] = reference()
+    return files
+
+
+def stale(root: Path) -> list[Path]:
+    """The files that differ from what the dataclasses make."""
+    return [path for path, text in outputs(root).items() if not path.is_file() or path.read_text() != text]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     root = conf_dir()
     out_of_date = stale(root)
     if args.check:
-        for name in out_of_date:
-            print(f"conf/{name} is out of date: run `make conf`", file=sys.stderr)
+        for path in out_of_date:
+            print(f"{path} is out of date: run `make conf`", file=sys.stderr)
         return 1 if out_of_date else 0
-    for name in out_of_date:
-        cls, key = FILES[name]
-        (root / name).write_text(render(cls, key))
-        print(f"wrote conf/{name}")
+    texts = outputs(root)
+    for path in out_of_date:
+        path.write_text(texts[path])
+        print(f"wrote {path}")
     return 0
 
 

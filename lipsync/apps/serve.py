@@ -27,6 +27,8 @@ def spawn(overrides: list[str], cwd: str | None = None, log_file=None):
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = command_parser(sub, "serve")
+    p.epilog = ("settings: every key of conf/ with its default and what is allowed is in docs/settings.md; set any "
+                "of them as KEY=VALUE (server.port=50100 registry.max_models=4 engine=eager)")
     p.add_argument("--check", action="store_true", help="validate the configuration and every declared model's "
                                                         "files, then exit (0: all good)")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/config.yaml")

@@ -53,11 +53,11 @@ HTTP_STATUS = {  # gRPC status of a refused session → HTTP status for the page
 class WebConfig(Section):
     """`web`: `lipsync web`, the browser page (--host/--port set web.host/web.port)."""
     WHERE = "web"
-    host: str = "127.0.0.1"
-    port: int = limit(8080, low=0, high=65535)
+    host: str = setting("127.0.0.1", "address the page listens on (0.0.0.0: every interface; see allowed_hosts)")
+    port: int = limit(8080, low=0, high=65535, help="the page's port (0 picks a free one)")
     certfile: str = setting("", "HTTPS for the page (with keyfile): browsers open the microphone only on https:// "
                                 "pages or on localhost")
-    keyfile: str = ""
+    keyfile: str = setting("", "the HTTPS certificate's private key")
     sample_rate: int = setting(48000, "session audio in and out (WebRTC's Opus runs at 48 kHz)")
     jpeg_quality: int = limit(0, low=0, high=100, help="0: the server's default")
     video_backlog: int = limit(3, low=1, help="frames waiting for this bridge's video encoder before the oldest is "
@@ -71,12 +71,12 @@ class WebConfig(Section):
     gate_preroll_ms: int = limit(200, low=0, help="audio kept from just before the level rose")
     max_utterance_s: float = limit(30.0, above=0, help="microphone utterances are cut here; longer files or texts "
                                                        "are refused")
-    max_upload_mb: float = limit(20.0, above=0)
+    max_upload_mb: float = limit(20.0, above=0, help="largest audio file the page may upload")
     max_sessions: int = limit(8, low=1, help="browsers bridged at once")
-    max_text_chars: int = limit(1000, low=1)
+    max_text_chars: int = limit(1000, low=1, help="longest text the page may send to text to speech")
     tts_command: str = setting("espeak-ng", "text to speech (text on stdin, WAV on stdout); the page says so when it "
                                             "is missing")
-    tts_voice: str = "en-us"
+    tts_voice: str = setting("en-us", "espeak-ng voice (-v); a name, never an option")
     tts_timeout_s: float = limit(20.0, above=0, help="a text-to-speech run that takes longer is killed")
     max_tts_jobs: int = limit(2, low=1, help="text-to-speech runs at once on this bridge (and one per session)")
     allowed_hosts: list[str] = setting([], "host names browsers use for this page besides loopback and web.host (a "

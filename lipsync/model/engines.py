@@ -66,8 +66,8 @@ class EngineConfig(Section):
     batch_buckets: list[int] = setting([1, 2, 4, 8, 16, 24, 32], "torch.compile graphs (batches are padded up to "
                                                                  "the next bucket)")
     min_batch: int = limit(1, low=1, help="TensorRT dynamic batch profile")
-    opt_batch: int = limit(24, low=1)
-    max_batch: int = limit(32, low=1, high=1024)
+    opt_batch: int = limit(24, low=1, help="TensorRT: the batch the engine is tuned for")
+    max_batch: int = limit(32, low=1, high=1024, help="TensorRT: the largest batch of its profile")
     cuda_graphs: bool = setting(False, "torch.compile mode=reduce-overhead on CUDA (always on for the compile/* "
                                        "candidates)")
     onnxruntime_threads: int = limit(0, low=0, help="0: as many as torch uses")

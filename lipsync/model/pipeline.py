@@ -172,7 +172,7 @@ class PipelineConfig(Section):
     pinned_micro_batch: dict = setting({"cpu": 4, "cuda": 32}, "the micro-batch when the engine backend is pinned "
                                        "(eager/compile/...): CPU loses with large batches (activations outgrow the "
                                        "caches), GPU wants them large")
-    jpeg_quality: int = limit(75, low=1, high=100)
+    jpeg_quality: int = limit(75, low=1, high=100, help="`lipsync render`: JPEG quality of the frames (--quality)")
     @classmethod
     def from_dict(cls, cfg: Any) -> "PipelineConfig":
         config = section(cls, cfg, cls.WHERE)
