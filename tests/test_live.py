@@ -72,10 +72,13 @@ def events_of(result, kind: str) -> dict[str, object]:
 def test_session_is_paced_continuous_video(conversation):
     result, _, _ = conversation
     frames = result.frames
-    assert abs(len(frames) - 225) <= 1
+    # the session lasts as long as the client keeps it open: 9 media s (225 slots) after the session info, plus
+    # however late the client's own half-close came (a loaded machine delays it, not the server's pacing)
+    interval = result.session.frame_interval_ms / 1e3
+    assert 9.0 * TIME_SCALE <= result.closed_s < 9.0 * TIME_SCALE + 1.0
+    assert abs(len(frames) - result.closed_s / interval) <= 1.5, (len(frames), result.closed_s / interval)
     assert [f.index for f in frames] == list(range(len(frames)))
     assert all(f.pts_ms == pytest.approx(40.0 * f.index) for f in frames)
-    interval = result.session.frame_interval_ms / 1e3
     assert interval == pytest.approx(0.04 * TIME_SCALE)
     # every frame leaves within one frame interval of its slot (measured from frame 0's arrival)
     offsets = [t - result.received_s[0] - f.index * interval for f, t in zip(frames, result.received_s)]

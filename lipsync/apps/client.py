@@ -302,6 +302,7 @@ class ConverseResult:
     frames: list[pb.LiveFrame] = field(default_factory=list)
     received_s: list[float] = field(default_factory=list)  # arrival of each frame, seconds after the session info
     events: list[tuple[int, pb.ConverseEvent]] = field(default_factory=list)  # (frame index, event)
+    closed_s: float = 0.0  # when this client half-closed (ending the session), seconds after the session info
 
     def summary(self) -> dict:
         """Per-utterance latency/interruption, late frames and pacing, as a JSON-able dict."""
@@ -373,6 +374,8 @@ async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say],
         for t, message in plan() + [(duration_s, None)]:
             await asyncio.sleep(max(0.0, origin + t * scale[0] - time.perf_counter()))
             if message is None:
+                if result is not None:
+                    result.closed_s = time.perf_counter() - origin
                 return  # half-close: the session ends
             yield message
 
