@@ -13,6 +13,13 @@ LAYERS = ["lipsync.integrations", "lipsync.apps", "lipsync.api", "lipsync.runtim
 FOUNDATION = {"lipsync.config", "lipsync.errors", "lipsync.timebase", "lipsync._proto", "lipsync.protos"}
 
 
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a new interpreter in the source tree (its imports are its own, not this process's)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def graph() -> grimp.ImportGraph:
     return grimp.build_graph("lipsync", exclude_type_checking_imports=True)
 
@@ -81,8 +88,7 @@ def test_the_flat_import_paths_still_work_and_say_where_things_went():
             "assert audio.SAMPLE_RATE == 16000 and models.load_generator is load_generator\n"
             "assert lipsync.pipeline.load_pipeline.__module__ == 'lipsync.model.pipeline'\n"
             "assert lipsync.render.synthesize.__module__ == 'lipsync.runtime.render'\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = fresh_python(code)
     assert "DeprecationWarning: lipsync.pipeline moved to lipsync.model.pipeline" in done.stderr
     assert "lipsync.audio moved to lipsync.codec.audio + lipsync.model.audio_features" in done.stderr
     with warnings.catch_warnings():
@@ -97,6 +103,5 @@ def test_the_command_line_lists_its_commands_without_importing_torch_or_grpc():
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "heavy = sorted(m for m in ('torch', 'grpc', 'torchvision', 'hydra') if m in sys.modules)\n"
             "print('HEAVY', heavy)\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = fresh_python(code)
     assert "HEAVY []" in done.stdout and "serve" in done.stdout and "--check" in done.stdout
