@@ -2,12 +2,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-STUBS  := lipsync/_proto/__init__.py
 
-.PHONY: setup test conf demo demo-model web bench gpu-check clean
+.PHONY: setup test conf protos demo demo-model web bench gpu-check clean
 
-## setup: .venv with the pinned torch 2.11 family, lipsync editable with its dev extras, gRPC stubs (idempotent)
-setup: $(STAMP) $(STUBS)
+## setup: .venv with the pinned torch 2.11 family, lipsync (and lipsync_client) editable with the dev extras (idempotent)
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
 	touch $(STAMP)
 
-$(STUBS): protos/lipsync/v1/lipsync.proto protos/monolithic.proto $(STAMP)
+## protos: regenerate the gRPC stubs (committed, in clients/python/lipsync_client/_proto) after editing protos/
+protos: setup
 	$(PY) -m lipsync.protos
 
 ## test: the layer contract (import-linter), then the whole suite (CPU; CUDA/TensorRT tests skip with their reason)

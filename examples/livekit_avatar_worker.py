@@ -1,6 +1,6 @@
 """A LiveKit avatar worker whose video comes from a lipsync server.
 
-    pip install -e ".[livekit]"
+    pip install "./clients/python[livekit]"    # or, with the server: pip install -e ".[livekit]"
     LIVEKIT_URL=wss://… LIVEKIT_API_KEY=… LIVEKIT_API_SECRET=… LIPSYNC_SERVER=127.0.0.1:50051 LIPSYNC_MODEL=demo \
         python examples/livekit_avatar_worker.py dev
 
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 
+from lipsync_client import Credentials
+from lipsync_client.livekit import LipsyncVideoGenerator
 from livekit.agents import JobContext, WorkerOptions, cli
 from livekit.agents.voice.avatar import AvatarOptions, AvatarRunner, DataStreamAudioReceiver
-
-from lipsync.apps.client import Credentials
-from lipsync.integrations.livekit import LipsyncVideoGenerator
 
 SAMPLE_RATE = 24000  # the agent's TTS rate; any multiple of 25 Hz
 

@@ -3,13 +3,16 @@
 The package is layered in the order data flows, each layer importing only from those below it (the import-linter
 contract in pyproject.toml keeps it so):
 
-    integrations   Pipecat and LiveKit services, built on the client
-    apps           command line, client, browser bridge, local cluster, export, demo
+    integrations   Pipecat and LiveKit services (the client package's, under these names)
+    apps           command line, client command, browser bridge, local cluster, export, demo
     api            the gRPC services, their one call wrapper, proto conversions, limits, security, metrics
     runtime        registry, deadline scheduler, Stream and live sessions, in-process rendering
     model          audio features, networks, engines, avatars, compositing, the pipeline, the demo model
     codec          PCM/WAV decoding, resampling, JPEG, MP4
     config, errors, timebase, _proto   (the foundation: typed settings, error types, the 25 fps clock, stubs)
+
+Beside them, `lipsync_client` (clients/python, its own distribution without torch) holds the stubs, channels,
+credentials and the client calls; the server imports the stubs and the header names from it, never the other way.
 
 The module paths of the flat layout before it (`lipsync.audio`, `lipsync.pipeline`, `lipsync.client`, …) still
 import, with a DeprecationWarning naming the new path.

@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from lipsync.runtime.live import Event, Frame, LiveSession
     from lipsync.runtime.registry import ModelEntry, Registry
 
-# The one table of audio encodings on the wire: proto enum ↔ codec name (UNSPECIFIED means s16le, SPEC §9).
+# Audio encodings on the wire, proto enum → codec name (UNSPECIFIED means s16le, SPEC §9); the other way round is
+# lipsync_client.audio.format_message, which clients use.
 ENCODING_NAMES = {pb.AUDIO_ENCODING_UNSPECIFIED: "s16le", pb.PCM_S16LE: "s16le", pb.PCM_F32LE: "f32le", pb.WAV: "wav"}
-ENCODING_ENUMS = {"s16le": pb.PCM_S16LE, "f32le": pb.PCM_F32LE, "wav": pb.WAV}
 FRAME_KINDS = {"idle": pb.IDLE, "speech": pb.SPEECH, "held": pb.HELD}
 MAX_UTTERANCE_ID = 256  # characters of a client's utterance id kept (it is echoed in events and logs)
 
@@ -38,9 +38,6 @@ def audio_format(limits: Limits, fmt: pb.AudioFormat, allow_wav: bool) -> AudioF
     """A request's audio format, checked (an unknown enum value is refused by name)."""
     return limits.audio_format(ENCODING_NAMES.get(fmt.encoding), fmt.sample_rate, fmt.channels, allow_wav)
 
-
-def format_message(fmt: AudioFormat) -> pb.AudioFormat:
-    return pb.AudioFormat(encoding=ENCODING_ENUMS[fmt.encoding], sample_rate=fmt.sample_rate, channels=fmt.channels)
 
 
 STREAM_MESSAGES: dict[str, Callable[[Any], StreamMessage]] = {

@@ -23,15 +23,20 @@ def _setup_logging(level: str = "INFO") -> None:
 # --------------------------------------------------------------------------- render
 def add_render(sub: argparse._SubParsersAction) -> None:
     p = command_parser(sub, "render")
-    p.add_argument("--checkpoint", required=True, help="generator checkpoint (.pth)")
-    p.add_argument("--audio-encoder", required=True, help="audio encoder checkpoint (audio_visual_encoder.pth)")
-    p.add_argument("--avatar", required=True, help="avatar directory or SyncTalk_2D dataset directory")
+    p.add_argument("--model", help="a model declared in conf/models/NAME.yaml (e.g. demo): its files and options "
+                   "(variant, sequence, feather; the demo's avatar is drawn on first use); flags given override them")
+    p.add_argument("--checkpoint", help="generator checkpoint (.pth); required without --model")
+    p.add_argument("--audio-encoder", help="audio encoder checkpoint (audio_visual_encoder.pth); required without "
+                   "--model")
+    p.add_argument("--avatar", help="avatar directory or SyncTalk_2D dataset directory; required without --model")
     p.add_argument("--audio", required=True, help="speech: WAV (16-bit PCM or float) or any audio file PyAV "
                                                   "decodes (mp3, ogg, m4a, flac …)")
-    p.add_argument("--variant", default="328", choices=["328", "160"])
+    p.add_argument("--variant", default=None, choices=["328", "160"], help="generator variant (default: the model's, "
+                   "else 328)")
     p.add_argument("--asr", default="ave", choices=["ave"], help="audio branch of the generator")
     p.add_argument("--start-frame", type=int, default=0, help="avatar position of output frame 0 (1 = SyncTalk_2D)")
-    p.add_argument("--sequence", default="pingpong", choices=["pingpong", "loop"])
+    p.add_argument("--sequence", default=None, choices=["pingpong", "loop"], help="avatar frame order (default: the "
+                   "model's, else pingpong)")
     p.add_argument("--out", help="MP4 to write (H.264 + the speech as AAC)")
     p.add_argument("--frames-out", help="directory for numbered frames 000000.png, …")
     p.add_argument("--format", default="png", choices=["png", "jpeg"], help="frame format for --frames-out")
@@ -40,11 +45,41 @@ def add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto",
                    choices=["auto", "eager", "compile", "onnxruntime", "openvino", "tensorrt"])
     p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
-    p.add_argument("--feather", type=int, default=0, help="feather the pasted square over N template pixels")
+    p.add_argument("--feather", type=int, default=None, help="feather the pasted square over N template pixels "
+                   "(default: the model's, else 0 = SyncTalk_2D's hard paste)")
     p.add_argument("--max-audio-seconds", type=float, default=3600.0,
                    help="refuse longer audio (decoding stops there)")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.max_batch=8")
     p.set_defaults(func=run_render)
+
+
+def render_model(args: argparse.Namespace) -> dict:
+    """The model to render: a declared one (`--model`, conf/models/NAME.yaml) with the flags given on top, or the
+    flags alone. A declared demo model gets its avatar drawn here when it is missing, as `serve` would."""
+    from omegaconf import OmegaConf
+
+    from lipsync.config import load_config
+
+    declared: dict = {}
+    if args.model:
+        models = OmegaConf.to_container(load_config([f"+models={args.model}"], "render").models)
+        if args.model not in models:
+            raise SystemExit(f"render: conf/models/{args.model}.yaml declares {sorted(models)}, not {args.model!r}")
+        declared = models[args.model]
+    flags = {"checkpoint": args.checkpoint, "audio_encoder": args.audio_encoder, "avatar": args.avatar,
+             "variant": args.variant, "asr": args.asr, "sequence": args.sequence, "feather": args.feather,
+             "engine_file": args.engine_file}
+    model = {**{"variant": "328", "sequence": "pingpong", "feather": 0}, **declared,
+             **{k: v for k, v in flags.items() if v is not None}}
+    missing = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "audio_encoder", "avatar") if not model.get(k)]
+    if missing:
+        raise SystemExit(f"render: give --model NAME (see conf/models/) or {', '.join(missing)}")
+    if model.pop("synthetic", False):
+        from lipsync.model.demo import ensure_demo_model
+        ensure_demo_model(Path(model["checkpoint"]), Path(model["audio_encoder"]), Path(model["avatar"]))
+    for key in ("pinned", "preload", "device"):
+        model.pop(key, None)
+    return model
 
 
 def run_render(args: argparse.Namespace) -> int:
@@ -66,10 +101,7 @@ def run_render(args: argparse.Namespace) -> int:
     cfg = load_config([f"engine={args.backend}", *args.overrides], "render")
     device = pick_device(args.device)
     wave = load_audio(args.audio, max_seconds=args.max_audio_seconds)  # checked before the (slow) model load
-    spec = ModelSpec.from_dict("render", {"checkpoint": args.checkpoint, "audio_encoder": args.audio_encoder,
-                                          "avatar": args.avatar, "variant": args.variant, "asr": args.asr,
-                                          "sequence": args.sequence, "feather": args.feather,
-                                          "engine_file": args.engine_file})
+    spec = ModelSpec.from_dict(args.model or "render", render_model(args))
     engine_cfg, pipeline_cfg = EngineConfig.from_dict(cfg.engine), PipelineConfig.from_dict(cfg.pipeline)
     quality = args.quality if args.quality is not None else pipeline_cfg.jpeg_quality
     pipeline = load_pipeline(spec, engine_cfg, device, micro_batch_setting(pipeline_cfg, engine_cfg, device.type),
@@ -256,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.",
                                      formatter_class=DefaultsFormatter)
     parser.add_argument("--log-level", default="INFO")
+    from lipsync import __version__
+    parser.add_argument("--version", action="version", version=f"lipsync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = _chosen_command(sys.argv[1:] if argv is None else argv)
     for name, (module, function, summary) in COMMANDS.items():

@@ -6,20 +6,17 @@ chunked input the same samples as `resample` of the whole.
 from __future__ import annotations
 
 import math
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchaudio.functional as AF
+from lipsync_client import audio as wire
 from torch import Tensor
 
 from lipsync.errors import InvalidRequest, ResourceExhausted
 from lipsync.timebase import SAMPLE_RATE
 
-ENCODINGS = {"s16le": 2, "f32le": 4}
-MIN_RATE, MAX_RATE = 8_000, 48_000
-
+ENCODINGS, MIN_RATE, MAX_RATE = wire.ENCODINGS, wire.MIN_RATE, wire.MAX_RATE  # what the wire allows: one definition
 
 
 class AudioFormatError(InvalidRequest):
@@ -36,23 +33,14 @@ class AudioTooLong(ResourceExhausted):
 
 
 # --------------------------------------------------------------------------- decoding (§1)
-@dataclass(frozen=True)
-class AudioFormat:
-    encoding: str = "s16le"
-    sample_rate: int = SAMPLE_RATE
-    channels: int = 1
+class AudioFormat(wire.AudioFormat):
+    """The client package's format, whose refusal here is a request error (INVALID_ARGUMENT to the caller)."""
 
     def validate(self) -> None:
-        if self.encoding not in ENCODINGS:
-            raise AudioFormatError(f"unsupported audio encoding {self.encoding!r}; expected one of {list(ENCODINGS)}")
-        if not MIN_RATE <= self.sample_rate <= MAX_RATE:
-            raise AudioFormatError(f"sample rate {self.sample_rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
-        if self.channels not in (1, 2):
-            raise AudioFormatError(f"{self.channels} channels are not supported; send mono or stereo")
-
-    @property
-    def frame_bytes(self) -> int:
-        return ENCODINGS[self.encoding] * self.channels
+        try:
+            super().validate()
+        except wire.AudioFormatError as exc:
+            raise AudioFormatError(str(exc)) from None
 
 
 def decode_pcm(data: bytes, fmt: AudioFormat, device: str | torch.device = "cpu", allow_empty: bool = False
@@ -79,47 +67,21 @@ def decode_pcm(data: bytes, fmt: AudioFormat, device: str | torch.device = "cpu"
 
 def read_wav(path: str | Path) -> tuple[bytes, AudioFormat]:
     """Read a RIFF/WAVE file (16-bit PCM or 32-bit float) into its PCM bytes and format."""
-    file = Path(path).expanduser().resolve()
-    if not file.is_file():
-        raise AudioFormatError(f"audio file not found: {file}")
-    return parse_wav(file.read_bytes(), str(file))
+    return _as_request(wire.read_wav, path)
 
 
 def parse_wav(blob: bytes, file: str = "WAV data") -> tuple[bytes, AudioFormat]:
     """Parse RIFF/WAVE bytes into PCM bytes and format."""
-    if len(blob) < 12 or blob[:4] != b"RIFF" or blob[8:12] != b"WAVE":
-        raise AudioFormatError(f"{file} is not a WAV file")
-    pos, fmt, data = 12, None, None
-    while pos + 8 <= len(blob):
-        chunk_id, size = blob[pos:pos + 4], struct.unpack("<I", blob[pos + 4:pos + 8])[0]
-        body = blob[pos + 8:pos + 8 + size]
-        if chunk_id == b"fmt ":
-            if len(body) < 16:
-                raise AudioFormatError(f"{file}: truncated fmt chunk")
-            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
-            if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: real tag in the sub-format GUID
-                tag = struct.unpack("<H", body[24:26])[0]
-            fmt = (tag, channels, rate, bits)
-        elif chunk_id == b"data":
-            data = body
-        pos += 8 + size + (size & 1)
-    if fmt is None or data is None:
-        raise AudioFormatError(f"{file} has no fmt or data chunk")
-    tag, channels, rate, bits = fmt
-    if (tag, bits) == (1, 16):
-        encoding = "s16le"
-    elif (tag, bits) == (3, 32):
-        encoding = "f32le"
-    else:
-        raise AudioFormatError(f"{file}: WAV format tag {tag} with {bits} bits is not supported "
-                               "(use 16-bit PCM or 32-bit float)")
-    audio_format = AudioFormat(encoding, rate, channels)
+    return _as_request(wire.parse_wav, blob, file)
+
+
+def _as_request(read, *args) -> tuple[bytes, AudioFormat]:
+    """The client package's WAV reader (one copy), its refusal raised as a request error."""
     try:
-        audio_format.validate()
-    except AudioFormatError as exc:
-        raise AudioFormatError(f"{file}: {exc}") from None
-    data = data[:len(data) - len(data) % (bits // 8 * channels)]
-    return data, audio_format
+        data, fmt = read(*args)
+    except wire.AudioFormatError as exc:
+        raise AudioFormatError(str(exc)) from None
+    return data, AudioFormat(fmt.encoding, fmt.sample_rate, fmt.channels)
 
 
 def load_wav(path: str | Path, device: str | torch.device = "cpu") -> Tensor:
