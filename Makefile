@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test conf protos demo demo-model web bench gpu-check clean
+.PHONY: setup test docs conf protos demo demo-model web bench gpu-check clean
 
 ## setup: .venv with the pinned torch 2.11 family, lipsync (and lipsync_client) editable with the dev extras (idempotent)
 setup: $(STAMP)
@@ -18,10 +18,16 @@ $(STAMP): pyproject.toml
 protos: setup
 	$(PY) -m lipsync.protos
 
-## test: the layer contract (import-linter), then the whole suite (CPU; CUDA/TensorRT tests skip with their reason)
+## test: the import contracts (import-linter), the reference site (mkdocs --strict), then the whole suite (CPU;
+##   CUDA/TensorRT tests skip with their reason)
 test: setup
 	$(VENV)/bin/lint-imports --no-logo --no-cache
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -q
+
+## docs: the reference site (README + docs/) into out/site/; `$(VENV)/bin/mkdocs serve` previews it
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 ## conf: write conf/'s default files from the section dataclasses (where every default and its comment live)
 conf: setup

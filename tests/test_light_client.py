@@ -24,7 +24,7 @@ MAX_MB = 120
 @pytest.fixture(scope="module")
 def light_venv(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     python = bench_client.make_venv(tmp_path_factory.mktemp("light") / "venv")
-    bench_client.pip_install(python, str(bench_client.CLIENT))
+    bench_client.pip_install(python, str(bench_client.CLIENT), fast=True)
     return python, bench_client.distributions(python)
 
 
@@ -38,7 +38,7 @@ def test_install_is_light(light_venv):
 
 def test_client_tests_pass_from_the_light_venv(light_venv, weights, tiny_avatar, tmp_path_factory):
     python, _ = light_venv
-    bench_client.pip_install(python, f"{bench_client.CLIENT}[pipecat,livekit]", "pytest>=8")
+    bench_client.pip_install(python, f"{bench_client.CLIENT}[pipecat,livekit]", "pytest>=8", fast=True)
     server = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160"), "server.live.time_scale=3"],
                            tmp_path_factory.mktemp("light-server"))
     try:

@@ -1,5 +1,5 @@
 """TLS, mutual TLS, bearer tokens with roles and quotas, slow-loris, SIGHUP reloads, no leaks: real servers on
-127.0.0.1 with certificates from deploy/make-certs.sh (the README's set-up) and real clients."""
+127.0.0.1 with certificates from deploy/make-certs.sh (docs/security.md's set-up) and real clients."""
 from __future__ import annotations
 
 import asyncio
@@ -538,14 +538,14 @@ def test_check_warns_about_an_open_port():
 
 
 def test_the_readme_security_setup(tmp_path, weights, tiny_avatar, speech_1s_wav):
-    """The README's Security block, command by command: certificates and tokens as written; the server and client
-    lines with a free port, the tiny model and a short WAV."""
-    text = (ROOT / "README.md").read_text()
-    block = text[text.index("## Security"):]
+    """The Security page's first block (docs/security.md), command by command: certificates and tokens as written;
+    the server and client lines with a free port, the tiny model and a short WAV."""
+    text = (ROOT / "docs" / "security.md").read_text()
+    block = text[text.index("# Security"):]
     block = block[block.index("```bash\n") + 8:]
     lines = block[:block.index("```")].replace("\\\n", "").splitlines()
     setup, serve, client = lines[0:2], lines[2], lines[4]
-    assert serve.startswith("lipsync serve ") and "lipsync client " in client
+    assert serve.startswith(".venv/bin/lipsync serve ") and ".venv/bin/lipsync client " in client
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for line in setup:
         done = subprocess.run(["bash", "-c", line.replace("deploy/", f"{ROOT}/deploy/", 1)], cwd=tmp_path, env=env,
@@ -556,6 +556,7 @@ def test_the_readme_security_setup(tmp_path, weights, tiny_avatar, speech_1s_wav
     try:
         line = client.replace("localhost:50051", f"localhost:{srv.port}").replace("assets/speech.wav",
                                                                                    str(speech_1s_wav))
+        line = line.replace(".venv/bin/lipsync", str(Path(sys.executable).parent / "lipsync"))  # cwd is tmp_path
         done = subprocess.run(["bash", "-c", line + " --model tiny"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
