@@ -31,12 +31,12 @@ def add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--avatar", help="avatar directory or SyncTalk_2D dataset directory; required without --model")
     p.add_argument("--audio", required=True, help="speech: WAV (16-bit PCM or float) or any audio file PyAV "
                                                   "decodes (mp3, ogg, m4a, flac …)")
-    p.add_argument("--variant", default=None, choices=["328", "160"], help="generator variant (default: the model's, "
-                   "else 328)")
+    p.add_argument("--variant", default=None, choices=["328", "160"], help="generator variant; with --model, the "
+                   "model's (default: 328)")
     p.add_argument("--asr", default="ave", choices=["ave"], help="audio branch of the generator")
     p.add_argument("--start-frame", type=int, default=0, help="avatar position of output frame 0 (1 = SyncTalk_2D)")
-    p.add_argument("--sequence", default=None, choices=["pingpong", "loop"], help="avatar frame order (default: the "
-                   "model's, else pingpong)")
+    p.add_argument("--sequence", default=None, choices=["pingpong", "loop"],
+                   help="avatar frame order; with --model, the model's (default: pingpong)")
     p.add_argument("--out", help="MP4 to write (H.264 + the speech as AAC)")
     p.add_argument("--frames-out", help="directory for numbered frames 000000.png, …")
     p.add_argument("--format", default="png", choices=["png", "jpeg"], help="frame format for --frames-out")
@@ -46,7 +46,7 @@ def add_render(sub: argparse._SubParsersAction) -> None:
                    choices=["auto", "eager", "compile", "onnxruntime", "openvino", "tensorrt"])
     p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
     p.add_argument("--feather", type=int, default=None, help="feather the pasted square over N template pixels "
-                   "(default: the model's, else 0 = SyncTalk_2D's hard paste)")
+                   "(0 = SyncTalk_2D's hard paste); with --model, the model's (default: 0)")
     p.add_argument("--max-audio-seconds", type=float, default=3600.0,
                    help="refuse longer audio (decoding stops there)")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.max_batch=8")
