@@ -108,6 +108,17 @@ def test_render_checks_the_audio_before_loading_the_model(tiny_avatar, tmp_path)
     assert "checkpoint" not in done.stderr
 
 
+@pytest.mark.parametrize("name,message", [("demo server.port=1", "must name a file conf/models/NAME.yaml"),
+                                          ("../../etc/x", "must name a file conf/models/NAME.yaml"),
+                                          ("nosuchmodel", "nosuchmodel")])
+def test_render_model_names_a_declared_file(name, message, tmp_path):
+    """`--model` is a file name under conf/models/: override syntax or a path is refused before anything loads."""
+    done = subprocess.run([sys.executable, "-m", "lipsync", "render", "--model", name, "--audio",
+                           str(SPEECH), "--out", str(tmp_path / "o.mp4")], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and message in done.stdout + done.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
 @pytest.mark.parametrize("command,default", [(["render"], "(default: pingpong)"), (["client"], "(default: demo)"),
                                              (["serve"], "(default: False)"), (["export"], "(default: 328)")])
 def test_help_shows_defaults(command, default, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,9 @@ def render_model(args: argparse.Namespace) -> dict:
 
     declared: dict = {}
     if args.model:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", args.model):  # a file name in conf/models/, never override syntax
+            raise SystemExit(f"render: --model {args.model!r}: must name a file conf/models/NAME.yaml (letters, "
+                             "digits, _ and -)")
         models = OmegaConf.to_container(load_config([f"+models={args.model}"], "render").models)
         if args.model not in models:
             raise SystemExit(f"render: conf/models/{args.model}.yaml declares {sorted(models)}, not {args.model!r}")
