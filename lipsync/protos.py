@@ -27,18 +27,21 @@ def proto_digest() -> str:
     return digest.hexdigest()
 
 
-def generate(out_dir: Path = OUT_DIR) -> Path:
-    """Run protoc (grpcio-tools) and flatten the stubs into one package with relative imports."""
+def _protoc(*outputs: str) -> None:
+    """Run protoc (grpcio-tools, with its well-known types) over PROTO_FILES with the given output options."""
     import grpc_tools
     from grpc_tools import protoc
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
+    if protoc.main(["protoc", f"-I{PROTO_DIR}", f"-I{include}", *outputs,
+                    *[str(PROTO_DIR / p) for p in PROTO_FILES]]) != 0:
+        raise RuntimeError(f"protoc failed on {PROTO_DIR}")
+
+
+def generate(out_dir: Path = OUT_DIR) -> Path:
+    """Run protoc and flatten the stubs into one package with relative imports."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={tmp}", f"--grpc_python_out={tmp}",
-                f"--pyi_out={tmp}",
-                *[str(PROTO_DIR / p) for p in PROTO_FILES]]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {PROTO_DIR}")
+        _protoc(f"--python_out={tmp}", f"--grpc_python_out={tmp}", f"--pyi_out={tmp}")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
@@ -54,16 +57,11 @@ def generate(out_dir: Path = OUT_DIR) -> Path:
 
 def _descriptors():
     """protoc's own parse of the protos, with their comments (source info)."""
-    import grpc_tools
     from google.protobuf import descriptor_pb2
-    from grpc_tools import protoc
 
-    include = str(Path(grpc_tools.__file__).parent / "_proto")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.pb"
-        if protoc.main(["protoc", f"-I{PROTO_DIR}", f"-I{include}", "--include_source_info",
-                        f"--descriptor_set_out={out}", *[str(PROTO_DIR / p) for p in PROTO_FILES]]) != 0:
-            raise RuntimeError(f"protoc failed on {PROTO_DIR}")
+        _protoc("--include_source_info", f"--descriptor_set_out={out}")
         return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
 
 

@@ -78,12 +78,10 @@ def render_model(args: argparse.Namespace) -> dict:
     missing = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "audio_encoder", "avatar") if not model.get(k)]
     if missing:
         raise SystemExit(f"render: give --model NAME (see conf/models/) or {', '.join(missing)}")
-    if model.pop("synthetic", False):
+    if model.get("synthetic"):
         from lipsync.model.demo import ensure_demo_model
         ensure_demo_model(Path(model["checkpoint"]), Path(model["audio_encoder"]), Path(model["avatar"]))
-    for key in ("pinned", "preload", "device"):
-        model.pop(key, None)
-    return model
+    return model  # ModelSpec.from_dict takes the serving keys (pinned, preload, device, synthetic) and ignores them
 
 
 def run_render(args: argparse.Namespace) -> int:
