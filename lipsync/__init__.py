@@ -9,7 +9,8 @@ contract in pyproject.toml keeps it so):
     runtime        registry, deadline scheduler, Stream and live sessions, in-process rendering
     model          audio features, networks, engines, avatars, compositing, the pipeline, the demo model
     codec          PCM/WAV decoding, resampling, JPEG, MP4
-    config, errors, timebase, _proto   (the foundation: typed settings, error types, the 25 fps clock, stubs)
+    config, errors, timebase, logs, _proto   (the foundation: typed settings, error types, the 25 fps clock,
+                   how processes log, stubs)
 
 Beside them, `lipsync_client` (clients/python, its own distribution without torch) holds the stubs, channels,
 credentials and the client calls; the server imports the stubs and the header names from it, never the other way.

@@ -53,7 +53,8 @@ class Builds:
 
 @pytest.mark.parametrize("slow", ["onnxruntime/fp32", "eager/fp32"])
 def test_a_slower_candidate_is_never_chosen(tmp_path, slow):
-    cfg = config(tmp_path, candidates={"cpu": ["onnxruntime/fp32", "eager/fp32"]})
+    # probe_margin 1: every candidate is timed at every batch, however slow its probe
+    cfg = config(tmp_path, candidates={"cpu": ["onnxruntime/fp32", "eager/fp32"]}, probe_margin=1.0)
     builds = Builds(slow)
     engine, decision = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 1},
                                              build=builds)
@@ -64,6 +65,22 @@ def test_a_slower_candidate_is_never_chosen(tmp_path, slow):
     assert max(v for (c, _), v in rates.items() if c == slow) < rates[(fast, decision.batch)]
     x = torch.rand(3, *SHAPES[0])
     torch.testing.assert_close(engine(x), small_net()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_candidate_far_slower_at_the_probe_is_built_gated_but_not_timed(tmp_path, caplog):
+    cfg = config(tmp_path, candidates={"cpu": ["eager/fp32", "onnxruntime/fp32"]})  # probe_margin 0.3
+    builds = Builds("eager/fp32", delay_s=0.05)  # ~100x the small net's own time per call
+    with caplog.at_level(logging.INFO, logger="lipsync.model.autotune"):
+        engine, decision = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 5},
+                                                 build=builds)
+    assert builds.count == {"eager/fp32": 1, "onnxruntime/fp32": 1}  # both built (and gated) once
+    assert (decision.backend, engine.backend) == ("onnxruntime", "onnxruntime")
+    eager = [r for r in decision.measured if r["candidate"] == "eager/fp32"]
+    assert len(eager) == 1 and "frames_per_s" not in eager[0] and eager[0]["probe_frames_per_s"] < 25
+    assert "more than 30% slower" in eager[0]["skipped"]
+    timed = [(r["candidate"], r["batch"]) for r in decision.measured if "frames_per_s" in r]
+    assert timed == [("onnxruntime/fp32", 1), ("onnxruntime/fp32", 2)]
+    assert "not timed (slower at the probe): eager/fp32" in caplog.text
 
 
 def test_decide_prefers_earlier_and_smaller_on_ties():

@@ -35,6 +35,7 @@ from lipsync.codec import audio
 from lipsync.codec.audio import AudioFormat
 from lipsync.config import Section, section, setting, settings
 from lipsync.errors import DeadlineExceeded, ResourceExhausted, Unauthenticated, Unavailable
+from lipsync.logs import TEXT_FORMAT
 from lipsync.model.engines import EngineConfig
 from lipsync.model.pipeline import PipelineConfig
 from lipsync.runtime.registry import ModelEntry, Registry, RegistryConfig
@@ -148,7 +149,9 @@ class LoggingConfig(Section):
     """`logging`: what `lipsync serve` logs (to stderr)."""
     WHERE = "logging"
     level: str = setting("INFO", "DEBUG also logs the composed config at start", choices=LOG_LEVELS)
-    format: str = setting("%(asctime)s %(levelname)s %(name)s: %(message)s", "Python logging format of every line")
+    format: str = setting(TEXT_FORMAT, "Python logging format of every text line")
+    json: bool = setting(False, "one JSON object per line (time, level, logger, message, exception) instead of "
+                         "text, for log collectors; `lipsync --log-format json serve` does the same")
 
     @classmethod
     def from_dict(cls, cfg: Any) -> "LoggingConfig":

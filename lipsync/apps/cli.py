@@ -9,16 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from lipsync import logs
 from lipsync.apps.options import COMMANDS, DefaultsFormatter, add_connection_options, command_parser
 
 log = logging.getLogger("lipsync")
-
-
-def _setup_logging(level: str = "INFO") -> None:
-    """lipsync's own loggers at `level`; other libraries' only from WARNING (their INFO is noise to our users)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("lipsync").setLevel(level)
 
 
 # --------------------------------------------------------------------------- render
@@ -119,7 +113,8 @@ def run_render(args: argparse.Namespace) -> int:
 
     def write(first: int, ids: list[int], outputs: list) -> None:
         import torch
-        from torchvision.io import write_png
+
+        from lipsync.codec.image_kernels import write_png
         if jpeg_only:
             for k, data in enumerate(outputs):
                 (frames_dir / f"{first + k:06d}.jpg").write_bytes(data)
@@ -276,7 +271,7 @@ def _chosen_command(argv: list[str]) -> str | None:
     """The subcommand named on the command line (the first word that is not an option or its value)."""
     words = iter(argv)
     for word in words:
-        if word == "--log-level":
+        if word in ("--log-level", "--log-format"):
             next(words, None)
         elif not word.startswith("-"):
             return word if word in COMMANDS else None
@@ -289,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     #                                                 failure it reports reaches us as an exception or status
     parser = argparse.ArgumentParser(prog="lipsync", description="Speech audio → lip-synced talking-head frames.",
                                      formatter_class=DefaultsFormatter)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="lipsync's own log lines from this level (other "
+                        "libraries' from WARNING); `serve` takes logging.level from its config")
+    parser.add_argument("--log-format", default="text", choices=logs.FORMATS,
+                        help="text: one human line per event; json: one JSON object per line (for log collectors)")
     from lipsync import __version__
     parser.add_argument("--version", action="version", version=f"lipsync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sub.add_parser(name, help=summary)
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    logs.setup(args.log_level, args.log_format)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+from lipsync import logs
 from lipsync.apps.options import command_parser
 
 log = logging.getLogger("lipsync.api.server")
@@ -44,9 +45,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.overrides)
         config = ServeConfig.from_dict(cfg)
-        logging.getLogger("lipsync").setLevel(config.logging.level)
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(logging.Formatter(config.logging.format))
+        logs.setup(config.logging.level, "json" if config.logging.json else args.log_format, config.logging.format)
         log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
         if args.check:
             server_cfg, security, registry, _ = prepare(config)

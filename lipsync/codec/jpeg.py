@@ -1,9 +1,10 @@
-"""JPEG encoding (SPEC §8 step 5) with torchvision.io: nvJPEG on CUDA, libjpeg on CPU, one batched call."""
+"""JPEG encoding (SPEC §8 step 5) with torchvision's kernels: nvJPEG on CUDA, libjpeg on CPU, one batched call."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.io import decode_jpeg, encode_jpeg
+
+from lipsync.codec.image_kernels import decode_jpeg, encode_jpeg
 
 MIN_QUALITY, MAX_QUALITY = 1, 100
 
@@ -14,7 +15,7 @@ def encode_frames(frames: Tensor, quality: int = 75) -> list[bytes]:
         raise ValueError(f"JPEG quality {quality} is outside {MIN_QUALITY}..{MAX_QUALITY}")
     if frames.shape[0] == 0:
         return []
-    encoded = encode_jpeg(list(frames.contiguous().unbind(0)), quality=quality)
+    encoded = encode_jpeg(list(frames.contiguous().unbind(0)), quality)
     sizes = [e.numel() for e in encoded]
     blob = torch.cat(encoded).cpu().numpy().tobytes()  # one transfer for the whole batch
     offsets = [0]

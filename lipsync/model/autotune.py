@@ -1,10 +1,11 @@
 """Engine selection by measurement (`engine.backend: auto`).
 
 Each candidate backend/precision that exists on the device is built (with its accuracy gate against eager fp32 on
-the model's reference input), timed for a few seconds at each tuning batch, and the fastest (backend, precision,
-batch) wins; a larger batch or a later candidate must beat the incumbent by `tune_margin` (latency and preference
-win ties). The decision is stored per machine (CPU model and features or GPU, library versions, model digest,
-candidates), so the next load builds only the winner.
+the model's reference input) and probed with one call; those whose probe comes close to the best one's are timed
+for a few seconds at each tuning batch, and the fastest (backend, precision, batch) wins; a larger batch or a later
+candidate must beat the incumbent by `tune_margin` (latency and preference win ties). The decision is stored per
+machine (CPU model and features or GPU, library versions, model digest, candidates), so the next load builds only
+the winner.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from lipsync.model.engines import (
     ONNX_RUNTIMES,
@@ -31,6 +33,7 @@ from lipsync.model.engines import (
     onnx_runtime_available,
     sized,
     tensorrt_available,
+    unique_tmp,
 )
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,20 @@ def time_engine(engine: Engine, sample_shapes: list[tuple[int, ...]], batch: int
             return calls * batch / elapsed
 
 
+def probe_engine(engine: Engine, sample_shapes: list[tuple[int, ...]], batch: int) -> float:
+    """Frames/s of one call at `batch` after one untimed call: cheap, and enough to tell a candidate that cannot
+    win from one worth timing."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.rand(batch, *s, generator=generator).to(engine.device) for s in sample_shapes]
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    engine(*inputs)
+    sync()
+    started = time.perf_counter()
+    engine(*inputs)
+    sync()
+    return batch / max(time.perf_counter() - started, 1e-9)
+
+
 def decide(rows: list[dict[str, Any]], margin: float) -> dict[str, Any] | None:
     """The winning measurement: rows are in preference order (candidate, then batch); a row replaces the
     incumbent only when it is faster by more than `margin`."""
@@ -139,9 +156,10 @@ class DecisionCache:
 
     def put(self, decision: Decision) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{decision.key}.tmp"
+        file = self.root / f"{decision.key}.json"
+        tmp = unique_tmp(file)
         tmp.write_text(json.dumps(dataclasses.asdict(decision), indent=2))
-        tmp.replace(self.root / f"{decision.key}.json")
+        tmp.replace(file)
 
 
 def _config_for(config: EngineConfig, candidate: str, batch: int) -> EngineConfig:
@@ -162,7 +180,8 @@ def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
     if not candidates:
         raise EngineError(f"{name}: no engine candidates configured for {device.type} (engine.candidates)")
     key = cache_key(machine=machine_key(device), model=key_parts, shapes=sample_shapes, candidates=candidates,
-                    batches=batches, margin=config.tune_margin, gates=[config.tolerance, config.min_psnr_db],
+                    batches=batches, margin=[config.tune_margin, config.probe_margin],
+                    gates=[config.tolerance, config.min_psnr_db],
                     options=[config.channels_last, config.onnxruntime_threads, config.onnxruntime_spinning,
                              config.openvino_threads])
     cache = DecisionCache(config.cache_dir)
@@ -175,42 +194,70 @@ def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
                          progress=progress, probe=probe), decision
         except EngineError as exc:
             log.warning("%s: the cached choice no longer builds (%s); measuring again", name, exc)
+    tuning_started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    best_engine, best_row = None, None
+    engines: dict[str, Engine] = {}
+    probes: dict[str, float] = {}
+    steps = tqdm(total=len(candidates), desc=f"{name}: tuning", unit="step", leave=False,
+                 disable=None if progress else True)
+    # 1. Build each candidate (its accuracy gate included) and probe it with one call at the smallest batch.
     for candidate in candidates:
+        steps.set_postfix_str(f"building {candidate}")
         ok, why = available(candidate, device)
         if not ok:
             rows.append({"candidate": candidate, "refused": why})
-            log.info("%s: skipping %s (%s)", name, candidate, why)
+            log.debug("%s: skipping %s (%s)", name, candidate, why)
+            steps.update()
             continue
         started = time.perf_counter()
         try:
             engine = build(net, sample_shapes, _config_for(config, candidate, batches[-1]), device, name, key_parts,
-                           progress=progress, probe=probe)
+                           progress=False, probe=probe)
         except Exception as exc:  # accuracy gate, a compiler error, a missing library: never fatal here
             rows.append({"candidate": candidate, "refused": f"{type(exc).__name__}: {exc}"})
             log.warning("%s: refusing %s: %s", name, candidate, exc)
+            steps.update()
             continue
-        build_s = time.perf_counter() - started
+        engine.build_s = time.perf_counter() - started
+        probes[candidate] = probe_engine(engine, sample_shapes, batches[0])
+        log.debug("%s: %s built in %.1f s, probe %.2f frames/s at batch %d", name, candidate, engine.build_s,
+                  probes[candidate], batches[0])
+        engines[candidate] = engine
+        steps.update()
+    # 2. Time, at every tuning batch, only the candidates whose probe is close to the best one's.
+    fastest = max(probes.values(), default=0.0)
+    close = [c for c in engines if probes[c] >= fastest * (1 - config.probe_margin)]
+    for candidate in [c for c in engines if c not in close]:
+        best = max(probes, key=probes.get)
+        rows.append({"candidate": candidate, "probe_frames_per_s": round(probes[candidate], 3),
+                     "skipped": f"probe {probes[candidate]:.2f} frames/s at batch {batches[0]} against "
+                                f"{fastest:.2f} for {best} (more than {config.probe_margin:.0%} slower)"})
+        del engines[candidate]
+    steps.total = len(candidates) + len(close) * len(batches)
+    for candidate in close:
+        engine = engines[candidate]
         for batch in batches:
+            steps.set_postfix_str(f"timing {candidate} at batch {batch}")
             fps = time_engine(engine, sample_shapes, batch, config.tune_seconds)
-            row = {"candidate": candidate, "batch": batch, "frames_per_s": round(fps, 3), "build_s": round(build_s, 2),
-                   "max_error": engine.max_error, "psnr_db": engine.psnr_db}
-            rows.append(row)
-            log.info("%s: %s at batch %d: %.2f frames/s", name, candidate, batch, fps)
-        winner = decide(rows, config.tune_margin)
-        if winner is not None and winner["candidate"] == candidate and winner is not best_row:
-            best_engine, best_row = engine, winner
-        del engine
+            rows.append({"candidate": candidate, "batch": batch, "frames_per_s": round(fps, 3),
+                         "probe_frames_per_s": round(probes[candidate], 3), "build_s": round(engine.build_s, 2),
+                         "max_error": engine.max_error, "psnr_db": engine.psnr_db})
+            log.debug("%s: %s at batch %d: %.2f frames/s", name, candidate, batch, fps)
+            steps.update()
+    steps.close()
+    best_row = decide(rows, config.tune_margin)
+    best_engine = engines.get(best_row["candidate"]) if best_row else None
     if best_row is None or best_engine is None:
         raise EngineError(f"{name}: no engine candidate could be built on {device}: "
                           + "; ".join(f"{r['candidate']}: {r['refused']}" for r in rows if "refused" in r))
     backend, _, precision = best_row["candidate"].partition("/")
     decision = Decision(backend, precision, best_row["batch"], best_row["frames_per_s"], key, rows)
     runner_up = decide([r for r in rows if r.get("candidate") != best_row["candidate"]], config.tune_margin)
-    log.info("%s: chose %s%s", name, decision.describe(),
+    skipped = [r["candidate"] for r in rows if "skipped" in r]
+    log.info("%s: chose %s in %.1f s%s%s", name, decision.describe(), time.perf_counter() - tuning_started,
              f"; next best {runner_up['candidate']} at batch {runner_up['batch']} "
-             f"({runner_up['frames_per_s']:.1f} frames/s)" if runner_up else "")
+             f"({runner_up['frames_per_s']:.1f} frames/s)" if runner_up else "",
+             f"; not timed (slower at the probe): {', '.join(skipped)}" if skipped else "")
     cache.put(decision)
     best_engine.max_batch = decision.batch
     return best_engine, decision

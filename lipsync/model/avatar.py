@@ -11,9 +11,9 @@ from typing import Iterable
 
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
+from lipsync.codec.image_kernels import decode_image
 from lipsync.model.compose import TEMPLATE_BORDER, resize_bicubic
 from lipsync.model.networks import INPUT_SIZE, TEMPLATE_SIZE
 
@@ -135,7 +135,7 @@ def find_source(path: str | Path) -> AvatarSource:
 
 def _read_image(path: Path) -> Tensor:
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        return decode_image(path, "rgb")
     except Exception as exc:
         raise AvatarError(f"cannot decode image {path}: {exc}") from None
 
@@ -147,7 +147,7 @@ def _read_video(path: Path, progress: bool) -> list[Tensor]:
         with av.open(str(path)) as container:
             return [torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).contiguous()
                     for frame in tqdm(container.decode(video=0), desc=f"decoding {path.name}", unit="frame",
-                                      disable=not progress)]
+                                      disable=None if progress else True)]
     except av.error.FFmpegError as exc:
         raise AvatarError(f"cannot decode video {path}: {exc}") from None
 
@@ -172,7 +172,7 @@ class Avatar:
         self.templates = torch.stack([
             resize_bicubic(frames[i, :, y1:y2, x1:x2], (side, side))
             for i, (x1, y1, x2, y2) in enumerate(tqdm(rects, desc=f"{name}: crop templates", unit="frame",
-                                                       disable=not progress))])
+                                                       disable=None if progress else True))])
         # Per-frame alpha resized to each rectangle; None means α ≡ 1 (hard paste).
         self.alpha: list[Tensor] | None = None
         if alpha is not None:
@@ -229,7 +229,7 @@ def load_avatar(path: str | Path, variant: str = "328", sequence: str = "pingpon
     else:
         assert source.images is not None
         frames = [_read_image(p) for p in tqdm(source.images, desc=f"loading {source.root.name}", unit="frame",
-                                               disable=not progress)]
+                                               disable=None if progress else True)]
     shape = frames[0].shape
     for i, frame in enumerate(frames):
         if frame.shape != shape:
@@ -240,7 +240,7 @@ def load_avatar(path: str | Path, variant: str = "328", sequence: str = "pingpon
     side = TEMPLATE_SIZE[variant]
     alpha = None
     if source.alpha is not None:
-        mask = decode_image(str(source.alpha), mode=ImageReadMode.GRAY).float().div(255.0)
+        mask = decode_image(source.alpha, "gray").float().div(255.0)
         alpha = torch.nn.functional.interpolate(mask[None], size=(side, side), mode="bilinear")[0, 0]
     elif feather > 0:
         alpha = feather_mask(side, feather)

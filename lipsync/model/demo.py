@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import write_jpeg
 
+from lipsync.codec.image_kernels import write_jpeg
 from lipsync.model.networks import AudioEncoder, Generator
 
 
@@ -55,10 +55,10 @@ def make_avatar(out_dir: str | Path, frames: int = 24, width: int = 640, height:
         if layout == "synctalk":
             (out / "full_body_img").mkdir(exist_ok=True)
             (out / "landmarks").mkdir(exist_ok=True)
-            write_jpeg(tensor, str(out / "full_body_img" / f"{i}.jpg"), quality=95)
+            write_jpeg(tensor, out / "full_body_img" / f"{i}.jpg", quality=95)
             (out / "landmarks" / f"{i}.lms").write_text(_landmarks(rect))
         else:
-            write_jpeg(tensor, str(out / f"frame_{i:04d}.jpg"), quality=95)
+            write_jpeg(tensor, out / f"frame_{i:04d}.jpg", quality=95)
         rects.append(rect)
     if layout != "synctalk":
         (out / "crop_rects.json").write_text(json.dumps(rects))

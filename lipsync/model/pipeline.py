@@ -203,7 +203,8 @@ def micro_batch_setting(config: PipelineConfig, engine_config: EngineConfig, dev
 def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | torch.device,
                   micro_batch: int | None = None, progress: bool = False) -> Pipeline:
     """Load checkpoints and avatar, build engines (measure, compile and warm up here), return a ready Pipeline.
-    `micro_batch` None: measured with the engine (`auto` backend), else the engine's max batch."""
+    `micro_batch` None: measured with the engine (`auto` backend), else the engine's max batch. `progress`: bars
+    for the slow steps, shown only when stderr is a terminal."""
     device = pick_device(device)
     configured_max_batch = engine_config.max_batch
     tune = engine_config.backend == "auto" and not spec.engine_file

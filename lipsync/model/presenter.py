@@ -188,7 +188,8 @@ def write_avatar(out_dir: str | Path, frames: int = POSE_PERIOD) -> Path:
     """The demo avatar: `frames` idle frames (mouth closed, head motion and blinks) as frame_%04d.jpg +
     crop_rects.json. Deterministic; frames = POSE_PERIOD loops seamlessly."""
     import torch
-    from torchvision.io import write_jpeg
+
+    from lipsync.codec.image_kernels import write_jpeg
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -319,7 +319,7 @@ class Registry:
                 log.info("drawing the demo presenter's avatar into %s", entry.spec.avatar)
             ensure_demo_model(entry.spec.checkpoint, entry.spec.audio_encoder, entry.spec.avatar)
         micro = micro_batch_setting(self.pipeline_cfg, self.engine, torch.device(device).type)
-        return load_pipeline(entry.spec, self.engine, device, micro)
+        return load_pipeline(entry.spec, self.engine, device, micro, progress=True)  # bars on a terminal only
 
     def _place(self, entry: ModelEntry, requested: str | None) -> str:
         wanted = requested or entry.device_pref
