@@ -3,6 +3,8 @@
     python benchmarks/bench_engines.py --device cpu \
         --backends eager-nchw:fp32,eager:fp32,eager:bf16,onnxruntime:fp32,openvino:fp32,openvino:bf16,compile:fp32 \
         --batches 1,2,4 --repeats 5 --out benchmarks/results/engines-cpu.json
+    python benchmarks/bench_engines.py --device cpu --backends openvino:fp32,openvino:int8 --batches 1,2,4 \
+        --repeats 5 --out benchmarks/results/engines-cpu-int8.json   # int8: NNCF, calibrated on the seeded probe
     python benchmarks/bench_engines.py --device cuda --backends eager,compile,compile+cudagraphs,tensorrt \
         --precisions fp16
     … --profile out/trace   # torch.profiler trace (open in Perfetto / chrome://tracing)
@@ -77,7 +79,9 @@ def main() -> None:
                 gen = build_engine(Generator("328").eval(), [(6, 320, 320), (32, 16, 16)], config, device,
                                    "generator", {"seed": 0}, progress=True)
                 torch.manual_seed(0)
-                enc = build_engine(AudioEncoder().eval(), [(1, 80, 16)], config, device, "audio_encoder",
+                enc_config = EngineConfig.from_dict({**settings, "precision": "fp32"}) if precision == "int8" \
+                    else config  # as in the pipeline: the audio encoder is never quantized
+                enc = build_engine(AudioEncoder().eval(), [(1, 80, 16)], enc_config, device, "audio_encoder",
                                    {"seed": 0}, progress=True)
             except (EngineError, ImportError, RuntimeError) as exc:
                 print(f"{backend}/{precision}: skipped ({exc})", flush=True)
@@ -94,7 +98,8 @@ def main() -> None:
                              "generator_ms": round(gen_ms, 3), "encoder_ms": round(enc_ms, 3),
                              "latency_ms": round(gen_ms + enc_ms, 3),
                              "fps": round(batch / (gen_ms + enc_ms) * 1e3, 2),
-                             "max_error_vs_fp32": gen.max_error})
+                             "max_error_vs_fp32": gen.max_error, "psnr_db_vs_fp32": round(gen.psnr_db, 2),
+                             "mouth_psnr_db_vs_fp32": round(gen.mouth_psnr_db, 2)})
                 print(f"{label:24s} batch {batch:3d}: {gen_ms + enc_ms:9.2f} ms  {rows[-1]['fps']:9.2f} frames/s",
                       flush=True)
             if args.profile:

@@ -13,7 +13,15 @@ from conftest import worst_psnr
 from torch import nn
 
 from lipsync.model import autotune
-from lipsync.model.engines import Engine, EngineConfig, build_engine, cpu_bf16_supported, psnr_8bit
+from lipsync.model.engines import (
+    BUILDS,
+    Engine,
+    EngineConfig,
+    build_engine,
+    cpu_bf16_supported,
+    cpu_int8_dot_product,
+    psnr_8bit,
+)
 from lipsync.model.pipeline import encoder_config, load_pipeline
 from lipsync.runtime.render import synthesize
 
@@ -193,3 +201,39 @@ def test_a_tuned_pipeline_renders_the_eager_frames(tiny_spec, pipeline, speech, 
                                                                 "precision": "bf16"}), "cpu", 2)
         assert bf16.generator.precision == "bf16" and bf16.generator.psnr_db >= 40
         assert worst_psnr(synthesize(bf16, wave).frames, reference) >= 40
+
+
+def test_openvino_int8_is_quantized_once_cached_and_gated_in_the_mouth_zone(tmp_path):
+    pytest.importorskip("nncf", reason="nncf is not installed")
+    torch.manual_seed(0)  # six convolutions: the first and last two stay in floating point, two are quantized
+    layers = [nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.Conv2d(16, 3, 3, padding=1), nn.Sigmoid()).eval()
+    generator = torch.Generator().manual_seed(3)
+    calibration = [[torch.rand(1, *SHAPES[0], generator=generator)] for _ in range(8)]
+    cfg = EngineConfig.from_dict({"backend": "openvino", "precision": "int8", "cache_dir": str(tmp_path),
+                                  "min_psnr_db": 20})
+    before = BUILDS["openvino-int8"]
+    engine = build_engine(net, SHAPES, cfg, "cpu", "small", {"v": 6}, calibration=calibration)
+    again = build_engine(net, SHAPES, cfg, "cpu", "small", {"v": 6}, calibration=calibration)
+    assert BUILDS["openvino-int8"] == before + 1  # the second build read the cached IR
+    assert engine.precision == "int8" and 20 <= engine.mouth_psnr_db < 200 and 20 <= engine.psnr_db
+    x = torch.rand(2, *SHAPES[0], generator=generator)
+    assert torch.equal(engine(x), again(x))
+    assert psnr_8bit(engine(x), net(x)) >= 20
+    strict = EngineConfig.from_dict({"backend": "openvino", "precision": "int8", "cache_dir": str(tmp_path),
+                                     "min_psnr_db": 1000})
+    with pytest.raises(Exception, match="in the mouth zone"):
+        build_engine(net, SHAPES, strict, "cpu", "small", {"v": 6}, calibration=calibration)
+    with pytest.raises(Exception, match="int8 runs on the openvino backend only"):
+        build_engine(net, SHAPES, EngineConfig.from_dict({"backend": "eager", "precision": "int8"}), "cpu")
+
+
+def test_int8_is_offered_to_auto_only_where_the_cpu_has_int8_dot_products():
+    ok, why = autotune.available("openvino/int8", torch.device("cpu"))
+    assert ok == cpu_int8_dot_product()
+    assert ok or "no int8 dot-product instructions" in why
+    config = encoder_config(EngineConfig.from_dict({"backend": "openvino", "precision": "int8"}), None,
+                            torch.device("cpu"), 32)
+    assert config.precision == "fp32"  # the audio encoder is never quantized: features are compared exactly

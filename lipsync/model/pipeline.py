@@ -19,6 +19,7 @@ from lipsync.config import ConfigError, Section, limit, section, setting, settin
 from lipsync.model import audio_features, compose
 from lipsync.model.autotune import tuned_engine
 from lipsync.model.avatar import Avatar, AvatarError, find_source, load_avatar
+from lipsync.model.calibration import calibration_inputs
 from lipsync.model.engines import ONNX_RUNTIMES, Engine, EngineConfig, EngineError, build_engine, file_digest, sized
 from lipsync.model.networks import AUDIO_FEATURE_SHAPE, INPUT_SIZE, CheckpointError, load_audio_encoder, load_generator
 
@@ -226,15 +227,22 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     _check_engine_file(spec)
     shapes = [(6, size, size), AUDIO_FEATURE_SHAPE[spec.asr]]
     name = f"{spec.name}/generator"
+    def calibration() -> list[list[Tensor]]:  # int8 engines only: the avatar's frames, speech-like audio
+        n = avatar.frame_count
+        ids = [round(i * (n - 1) / max(CALIBRATION_INPUTS - 1, 1)) for i in range(CALIBRATION_INPUTS)]
+        return calibration_inputs(avatar.model_inputs(ids), encoder_net, CALIBRATION_INPUTS)
+
     if tune:
         generator, decision = tuned_engine(generator_net, shapes, engine_config, device, name, key,
                                            probe=reference_input(avatar, shapes[1]),
-                                           batches=[micro_batch] if micro_batch else None, progress=progress)
+                                           batches=[micro_batch] if micro_batch else None, progress=progress,
+                                           calibration=calibration)
         micro_batch = decision.batch
         engine_config = sized(engine_config, micro_batch)
     else:
         generator = build_engine(generator_net, shapes, engine_config, device, name, key, spec.engine_file, progress,
-                                 probe=reference_input(avatar, shapes[1]))
+                                 probe=reference_input(avatar, shapes[1]),
+                                 calibration=calibration() if engine_config.precision == "int8" else None)
     encoder = build_engine(encoder_net, [(1, 80, 16)],
                            encoder_config(engine_config, generator, device, configured_max_batch), device,
                            f"{spec.name}/audio_encoder", {"checkpoint": file_digest(spec.audio_encoder)}, None,
@@ -246,11 +254,16 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     return pipeline
 
 
+CALIBRATION_INPUTS = 32  # int8 quantization: enough to set every activation's range (~20 s on 2 cores)
+
+
 def encoder_config(config: EngineConfig, generator: Engine, device: torch.device, max_batch: int) -> EngineConfig:
     """The audio encoder's engine settings: the generator's (`config`), except on CPU under `auto`, where it runs
     on the generator's ONNX runtime when one won (faster than eager at every batch), always in fp32 (audio
     features are compared exactly across paths), with the configured `max_batch` rather than the frames'
     micro-batch: its batches are the mel windows of every session (these runtimes take any batch size)."""
+    if config.precision == "int8":  # quantized audio features would change every frame's mouth: fp32
+        return dataclasses.replace(config, precision="fp32", max_batch=max_batch)
     if config.backend != "auto" or device.type != "cpu":
         return config
     backend = generator.backend if generator.backend in ONNX_RUNTIMES else "eager"
