@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUTSIDE, INSIDE, EDGE = 8, 48, 12  # profile from 8 px outside to 48 px inside; the ridge is sought in the outer 12
 
 
-def demo_spec() -> ModelSpec:
+def demo_spec(compose: str | None) -> ModelSpec:
     from omegaconf import OmegaConf
 
     from lipsync.config import load_config
@@ -46,12 +46,13 @@ def demo_spec() -> ModelSpec:
 
     declared = OmegaConf.to_container(load_config(["+models=demo"], "render").models)["demo"]
     ensure_demo_model(Path(declared["checkpoint"]), Path(declared["audio_encoder"]), Path(declared["avatar"]))
-    return ModelSpec.from_dict("demo", declared)
+    return ModelSpec.from_dict("demo", {**declared, **({"compose": compose} if compose else {})})
 
 
-def fixture_spec(feather: int) -> ModelSpec:
+def fixture_spec(feather: int, compose: str | None) -> ModelSpec:
     files = assets(640, 360, 24)
-    return ModelSpec.from_dict("fixture", {**{k: str(v) for k, v in files.items()}, "feather": feather})
+    return ModelSpec.from_dict("fixture", {**{k: str(v) for k, v in files.items()}, "feather": feather,
+                                           "compose": compose or "paste"})
 
 
 def measure(pipeline, wave: torch.Tensor, mouth_zone: tuple[float, float, float, float], strip: Path | None) -> dict:
@@ -115,6 +116,8 @@ def main() -> None:
     which.add_argument("--model", choices=["demo"], help="the demo model as `make demo` serves it")
     which.add_argument("--fixture", action="store_true", help="seeded weights on a synthetic avatar")
     parser.add_argument("--feather", type=int, default=0, help="--fixture: the paste's feather")
+    parser.add_argument("--compose", choices=["paste", "blend"], help="override the model's compose (demo: its "
+                        "conf/models/demo.yaml; fixture: paste)")
     parser.add_argument("--seconds", type=float, default=4.0, help="of assets/speech.wav")
     parser.add_argument("--mouth-zone", type=float, nargs=4, default=[0.2, 0.1, 0.8, 0.8],
                         metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"), help="square-relative box left out of the blotch")
@@ -122,11 +125,12 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.manual_seed(0)
-    spec = demo_spec() if args.model else fixture_spec(args.feather)
+    spec = demo_spec(args.compose) if args.model else fixture_spec(args.feather, args.compose)
     pipeline = load_pipeline(spec, EngineConfig(backend="eager"), args.device)
     wave = audio.load_wav(ROOT / "assets" / "speech.wav")[:int(args.seconds * 16000)]
     strip = Path(args.out).with_suffix(".png") if args.out else None
-    result = {"environment": environment(torch.device(args.device)), "model": spec.name, "feather": spec.feather,
+    result = {"environment": environment(torch.device(args.device)), "model": spec.name, "compose": spec.compose,
+              "feather": spec.feather,
               **measure(pipeline, wave, tuple(args.mouth_zone), strip)}
     write(result, args.out)
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from lipsync.codec.jpeg import encode_frames
-from lipsync.model.avatar import load_avatar
+from lipsync.model.avatar import BLEND_INSET, BLEND_RAMP, blend_mask, load_avatar
 from lipsync.model.compose import composite
 
 
@@ -56,6 +56,23 @@ def test_feathered_alpha_blends_towards_the_frame(tiny_avatar):
     assert (a[0][corner].int() - frame).abs().max() * 4 < (b[0][corner].int() - frame).abs().max()
     centre = (slice(None), (y1 + y2) // 2, (x1 + x2) // 2)
     assert torch.equal(a[0][centre], b[0][centre])  # α=1 inside
+
+
+def test_blend_keeps_the_squares_edge_from_the_frame_and_the_mouth_from_the_generator(tiny_avatar):
+    blended, hard = load_avatar(tiny_avatar, compose="blend"), load_avatar(tiny_avatar)
+    pred = torch.zeros(1, 3, 320, 320)
+    a, b = composite(blended, pred, [0]), composite(hard, pred, [0])
+    x1, y1, x2, y2 = hard.rects[0]
+    frame = hard.frames[0]
+    edge = [(y1, x1), (y1, (x1 + x2) // 2), ((y1 + y2) // 2, x2 - 1), (y2 - 1, x2 - 1)]  # corners and edges
+    assert all(torch.equal(a[0][:, y, x], frame[:, y, x]) for y, x in edge)  # α = 0: the frame's own pixels
+    centre = (slice(None), (y1 + y2) // 2, (x1 + x2) // 2)
+    assert torch.equal(a[0][centre], b[0][centre])  # α = 1 over the mouth: exactly the paste
+    alpha = blend_mask(328)
+    row = alpha[164]
+    assert row[:BLEND_INSET].max() == 0 and row[BLEND_INSET + BLEND_RAMP:164].min() == 1
+    assert (row[:165].diff() >= 0).all()  # rises without a step back: no ring
+    assert torch.equal(alpha, alpha.flip(0)) and torch.equal(alpha, alpha.T)
 
 
 def test_jpeg_batch_decodes_in_rgb_order():

@@ -1,9 +1,10 @@
 """The shipped demo presenter (assets/demo_model, trained by train/) on speech it never heard: tests/data/
 heldout-speech.wav is 2 s of the evaluation set (the held-out voice en-gb-scotland+f5 saying a held-out sentence).
-The mouth it paints must follow the oracle's (openness read from the images the same way on both sides), and
-silence must keep it shut."""
+The mouth it paints must follow the oracle's (openness read from the images the same way on both sides), silence
+must keep it shut, and the pasted square must not show (benchmarks/bench_seam.py's metrics, issue 26)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +19,35 @@ from lipsync.model.engines import EngineConfig
 from lipsync.model.networks import load_audio_encoder, load_generator, parameter_count
 from lipsync.model.pipeline import ModelSpec, load_pipeline
 
+sys.path.insert(0, str(SOURCE_ROOT / "benchmarks"))
+import bench_seam  # noqa: E402
+
 MODEL = SOURCE_ROOT / "assets" / "demo_model"
 HELDOUT = Path(__file__).resolve().parent / "data" / "heldout-speech.wav"
 SHUT = 0.03  # measured openness of a shut mouth is ≈ 0.013; openness 0.1 reads ≈ 0.039
 SLIT = 0.06  # lips parted by a thin dark line, no teeth
+MOUTH_ZONE = (0.2, 0.1, 0.8, 0.8)  # square-relative box the blotch leaves out (bench_seam's default)
+RIDGE = 1.0  # grey levels: the outline of the square above JPEG's own error outside it (issue 26)
+BLOTCH = 10.0  # grey levels: the largest 8×8 mean |output − avatar| inside the square, outside the mouth zone
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    avatar = presenter.write_avatar(tmp_path_factory.mktemp("presenter"), frames=30)
+def avatar_dir(tmp_path_factory):
+    return presenter.write_avatar(tmp_path_factory.mktemp("presenter"), frames=30)
+
+
+def demo_pipeline(avatar: Path, compose: str):
     spec = ModelSpec.from_dict("demo", {"checkpoint": MODEL / "generator_328.pth",
                                         "audio_encoder": MODEL / "audio_visual_encoder.pth", "avatar": avatar,
-                                        "sequence": "loop"})
+                                        "sequence": "loop", "compose": compose})
     # OpenVINO fp32 (the ONNX export is cached per checkpoint): 3x eager's speed here, same frames within 1e-3
     return load_pipeline(spec, EngineConfig.from_dict({"backend": "openvino"}), "cpu", micro_batch=4)
+
+
+@pytest.fixture(scope="module")
+def demo(avatar_dir):
+    """The demo as conf/models/demo.yaml serves it: `compose: blend`."""
+    return demo_pipeline(avatar_dir, "blend")
 
 
 def openness(pipeline, wave: torch.Tensor) -> tuple[np.ndarray, list[int]]:
@@ -97,15 +113,32 @@ def test_silence_keeps_the_mouth_shut(demo):
     assert (predicted[1:] < SHUT).all(), predicted.round(3)
 
 
-def test_training_features_are_the_servers():
-    """The recipe's batched features (train/train.py, encoder run on just the windows a batch needs) equal
-    lipsync.model.audio_features.frame_features for the same frames, edges included: the model learns what it is
-    served."""
+def recipe_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("demo_train", SOURCE_ROOT / "train" / "train.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
+    return recipe
+
+
+def test_whole_utterance_edges_zero_exactly_the_first_or_last_frames_rows():
+    import random
+
+    recipe = recipe_module()
+    features = torch.ones(64, 32, 16, 16)
+    rows = recipe.utterance_edges(features, 1.0, random.Random(0), full=1.0).reshape(64, 16, 512)
+    zero = rows.abs().sum(2) == 0
+    leading, trailing = zero[:, :8].all(1) & ~zero[:, 8:].any(1), zero[:, 9:].all(1) & ~zero[:, :9].any(1)
+    assert (leading | trailing).all() and leading.any() and trailing.any()  # SPEC §5: frame 0 and the last frame
+    assert torch.equal(recipe.utterance_edges(features, 0.0, random.Random(0), full=1.0), features)
+
+
+def test_training_features_are_the_servers():
+    """The recipe's batched features (train/train.py, encoder run on just the windows a batch needs) equal
+    lipsync.model.audio_features.frame_features for the same frames, edges included: the model learns what it is
+    served."""
+    recipe = recipe_module()
     encoder = load_audio_encoder(MODEL / "audio_visual_encoder.pth").eval()
     wave = load_wav(HELDOUT)
     windows = recipe.mel_windows_of(wave)
@@ -117,3 +150,18 @@ def test_training_features_are_the_servers():
     rows = trained.reshape(len(frames), 16, 512)
     assert torch.equal(rows.abs().sum(2) == 0, served[frames].reshape(len(frames), 16, 512).abs().sum(2) == 0)
     torch.testing.assert_close(trained, served[frames], rtol=1e-5, atol=1e-5)  # batch composition may round
+
+
+def seams(pipeline) -> dict:
+    return bench_seam.measure(pipeline, load_wav(HELDOUT), MOUTH_ZONE, None)
+
+
+def test_the_pasted_square_does_not_show(demo, avatar_dir):
+    """Held-out speech rendered as the demo serves it: no outline along the square (ridge) and no spot outside the
+    mouth (blotch); SyncTalk_2D's exact paste of the same model shows both, so the bounds can fail."""
+    blended = seams(demo)
+    assert blended["ridge"]["value"] <= RIDGE, blended["ridge"]
+    assert blended["blotch"]["value"] <= BLOTCH, blended["blotch"]
+    pasted = seams(demo_pipeline(avatar_dir, "paste"))
+    assert pasted["ridge"]["value"] > 2 * RIDGE, pasted["ridge"]
+    assert pasted["blotch"]["value"] > BLOTCH, pasted["blotch"]

@@ -313,6 +313,8 @@ BAD_SETTINGS = [
      "models.x.variant='999': must be one of 328, 160"),
     ("+models.x={checkpoint:/a,audio_encoder:/b,avatar:/c,feather:-2}",
      "models.x.feather=-2: must be a whole number in 0..164"),
+    ("+models.x={checkpoint:/a,audio_encoder:/b,avatar:/c,compose:soft}",
+     "models.x.compose='soft': must be one of paste, blend"),
 ]
 
 

@@ -1,6 +1,7 @@
 """Measure the demo model on held-out speech (a voice and sentences training never had).
 
-`lipsync render` renders the evaluation set's recording onto the demo avatar (its idle frames, mouth shut); for
+`lipsync render` renders the evaluation set's recording onto the demo avatar (its idle frames, mouth shut) as the demo
+is served (`--compose blend`, conf/models/demo.yaml); for
 every output frame the mouth's openness is read from the image (lipsync.presenter.mouth_openness) and compared
 with the oracle's frame — the same avatar frame with the mouth the oracle gives for that moment — read the same
 way. Writes eval.json (correlation, mean error, per sentence, silence), mouth-strip.png (predicted above oracle)
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--model", default="assets/demo_model")
     parser.add_argument("--avatar", default="out/demo_model/presenter", help="the demo avatar (drawn if missing)")
     parser.add_argument("--out", default="benchmarks/results/demo-model")
+    parser.add_argument("--compose", default="blend", choices=["paste", "blend"],
+                        help="the paste (blend: the demo's, conf/models/demo.yaml)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     data, model, out = Path(args.data), Path(args.model), Path(args.out)
@@ -59,7 +62,7 @@ def main() -> None:
                                str(model / "generator_328.pth"), "--audio-encoder",
                                str(model / "audio_visual_encoder.pth"), "--avatar", str(avatar), "--audio",
                                str(data / "aud.wav"), "--sequence", "loop", "--frames-out", tmp, "--format", "jpeg",
-                               "--quality", "95", "--device", args.device],
+                               "--quality", "95", "--compose", args.compose, "--device", args.device],
                               capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"lipsync render failed:\n{done.stderr}")
@@ -85,7 +88,7 @@ def main() -> None:
     silent = np.array(oracle["openness"][:count]) < 0.02
     result = {
         "benchmark": "demo-model", "data": str(data), "frames": count, "voice": said[0]["voice"],
-        "sentences": len(said), "render_seconds": round(render_s, 1),
+        "sentences": len(said), "compose": args.compose, "render_seconds": round(render_s, 1),
         "render_fps": round(count / render_s, 2),
         "openness_correlation": round(correlation(predicted, expected), 4),
         "openness_mean_abs_error": round(float(np.abs(predicted - expected).mean()), 4),
@@ -95,7 +98,8 @@ def main() -> None:
         "silent_frames_shut": round(float((predicted[silent] < CLOSED).mean()), 4) if silent.any() else None,
         "silent_mean_openness": round(float(predicted[silent].mean()), 4) if silent.any() else None,
         "per_sentence": sentences,
-        "command": " ".join(["python", "train/evaluate.py", "--data", args.data, "--model", args.model]),
+        "command": " ".join(["python", "train/evaluate.py", "--data", args.data, "--model", args.model,
+                             "--compose", args.compose]),
     }
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "per_sentence"}, indent=1))
@@ -103,7 +107,8 @@ def main() -> None:
 
 
 def draw(pairs: dict, predicted: np.ndarray, expected: np.ndarray, said: list[dict], out: Path) -> None:
-    """mouth-strip.png: 12 frames of the first sentence, predicted (top) over oracle (bottom);
+    """mouth-strip.png: 12 frames of the first sentence, predicted (top) over oracle (bottom), each the crop square
+    with a margin of a sixth of its side (the frame round the pasted square shows: no outline);
     mouth-track.png: openness over the first three sentences."""
     import cv2
     import matplotlib
@@ -119,7 +124,9 @@ def draw(pairs: dict, predicted: np.ndarray, expected: np.ndarray, said: list[di
         for k in picks:
             image, rect = pairs[k][which], pairs[k][2]
             x1, y1, x2, y2 = rect
-            tile = cv2.resize(np.ascontiguousarray(image[y1:y2, x1:x2]), (160, 160), interpolation=cv2.INTER_AREA)
+            margin = (x2 - x1) // 6
+            crop = image[max(0, y1 - margin):y2 + margin, max(0, x1 - margin):x2 + margin]
+            tile = cv2.resize(np.ascontiguousarray(crop), (192, 192), interpolation=cv2.INTER_AREA)
             tiles.append(cv2.copyMakeBorder(tile, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=(255, 255, 255)))
         rows.append(np.concatenate(tiles, 1))
     cv2.imwrite(str(out / "mouth-strip.png"), np.concatenate(rows, 0)[..., ::-1])

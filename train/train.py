@@ -17,7 +17,9 @@ Recipe (seeded; every number is a flag):
 
 A second, short stage (`--init` the first stage's weights, `--freeze-encoder`, `--edge-share`) shows the generator
 the zero feature rows of SPEC §5 at utterance edges — rare in one long recording, common in served utterances — so
-a frame's mouth does not depend on where its utterance began or ends.
+a frame's mouth does not depend on where its utterance began or ends. `--full-edge-share` gives more of those
+samples a whole edge (an utterance's first frame: 8 zero rows), `--border-weight` adds an L1 term over the ROI's
+outer `--border-px` pixels so the generated square's edge matches the frame; both are off in the shipped recipe.
 
     python train/train.py --data out/presenter/train --out assets/demo_model \
         --log benchmarks/results/demo-model/train-log.jsonl
@@ -97,18 +99,22 @@ def batch_features(encoder: AudioEncoder, windows: torch.Tensor, frames: list[in
     return block.reshape(len(frames), 32, 16, 16)
 
 
-def utterance_edges(features: torch.Tensor, share: float, rng: random.Random) -> torch.Tensor:
+def utterance_edges(features: torch.Tensor, share: float, rng: random.Random, full: float = 0.0) -> torch.Tensor:
     """For a `share` of the samples, the zero rows SPEC §5 gives frames at an utterance's start (1–8 leading rows)
-    or end (1–7 trailing rows), so the generator learns that they say nothing about the mouth."""
+    or end (1–7 trailing rows), so the generator learns that they say nothing about the mouth; a `full` share of
+    those get the most an edge has (8 leading rows: an utterance's first frame; 7 trailing: its last), the case a
+    uniform draw shows least and every served utterance begins with."""
     if share <= 0:
         return features
     rows = features.reshape(features.shape[0], ROWS, -1).clone()
     for b in range(rows.shape[0]):
         if rng.random() < share:
+            whole = rng.random() < full
+            leading, trailing = audio_features.CONTEXT_BEFORE, audio_features.CONTEXT_AFTER - 1
             if rng.random() < 0.5:
-                rows[b, :rng.randint(1, audio_features.CONTEXT_BEFORE)] = 0
+                rows[b, :leading if whole else rng.randint(1, leading)] = 0
             else:
-                rows[b, ROWS - rng.randint(1, audio_features.CONTEXT_AFTER - 1):] = 0
+                rows[b, ROWS - (trailing if whole else rng.randint(1, trailing)):] = 0
     return rows.reshape(features.shape)
 
 
@@ -241,6 +247,12 @@ def main() -> None:
     parser.add_argument("--aux-batch", type=int, default=32, help="windows per step for the auxiliary term")
     parser.add_argument("--edge-share", type=float, default=0.0,
                         help="share of samples given an utterance edge's zero feature rows")
+    parser.add_argument("--full-edge-share", type=float, default=0.0,
+                        help="of those, the share given a whole edge (an utterance's first or last frame)")
+    parser.add_argument("--border-weight", type=float, default=0.0,
+                        help="extra L1 weight over the ROI's outer --border-px pixels: the generated square's edge "
+                        "matches the frame it is pasted into")
+    parser.add_argument("--border-px", type=int, default=16)
     parser.add_argument("--init", default="", help="start from this directory's weights (a second stage)")
     parser.add_argument("--freeze-encoder", action="store_true",
                         help="keep the audio encoder as loaded (no pre-training, no auxiliary term)")
@@ -297,44 +309,49 @@ def main() -> None:
     eval_start = json.loads((eval_data / "mouth.json").read_text())["start_frame"]
     eval_references = idle_rois([eval_start + t for t in eval_frames])
 
-    def loss_of(rois_, windows_, frames, references, edges: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    border = torch.ones(SIZE, SIZE, dtype=torch.bool)
+    border[args.border_px:SIZE - args.border_px, args.border_px:SIZE - args.border_px] = False
+
+    def loss_of(rois_, windows_, frames, references, edges: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         visual = visual_input(rois_, frames, references).to(device)
         if device.type == "cpu":
             visual = visual.contiguous(memory_format=torch.channels_last)
         target = rois_[frames].flip(1).float().div(255.0).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            features = utterance_edges(batch_features(encoder, windows_, frames), edges, rng)
+            features = utterance_edges(batch_features(encoder, windows_, frames), edges, rng, args.full_edge_share)
             predicted = generator(visual, features).float()
         error = (predicted - target).abs()
         rows, cols = MOUTH_ZONE
-        return error.mean(), error[:, :, rows, cols].mean()
+        return error.mean(), error[:, :, rows, cols].mean(), error[:, :, border.to(error.device)].mean()
 
     train_start = time.perf_counter()
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = group["scale"] * learning_rate(step, args.steps, args.lr, args.warmup)
         frames = [rng.randrange(count) for _ in range(args.batch)]
-        whole, mouth_l1 = loss_of(rois, windows, frames, rois[references_for(frames, count, shut, rng)],
-                                  args.edge_share)
+        whole, mouth_l1, border_l1 = loss_of(rois, windows, frames, rois[references_for(frames, count, shut, rng)],
+                                             args.edge_share)
         aux = torch.zeros((), device=device)
         if head is not None:
             picks = torch.tensor([rng.randrange(windows.shape[0]) for _ in range(args.aux_batch)], device=device)
             aux = torch.nn.functional.mse_loss(head(encoder(windows[picks])), targets[picks])
-        loss = whole + args.mouth_weight * mouth_l1 + args.aux_weight * aux
+        loss = whole + args.mouth_weight * mouth_l1 + args.border_weight * border_l1 + args.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % args.log_every == 0 or step == args.steps - 1:
             record = {"step": step, "loss": round(loss.item(), 5), "l1": round(whole.item(), 5),
-                      "mouth_l1": round(mouth_l1.item(), 5),
+                      "mouth_l1": round(mouth_l1.item(), 5), "border_l1": round(border_l1.item(), 5),
                       "aux": round(aux.item(), 6), "lr": optimizer.param_groups[0]["lr"],
                       "minutes": round((time.perf_counter() - train_start) / 60, 2)}
             if step % (4 * args.log_every) == 0 or step == args.steps - 1:
                 generator.eval(), encoder.eval()
                 with torch.no_grad():  # held-out voice and sentences; the reference is the same pose, mouth shut
-                    whole_e, mouth_e = loss_of(eval_rois, eval_windows, eval_frames, eval_references)
-                record.update(eval_l1=round(whole_e.item(), 5), eval_mouth_l1=round(mouth_e.item(), 5))
+                    whole_e, mouth_e, border_e = loss_of(eval_rois, eval_windows, eval_frames, eval_references)
+                record.update(eval_l1=round(whole_e.item(), 5), eval_mouth_l1=round(mouth_e.item(), 5),
+                              eval_border_l1=round(border_e.item(), 5))
                 generator.train(), encoder.train(not args.freeze_encoder)
             print(json.dumps(record), flush=True)
             log.write(json.dumps(record) + "\n")

@@ -19,7 +19,8 @@ log = logging.getLogger("lipsync")
 def add_render(sub: argparse._SubParsersAction) -> None:
     p = command_parser(sub, "render")
     p.add_argument("--model", help="a model declared in conf/models/NAME.yaml (e.g. demo): its files and options "
-                   "(variant, sequence, feather; the demo's avatar is drawn on first use); flags given override them")
+                   "(variant, sequence, feather, compose; the demo's avatar is drawn on first use); flags given "
+                   "override them")
     p.add_argument("--checkpoint", help="generator checkpoint (.pth); required without --model")
     p.add_argument("--audio-encoder", help="audio encoder checkpoint (audio_visual_encoder.pth); required without "
                    "--model")
@@ -42,6 +43,9 @@ def add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
     p.add_argument("--feather", type=int, default=None, help="feather the pasted square over N template pixels "
                    "(0 = SyncTalk_2D's hard paste); with --model, the model's (default: 0)")
+    p.add_argument("--compose", default=None, choices=["paste", "blend"], help="paste: SyncTalk_2D's exact paste "
+                   "(with --feather); blend: a soft mask that keeps the square's outer pixels from the frame and "
+                   "blends the generator in, hiding the square's outline; with --model, the model's (default: paste)")
     p.add_argument("--max-audio-seconds", type=float, default=3600.0,
                    help="refuse longer audio (decoding stops there)")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.max_batch=8")
@@ -66,8 +70,8 @@ def render_model(args: argparse.Namespace) -> dict:
         declared = models[args.model]
     flags = {"checkpoint": args.checkpoint, "audio_encoder": args.audio_encoder, "avatar": args.avatar,
              "variant": args.variant, "asr": args.asr, "sequence": args.sequence, "feather": args.feather,
-             "engine_file": args.engine_file}
-    model = {**{"variant": "328", "sequence": "pingpong", "feather": 0}, **declared,
+             "compose": args.compose, "engine_file": args.engine_file}
+    model = {**{"variant": "328", "sequence": "pingpong", "feather": 0, "compose": "paste"}, **declared,
              **{k: v for k, v in flags.items() if v is not None}}
     missing = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "audio_encoder", "avatar") if not model.get(k)]
     if missing:

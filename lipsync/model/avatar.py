@@ -218,8 +218,11 @@ class Avatar:
 
 
 def load_avatar(path: str | Path, variant: str = "328", sequence: str = "pingpong",
-                device: str | torch.device = "cpu", feather: int = 0, progress: bool = False) -> Avatar:
-    """Load and validate an avatar directory or SyncTalk_2D dataset onto `device`."""
+                device: str | torch.device = "cpu", feather: int = 0, progress: bool = False,
+                compose: str = "paste") -> Avatar:
+    """Load and validate an avatar directory or SyncTalk_2D dataset onto `device`. The paste's alpha: the
+    avatar's alpha.png when it ships one, else `compose: blend`'s soft mask, else `feather`'s ramp, else none
+    (SyncTalk_2D's hard paste)."""
     source = find_source(path)
     if source.video is not None:
         frames = _read_video(source.video, progress)
@@ -242,10 +245,29 @@ def load_avatar(path: str | Path, variant: str = "328", sequence: str = "pingpon
     if source.alpha is not None:
         mask = decode_image(source.alpha, "gray").float().div(255.0)
         alpha = torch.nn.functional.interpolate(mask[None], size=(side, side), mode="bilinear")[0, 0]
+    elif compose == "blend":
+        alpha = blend_mask(side)
     elif feather > 0:
         alpha = feather_mask(side, feather)
     return Avatar(stacked, source.rects, variant, sequence, alpha.to(device) if alpha is not None else None,
                   name=source.root.name, progress=progress)
+
+
+COMPOSE_MODES = ("paste", "blend")
+BLEND_INSET, BLEND_RAMP = 16, 56  # template pixels (of 328): kept from the frame, then blended over
+
+
+def blend_mask(side: int, inset: int = BLEND_INSET, ramp: int = BLEND_RAMP) -> Tensor:
+    """Template-space alpha of `compose: blend`: 0 over the square's outer `inset` pixels (the generator's border
+    pixels, which its training never ties to the frame, stay the avatar's own), then a smooth (smoothstep) rise to
+    1 over `ramp` pixels, along a rounded square (an L4 "superellipse", so the corners show no crease). The mouth
+    and jaw, well inside, are the generator's alone."""
+    centre = (side - 1) / 2
+    u = (torch.arange(side).float() - centre) / centre
+    r = (u[:, None] ** 4 + u[None, :] ** 4) ** 0.25  # 1 on the square's edge midpoints, rounded at the corners
+    distance = (1 - r).clamp(min=0) * centre  # pixels in from the rounded edge
+    t = ((distance - inset) / ramp).clamp(0, 1)
+    return t * t * (3 - 2 * t)
 
 
 def feather_mask(side: int, feather: int) -> Tensor:

@@ -68,7 +68,8 @@ class EngineConfig(Section):
     probe_margin: float = limit(0.3, low=0, high=1, help="auto: every candidate is first probed with one call at "
                                 "the smallest tuning batch; one slower than the best probe by more than this (30 %) "
                                 "cannot win and is not timed further")
-    min_psnr_db: float = limit(40.0, low=0, help="bf16/fp16 are refused below this fidelity to fp32 (8-bit PSNR)")
+    min_psnr_db: float = limit(40.0, low=0, help="bf16/fp16/int8 are refused below this fidelity to fp32 (8-bit "
+                               "PSNR, over the square and in its mouth zone)")
     channels_last: str | bool = setting("auto", "auto: on for CPU eager (measured faster on CPU), off elsewhere")
     batch_buckets: list[int] = setting([1, 2, 4, 8, 16, 24, 32], "torch.compile graphs (batches are padded up to "
                                                                  "the next bucket)")

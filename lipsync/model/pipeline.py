@@ -18,7 +18,7 @@ from torch import Tensor
 from lipsync.config import ConfigError, Section, limit, section, setting, settings
 from lipsync.model import audio_features, compose
 from lipsync.model.autotune import tuned_engine
-from lipsync.model.avatar import Avatar, AvatarError, find_source, load_avatar
+from lipsync.model.avatar import COMPOSE_MODES, Avatar, AvatarError, find_source, load_avatar
 from lipsync.model.calibration import calibration_inputs
 from lipsync.model.engines import ONNX_RUNTIMES, Engine, EngineConfig, EngineError, build_engine, file_digest, sized
 from lipsync.model.networks import AUDIO_FEATURE_SHAPE, INPUT_SIZE, CheckpointError, load_audio_encoder, load_generator
@@ -105,6 +105,7 @@ class ModelSpec:
     asr: str = "ave"
     sequence: str = "pingpong"
     feather: int = 0
+    compose: str = "paste"  # paste: SyncTalk_2D's exact paste (with `feather`); blend: the seam-free soft mask
     engine_file: Path | None = None  # optional prebuilt TensorRT generator (lipsync export --format tensorrt)
 
     @classmethod
@@ -118,15 +119,18 @@ class ModelSpec:
         engine_file = values.get("engine_file")
         variant, sequence, feather = str(values.get("variant", "328")), str(values.get("sequence", "pingpong")), \
             values.get("feather", 0)
+        compose = str(values.get("compose", "paste"))
         for key, value, ok, allowed in (
                 ("variant", variant, variant in ("328", "160"), "one of 328, 160"),
                 ("sequence", sequence, sequence in ("pingpong", "loop"), "one of pingpong, loop"),
                 ("asr", values.get("asr", "ave"), values.get("asr", "ave") == "ave", "ave"),
                 ("feather", feather, isinstance(feather, int) and not isinstance(feather, bool)
-                 and 0 <= feather <= 164, "a whole number in 0..164")):
+                 and 0 <= feather <= 164, "a whole number in 0..164"),
+                ("compose", compose, compose in COMPOSE_MODES, f"one of {', '.join(COMPOSE_MODES)}")):
             if not ok:
                 raise ConfigError(f"models.{name}.{key}={value!r}: must be {allowed}")
         return cls(name=name, **paths, variant=variant, asr="ave", sequence=sequence, feather=int(feather),
+                   compose=compose,
                    engine_file=Path(str(engine_file)).expanduser().resolve() if engine_file else None)
 
 
@@ -221,7 +225,7 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     weights = sum(t.numel() * t.element_size() for net in (generator_net, encoder_net)
                   for t in list(net.parameters()) + list(net.buffers()))
     with _role("avatar"):
-        avatar = load_avatar(spec.avatar, spec.variant, spec.sequence, device, spec.feather, progress)
+        avatar = load_avatar(spec.avatar, spec.variant, spec.sequence, device, spec.feather, progress, spec.compose)
     size = INPUT_SIZE[spec.variant]
     key = {"checkpoint": file_digest(spec.checkpoint), "variant": spec.variant, "asr": spec.asr}
     _check_engine_file(spec)
