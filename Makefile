@@ -47,6 +47,10 @@ demo-model: setup
 	$(PY) train/train.py --data out/presenter/train --eval-data out/presenter/eval --out assets/demo_model \
 		--init assets/demo_model --freeze-encoder --edge-share 0.5 --steps 150 --lr 3e-4 --warmup 10 \
 		--checkpoint-every 0 --log benchmarks/results/demo-model/edges-log.jsonl --device $(DEVICE)
+	$(PY) train/train.py --data out/presenter/train --eval-data out/presenter/eval --out assets/demo_model \
+		--init assets/demo_model --freeze-encoder --edge-share 0.5 --full-edge-share 0.5 \
+		--steps 120 --lr 3e-4 --warmup 10 --checkpoint-every 0 --log benchmarks/results/demo-model/finish-log.jsonl \
+		--device $(DEVICE)
 	$(PY) train/evaluate.py --data out/presenter/eval --model assets/demo_model --out benchmarks/results/demo-model \
 		--device $(DEVICE)
 

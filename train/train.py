@@ -19,13 +19,18 @@ A second, short stage (`--init` the first stage's weights, `--freeze-encoder`, `
 the zero feature rows of SPEC §5 at utterance edges — rare in one long recording, common in served utterances — so
 a frame's mouth does not depend on where its utterance began or ends. `--full-edge-share` gives more of those
 samples a whole edge (an utterance's first frame: 8 zero rows), `--border-weight` adds an L1 term over the ROI's
-outer `--border-px` pixels so the generated square's edge matches the frame; both are off in the shipped recipe.
+outer `--border-px` pixels so the generated square's edge matches the frame. A third stage uses the first (an
+utterance's first frame then reads shut in silence; `make demo-model` runs all three); the border term, tried at
+weight 2, painted lip colour onto the jaw in some frames and is left off (`compose: blend` hides the border).
 
     python train/train.py --data out/presenter/train --out assets/demo_model \
         --log benchmarks/results/demo-model/train-log.jsonl
     python train/train.py --data out/presenter/train --out assets/demo_model --init assets/demo_model \
         --freeze-encoder --edge-share 0.5 --steps 150 --lr 3e-4 --warmup 10 --checkpoint-every 0 \
         --log benchmarks/results/demo-model/edges-log.jsonl
+    python train/train.py --data out/presenter/train --out assets/demo_model --init assets/demo_model \
+        --freeze-encoder --edge-share 0.5 --full-edge-share 0.5 --steps 120 --lr 3e-4 --warmup 10 \
+        --checkpoint-every 0 --log benchmarks/results/demo-model/finish-log.jsonl
 """
 from __future__ import annotations
 
