@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import assets, environment, write  # noqa: E402
 from lipsync.codec import audio  # noqa: E402
+from lipsync.model.avatar import COMPOSE_MODES  # noqa: E402
 from lipsync.model.engines import EngineConfig  # noqa: E402
 from lipsync.model.pipeline import ModelSpec, load_pipeline  # noqa: E402
 from lipsync.runtime.render import synthesize  # noqa: E402
@@ -116,7 +117,7 @@ def main() -> None:
     which.add_argument("--model", choices=["demo"], help="the demo model as `make demo` serves it")
     which.add_argument("--fixture", action="store_true", help="seeded weights on a synthetic avatar")
     parser.add_argument("--feather", type=int, default=0, help="--fixture: the paste's feather")
-    parser.add_argument("--compose", choices=["paste", "blend"], help="override the model's compose (demo: its "
+    parser.add_argument("--compose", choices=COMPOSE_MODES, help="override the model's compose (demo: its "
                         "conf/models/demo.yaml; fixture: paste)")
     parser.add_argument("--seconds", type=float, default=4.0, help="of assets/speech.wav")
     parser.add_argument("--mouth-zone", type=float, nargs=4, default=[0.2, 0.1, 0.8, 0.8],

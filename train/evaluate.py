@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lipsync.model import presenter
-from lipsync.model.avatar import avatar_frame  # noqa: E402
+from lipsync.model.avatar import COMPOSE_MODES, avatar_frame  # noqa: E402
 
 CLOSED = 0.03  # measured openness below this is a shut mouth (shut ≈ 0.013, openness 0.1 ≈ 0.039)
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--model", default="assets/demo_model")
     parser.add_argument("--avatar", default="out/demo_model/presenter", help="the demo avatar (drawn if missing)")
     parser.add_argument("--out", default="benchmarks/results/demo-model")
-    parser.add_argument("--compose", default="blend", choices=["paste", "blend"],
+    parser.add_argument("--compose", default="blend", choices=COMPOSE_MODES,
                         help="the paste (blend: the demo's, conf/models/demo.yaml)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
