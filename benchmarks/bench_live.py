@@ -5,21 +5,27 @@
 Each session speaks about half the time (utterances of 2–8 s of speech, pauses drawn so the duty cycle is
 `--duty`), 10 % of utterances are interrupted part-way, and the audio of an utterance is sent as fast as a TTS
 would produce it. The scripts are seeded: every run sends the same conversations. Per N: frames, late (HELD)
-frames and their rate, first-frame latency p50/p95, pacing (how late frames left against their slots), sessions
-refused by admission control. The answer is the largest N with zero late frames: real-time sessions per device.
+frames and their rate, first-frame latency p50/p95, pacing (how late frames arrived against their slots: max,
+p50/p99, and gaps in the frame indices), sessions refused by admission control, and the server's CPU per frame
+by thread (see bench_server). The answer is the largest N with zero late frames: real-time sessions per device.
+`--duty 0` opens idle sessions (no speech): the cost of pacing alone.
 Writes JSON and a PNG plot.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
+import re
 import signal
+import tempfile
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-from common import assets, environment, figure, save_figure, write
+from common import ThreadCPU, assets, environment, figure, model_override, save_figure, write
 
 from lipsync import timebase
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
@@ -41,10 +47,11 @@ def speech_pcm(seconds: float, offset: float) -> bytes:
 
 
 def script(seed: int, seconds: float, duty: float) -> list[Say]:
-    """A seeded conversation: utterances of 2–8 s, pauses so that speech fills `duty` of the time, 10 % barged in."""
+    """A seeded conversation: utterances of 2–8 s, pauses so that speech fills `duty` of the time, 10 % barged in
+    (duty 0: an idle session, which only watches the avatar)."""
     rng = random.Random(seed)
     says, t = [], rng.uniform(0.2, 1.5)
-    while True:
+    while duty > 0:
         length = rng.uniform(2.0, 8.0)
         if t + length > seconds - 1.0:
             break
@@ -54,18 +61,36 @@ def script(seed: int, seconds: float, duty: float) -> list[Say]:
     return says
 
 
-async def run_point(target: str, sessions: int, seconds: float, duty: float) -> dict:
-    async with channel(target) as ch:
-        stub = pb_grpc.LipSyncStub(ch)
+def pacing(result) -> tuple[list[float], int]:
+    """How late each frame arrived against its slot (ms; slot n is due n intervals after slot 0 arrived), and how
+    many slots never arrived (gaps in the frame indices)."""
+    if not result.frames:
+        return [], 0
+    interval = result.session.frame_interval_ms / 1e3
+    first, t0 = result.frames[0].index, result.received_s[0]
+    late = [1e3 * max(0.0, (t - t0) - (f.index - first) * interval) for f, t in zip(result.frames, result.received_s)]
+    gaps = sum(b.index - a.index - 1 for a, b in zip(result.frames, result.frames[1:]))
+    return late, gaps
 
+
+async def run_point(target: str, server_pid: int, sessions: int, seconds: float, duty: float,
+                    channels: int) -> dict:
+    chs = [channel(target) for _ in range(channels)]
+    stubs = [pb_grpc.LipSyncStub(await ch.__aenter__()) for ch in chs]
+    try:
         async def one(k: int):
             try:
-                return await converse(stub, "bench", script(1000 * sessions + k, seconds, duty), seconds)
+                return await converse(stubs[k % channels], "bench", script(1000 * sessions + k, seconds, duty),
+                                      seconds, keep_images=False)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     return None
                 raise
-        results = await asyncio.gather(*[one(k) for k in range(sessions)])
+        with ThreadCPU(server_pid) as cpu:
+            results = await asyncio.gather(*[one(k) for k in range(sessions)])
+    finally:
+        for ch in chs:
+            await ch.__aexit__(None, None, None)
     admitted = [r for r in results if r is not None]
     summaries = [r.summary() for r in admitted]
     frames = sum(s["frames"] for s in summaries)
@@ -73,13 +98,31 @@ async def run_point(target: str, sessions: int, seconds: float, duty: float) -> 
     latencies = [u["first_frame_latency_ms"] for s in summaries for u in s["utterances"].values()
                  if "first_frame_latency_ms" in u]
     interrupted = sum(bool(u.get("interrupted")) for s in summaries for u in s["utterances"].values())
+    paced = [pacing(r) for r in admitted]
+    lateness = [x for late, _ in paced for x in late]
     return {"sessions": sessions, "admitted": len(admitted), "refused": sessions - len(admitted),
             "frames": frames, "speech_frames": sum(s["speech"] for s in summaries), "late_frames": late,
             "late_rate": round(late / frames, 5) if frames else None,
             "utterances": len(latencies), "interrupted": interrupted,
             "first_frame_latency_ms": {"p50": round(percentile(latencies, 50), 1),
                                        "p95": round(percentile(latencies, 95), 1)},
-            "pacing_max_late_ms": max((s["pacing_ms"]["max_late"] for s in summaries), default=0.0)}
+            "pacing_max_late_ms": max((s["pacing_ms"]["max_late"] for s in summaries), default=0.0),
+            "pacing_late_ms": {"p50": round(percentile(lateness, 50), 1), "p99": round(percentile(lateness, 99), 1),
+                               "max": round(max(lateness, default=0.0), 1)},
+            "gaps": sum(g for _, g in paced),
+            "server_cpu_ms_per_frame": cpu.per_frame_ms(frames)}
+
+
+def server_pacing(log_path: Path, offset: int) -> dict:
+    """The server's own account of its pacing (each session's close line from `offset` on): how late frames were
+    handed to gRPC against their slots, for the worst session (p99) and over all (max)."""
+    with log_path.open() as f:
+        f.seek(offset)
+        closes = [json.loads(m.group(0)) for m in re.finditer(r'\{"event": "live_session_close".*\}', f.read())]
+    return {"sessions": len(closes),
+            "worst_session_p99": max((c["pacing_late_ms_p99"] for c in closes), default=0.0),
+            "worst_session_p50": max((c["pacing_late_ms_p50"] for c in closes), default=0.0),
+            "max": max((c["pacing_late_ms_max"] for c in closes), default=0.0)}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -97,42 +140,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", default="1,2,4,8,16")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each session (media seconds)")
-    parser.add_argument("--duty", type=float, default=0.5, help="share of the time each session speaks")
+    parser.add_argument("--duty", type=float, default=0.5, help="share of the time each session speaks (0: idle "
+                                                                "sessions, paced frames only)")
+    parser.add_argument("--channels", type=int, default=1, help="client connections the sessions share")
     parser.add_argument("--time-scale", type=float, default=1.0, help="server.live.time_scale (slower clock)")
     parser.add_argument("--admission", action="store_true", help="keep admission control on (default: off, to "
                                                                  "measure where late frames begin)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--engine", default="auto")
+    parser.add_argument("--variant", choices=("328", "160"), default="328", help="SyncTalk_2D generator variant")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--out")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for the server")
     args = parser.parse_args()
 
-    files = assets(args.width, args.height)
-    model = ",".join(f"{k}:{v}" for k, v in files.items())
+    files = assets(args.width, args.height, variant=args.variant)
     device = pick_device(args.device)
-    overrides = [f"engine={args.engine}", "models=none", f"+models.bench={{{model},preload:true}}",
+    overrides = [f"engine={args.engine}", "models=none", model_override(files, args.variant),
                  f"device={device}", "server.metrics_port=-1", f"server.live.time_scale={args.time_scale}"]
     if not args.admission:
         overrides.append("server.live.headroom=1.0")
         overrides.append("server.live.duty_cycle=0.001")
-    proc, port = spawn([*overrides, *args.overrides])
+    server_log = Path(tempfile.mkstemp(prefix="bench_live-server-", suffix=".log")[1])
+    with server_log.open("w") as log_file:
+        proc, port = spawn([*overrides, *args.overrides], log_file=log_file)
     rows = []
     try:
         for n in [int(s) for s in args.sessions.split(",")]:
-            row = asyncio.run(run_point(f"127.0.0.1:{port}", n, args.seconds, args.duty))
+            logged = server_log.stat().st_size
+            row = asyncio.run(run_point(f"127.0.0.1:{port}", proc.pid, n, args.seconds, args.duty, args.channels))
+            time.sleep(0.5)  # the sessions' close lines
+            row["server_pacing_ms"] = server_pacing(server_log, logged)
             rows.append(row)
             print(f"{n:3d} sessions: late {row['late_frames']:5d}/{row['frames']:6d}  first frame p50 "
                   f"{row['first_frame_latency_ms']['p50']:7.1f} ms p95 {row['first_frame_latency_ms']['p95']:7.1f} ms"
-                  f"  refused {row['refused']}", flush=True)
+                  f"  refused {row['refused']}  pacing p99 {row['pacing_late_ms']['p99']:.1f} ms at the client, "
+                  f"{row['server_pacing_ms']['worst_session_p99']:.0f} ms at the server, gaps {row['gaps']}"
+                  f"  server CPU ms/frame: event loop {row['server_cpu_ms_per_frame'].get('event-loop', 0):.3f}",
+                  flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     real_time = [r["sessions"] for r in rows if r["late_frames"] == 0 and r["refused"] == 0]
     write({"benchmark": "live", "environment": environment(device), "seconds_per_session": args.seconds,
            "duty_cycle": args.duty, "time_scale": args.time_scale, "admission_control": args.admission,
-           "output": f"{args.width}x{args.height} JPEG", "max_real_time_sessions": max(real_time, default=0),
+           "output": f"{args.width}x{args.height} JPEG", "variant": args.variant,
+           "max_real_time_sessions": max(real_time, default=0),
            "note": "seeded untrained weights; speed does not depend on the weights", "results": rows}, args.out)
     if args.out and rows:
         plot(rows, Path(args.out).with_suffix(".png"))

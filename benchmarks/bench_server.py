@@ -3,8 +3,10 @@
     python benchmarks/bench_server.py --streams 1,4,8,16,32 --seconds 4 --out benchmarks/results/server-gpu.json
 
 Per point: aggregate frames/s, frame latency p50/p95/p99 (from the moment the audio a frame needs was sent),
-and, for paced runs, whether every stream kept up with real time (25 fps each). Also a 24-frame Synthesize
-p50. Writes JSON and a PNG plot.
+for paced runs whether every stream kept up with real time (25 fps each), and the server's CPU per delivered
+frame by thread (event-loop: gRPC, sessions, scheduling, messages; infer-<device>: mel, encoder, generator;
+encode-<device>: compositing, JPEG; blocking: audio decode; grpc_*: gRPC's own threads). Also a 24-frame
+Synthesize p50. Writes JSON and a PNG plot.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import assets, environment, figure, save_figure, write
+from common import ThreadCPU, assets, environment, figure, model_override, save_figure, write
 
 from lipsync import timebase
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
@@ -34,14 +36,17 @@ def speech_pcm(seconds: float) -> bytes:
     return (wave.numpy() * 32767).astype(np.int16).tobytes()
 
 
-async def run_point(target: str, sessions: int, pcm: bytes, paced: bool, chunk_ms: float) -> dict:
+async def run_point(target: str, server_pid: int, sessions: int, pcm: bytes, paced: bool, chunk_ms: float) -> dict:
     fmt = audio.AudioFormat("s16le", timebase.SAMPLE_RATE, 1)
     async with channel(target) as ch:
         stub = pb_grpc.LipSyncStub(ch)
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*[stream(stub, "bench", pcm, fmt, chunk_ms, paced) for _ in range(sessions)])
-        wall = time.perf_counter() - t0
+        with ThreadCPU(server_pid) as cpu:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*[stream(stub, "bench", pcm, fmt, chunk_ms, paced)
+                                             for _ in range(sessions)])
+            wall = time.perf_counter() - t0
     summary = summarize(list(results), wall)
+    summary["server_cpu_ms_per_frame"] = cpu.per_frame_ms(summary["frames"])
     audio_s = len(pcm) / 2 / timebase.SAMPLE_RATE
     # a paced stream keeps up when its last frame arrives within a second of the end of its audio + look-ahead
     summary["real_time_streams"] = sum(r.wall_s <= audio_s + 1.0 for r in results) if paced else None
@@ -78,16 +83,16 @@ def main() -> None:
     parser.add_argument("--modes", default="flat,paced")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--engine", default="auto")
+    parser.add_argument("--variant", choices=("328", "160"), default="328", help="SyncTalk_2D generator variant")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--out")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for the server")
     args = parser.parse_args()
 
-    files = assets(args.width, args.height)
-    model = ",".join(f"{k}:{v}" for k, v in files.items())
+    files = assets(args.width, args.height, variant=args.variant)
     device = pick_device(args.device)
-    proc, port = spawn([f"engine={args.engine}", "models=none", f"+models.bench={{{model},preload:true}}",
+    proc, port = spawn([f"engine={args.engine}", "models=none", model_override(files, args.variant),
                         f"device={device}", "server.metrics_port=-1", "server.max_audio_seconds=3600",
                         *args.overrides])
     target = f"127.0.0.1:{port}"
@@ -98,15 +103,19 @@ def main() -> None:
                                          5 if device.type == "cpu" else 30))
         for mode in args.modes.split(","):
             for n in [int(s) for s in args.streams.split(",")]:
-                row = asyncio.run(run_point(target, n, pcm, mode == "paced", args.chunk_ms))
+                row = asyncio.run(run_point(target, proc.pid, n, pcm, mode == "paced", args.chunk_ms))
                 rows.append(row)
+                cpu = row["server_cpu_ms_per_frame"]
                 print(f"{mode:6s} {n:3d} streams: {row['fps']:8.1f} frames/s  p95 {row['latency_ms']['p95']:9.1f} ms"
-                      + (f"  real-time {row['real_time_streams']}/{n}" if row["paced"] else ""), flush=True)
+                      + (f"  real-time {row['real_time_streams']}/{n}" if row["paced"] else "")
+                      + f"  server CPU ms/frame: event loop {cpu.get('event-loop', 0):.3f}, all {cpu['total']:.3f}",
+                      flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     paced = [r for r in rows if r["paced"] and r["real_time_streams"] == r["streams"]]
     write({"benchmark": "server", "environment": environment(device), "audio_s_per_stream": args.seconds,
+           "chunk_ms": args.chunk_ms, "output": f"{args.width}x{args.height} JPEG", "variant": args.variant,
            "synthesize_24_frames_p50_ms": round(p50, 1),
            "max_real_time_streams_sustained": max((r["streams"] for r in paced), default=0),
            "results": rows}, args.out)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -16,15 +17,22 @@ from lipsync.model.demo import make_avatar, make_weights  # noqa: E402
 CACHE = Path(__file__).resolve().parent.parent / "out" / "bench_assets"
 
 
-def assets(width: int = 1280, height: int = 720, frames: int = 24) -> dict[str, Path]:
-    """Seeded weights and a synthetic avatar at the benchmark resolution (made once, then reused)."""
+def assets(width: int = 1280, height: int = 720, frames: int = 24, variant: str = "328") -> dict[str, Path]:
+    """Seeded weights of the SyncTalk_2D `variant` and a synthetic avatar at the benchmark resolution (made once,
+    then reused)."""
     root = CACHE / f"{width}x{height}x{frames}"
     if not (root / "avatar" / "crop_rects.json").is_file():
         make_avatar(root / "avatar", frames, width, height)
-    if not (root / "generator_328.pth").is_file():
-        make_weights(root, "328", seed=0)
-    return {"checkpoint": root / "generator_328.pth", "audio_encoder": root / "audio_visual_encoder.pth",
+    if not (root / f"generator_{variant}.pth").is_file():
+        make_weights(root, variant, seed=0)
+    return {"checkpoint": root / f"generator_{variant}.pth", "audio_encoder": root / "audio_visual_encoder.pth",
             "avatar": root / "avatar"}
+
+
+def model_override(files: dict[str, Path], variant: str = "328", name: str = "bench") -> str:
+    """The hydra override that declares the benchmark model (preloaded) for a `lipsync serve` child."""
+    spec = ",".join(f"{k}:{v}" for k, v in files.items())
+    return f"+models.{name}={{{spec},variant:'{variant}',preload:true}}"
 
 
 def environment(device: torch.device) -> dict:
@@ -68,3 +76,53 @@ def save_figure(fig, axes, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- host CPU per thread of a server
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds each thread of process `pid` has run, by thread id: (the OS's name for it, seconds). The
+    process's main thread (tid == pid), where `lipsync serve` runs its event loop, is named "event-loop"."""
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/comm") as f:
+                name = f.read().strip()
+            try:
+                with open(f"{base}/schedstat") as f:
+                    seconds = int(f.read().split()[0]) / 1e9  # nanoseconds on the CPU
+            except OSError:  # kernels without schedstat: clock ticks of user + system time
+                with open(f"{base}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+        threads[int(tid)] = ("event-loop" if int(tid) == pid else name, seconds)
+    return threads
+
+
+class ThreadCPU:
+    """CPU a server process spends per delivered frame, by thread name, over one measured stretch:
+    `with ThreadCPU(pid) as cpu: ...run...`, then `cpu.per_frame_ms(frames)`."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.before: dict[int, tuple[str, float]] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __enter__(self) -> "ThreadCPU":
+        self.before = thread_cpu(self.pid)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = {}
+        for tid, (name, seconds) in thread_cpu(self.pid).items():
+            used = seconds - self.before.get(tid, (name, 0.0))[1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + used
+
+    def per_frame_ms(self, frames: int) -> dict[str, float]:
+        """Milliseconds of CPU per delivered frame, by thread name (threads of one name summed), most first, and
+        their total."""
+        rows = {name: 1e3 * s / max(frames, 1) for name, s in self.seconds.items() if s > 0}
+        ordered = dict(sorted(((k, round(v, 4)) for k, v in rows.items()), key=lambda kv: -kv[1]))
+        return {**ordered, "total": round(sum(rows.values()), 4)}

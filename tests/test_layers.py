@@ -10,8 +10,8 @@ import grimp
 from conftest import ROOT
 
 LAYERS = ["lipsync.integrations", "lipsync.apps", "lipsync.api", "lipsync.runtime", "lipsync.model", "lipsync.codec"]
-FOUNDATION = {"lipsync.config", "lipsync.errors", "lipsync.timebase", "lipsync.logs", "lipsync._proto",
-              "lipsync.protos"}
+FOUNDATION = {"lipsync.config", "lipsync.errors", "lipsync.timebase", "lipsync.logs", "lipsync.threads",
+              "lipsync._proto", "lipsync.protos"}
 
 
 def fresh_python(code: str) -> subprocess.CompletedProcess:
@@ -75,7 +75,7 @@ def test_the_top_level_holds_only_the_layers_and_the_foundation():
     top = sorted(p.stem for p in (ROOT / "lipsync").iterdir()
                  if (p.suffix == ".py" or (p / "__init__.py").exists()))
     assert top == ["__init__", "__main__", "_proto", "api", "apps", "codec", "config", "errors", "integrations",
-                   "logs", "model", "protos", "runtime", "timebase"]
+                   "logs", "model", "protos", "runtime", "threads", "timebase"]
 
 
 def test_the_flat_import_paths_still_work_and_say_where_things_went():

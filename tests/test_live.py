@@ -99,6 +99,20 @@ def test_session_is_paced_continuous_video(conversation):
     assert all(len(f.audio) == 2 * OUT_RATE // 25 for f in frames)
 
 
+def test_the_server_logs_how_late_each_session_handed_its_frames_to_grpc(conversation, live_server):
+    """The server's own account of its pacing (bench_live reads it: the client's side of 127.0.0.1 shares the
+    CPU), in the session's close line: slot lateness p50/p99 in whole ms, and the worst."""
+    result, _, _ = conversation
+    closes = [json.loads(line[line.index("{"):]) for line in live_server.logs().splitlines()
+              if '"event": "live_session_close"' in line]
+    mine = [c for c in closes if c["session"] == result.session.session_id]
+    assert len(mine) == 1, closes
+    close = mine[0]
+    assert close["frames"] >= len(result.frames) - 1  # the last frame may be counted and not delivered
+    assert 1.0 <= close["pacing_late_ms_p50"] <= close["pacing_late_ms_p99"] < result.session.frame_interval_ms
+    assert close["pacing_late_ms_max"] >= close["pacing_late_ms_p99"] - 1.0
+
+
 def test_idle_frames_are_the_cached_avatar_jpegs(conversation, tiny_avatar):
     result, _, _ = conversation
     avatar = load_avatar(tiny_avatar)
@@ -518,3 +532,38 @@ def test_concurrent_admissions_never_overshoot_the_capacity(pipeline):
             s.close()
         return len(opened), counted, len(scheduler.live_sessions)
     assert asyncio.run(main()) == (4, 4, 0)
+
+
+def test_pacing_lateness_percentiles_from_millisecond_counts():
+    from lipsync.runtime.live import Lateness
+
+    late = Lateness()
+    assert late.summary() == {"pacing_late_ms_p50": 0.0, "pacing_late_ms_p99": 0.0, "pacing_late_ms_max": 0.0}
+    for ms in [0.2] * 98 + [12.5, 2500.0]:  # 98 on time, one 12.5 ms late, one 2.5 s late
+        late.add(ms / 1e3)
+    late.add(-0.004)  # early counts as on time
+    summary = late.summary()
+    assert summary["pacing_late_ms_p50"] == 1.0  # the 0–1 ms bucket
+    assert summary["pacing_late_ms_p99"] == 13.0  # rank 100 of 101: the 12–13 ms bucket
+    assert summary["pacing_late_ms_max"] == 2500.0
+
+
+@pytest.mark.parametrize("frame, events", [
+    (("speech", 5, 7, 3, b"\xff\xd8" + bytes(300), bytes(1280), "u1", 2),
+     [("started", {"utterance_id": "u1", "first_frame": 5, "avatar_position": 7, "latency_ms": 12.5}),
+      ("late", {"frame": 4, "utterance_id": "u1"})]),
+    (("idle", 0, 0, 0, b"", b"", "", -1), []),
+    (("held", 10**9, 2**40, 23, b"\x01" * 200_000, bytes(960), "z", -1), []),
+])
+def test_live_frames_built_as_wire_bytes_parse_to_the_message(frame, events):
+    """The Converse fast path (frames written as bytes, JPEG copied once) and the message it stands for are the
+    same to any client: protobuf's own parser reads them equal."""
+    from lipsync.api import convert
+    from lipsync.runtime.live import Event, Frame
+
+    kind, index, position, avatar_frame, jpeg, audio, utterance, k = frame
+    f = Frame(index, position, avatar_frame, jpeg, audio, kind, utterance, k)
+    e = [Event(kind_, fields) for kind_, fields in events]
+    built = convert.live_frame_bytes(f, e)
+    assert pb.ConverseResponse.FromString(built) == convert.live_frame(f, e)
+    assert len(built) == convert.live_frame(f, e).ByteSize()

@@ -77,3 +77,54 @@ def test_idle_jpegs_are_a_small_lru_encoded_off_the_encode_thread(pipeline, monk
     assert not any(name.startswith("encode") for name in threads), threads
     first = decode_jpeg(torch.frombuffer(bytearray(same[0][0]), dtype=torch.uint8))
     assert first.shape[1:] == pipeline.avatar.frames.shape[2:]
+
+
+def test_concurrent_first_sessions_share_one_capacity_measurement(pipeline):
+    """Live sessions that open together on a fresh model wait for one calibration: each timing its own batch
+    behind the others' measured a fraction of the capacity (50 idle sessions, 4 admitted, before the fix)."""
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4, max_delay_ms=0)
+        scheduler.start()
+        alone = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4, max_delay_ms=0)
+        alone.start()
+        rates = await asyncio.gather(*(scheduler.calibrate() for _ in range(8)))
+        await alone.calibrate()
+        await scheduler.stop()
+        await alone.stop()
+        return scheduler, alone, rates
+    scheduler, alone, rates = asyncio.run(main())
+    assert scheduler.batches == alone.batches == 2  # one measurement: its two full batches
+    assert len(set(rates)) == 1 and rates[0] > 0
+
+
+def test_device_threads_carry_their_names_to_the_os(pipeline):
+    """`top -H`, py-spy and the benchmarks' per-thread CPU tell the device threads apart by the OS's name."""
+    from lipsync.threads import os_name
+
+    workers = DeviceWorkers()
+    infer, encode = workers.get(pipeline.device)
+    try:
+        names = infer.submit(os_name).result(), encode.submit(os_name).result()
+    finally:
+        workers.shutdown()
+    assert names == (f"infer-{pipeline.device}", f"encode-{pipeline.device}")
+
+
+def test_engine_workers_are_renamed_only_where_they_inherited_the_loaders_name():
+    """Threads an engine starts inherit the loading thread's name; those are renamed for the device's engine, a
+    thread its library named itself keeps its name."""
+    import threading
+
+    from lipsync.threads import name_this_thread, name_threads, os_name
+
+    seen = {}
+
+    def worker(name: str) -> None:
+        name_this_thread(name)
+        name_threads({threading.get_native_id()}, "engine-cpu", only_named="blocking")
+        seen[name] = os_name()
+    for name in ("blocking", "cuda-EvtHandlr"):
+        t = threading.Thread(target=worker, args=(name,))
+        t.start()
+        t.join()
+    assert seen == {"blocking": "engine-cpu", "cuda-EvtHandlr": "cuda-EvtHandlr"}

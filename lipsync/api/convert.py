@@ -108,6 +108,42 @@ def live_frame(frame: Frame, events: list[Event]) -> pb.ConverseResponse:
         events=[event(e) for e in events])
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _length_tag(message: Any, field_name: str) -> bytes:
+    """The wire tag of a length-delimited field (wire type 2), from the message's own descriptor."""
+    return _varint(message.DESCRIPTOR.fields_by_name[field_name].number << 3 | 2)
+
+
+_FRAME_TAG, _JPEG_TAG, _AUDIO_TAG = (_length_tag(pb.ConverseResponse, "frame"), _length_tag(pb.LiveFrame, "jpeg"),
+                                     _length_tag(pb.LiveFrame, "audio"))
+
+
+def live_frame_bytes(frame: Frame, events: list[Event]) -> bytes:
+    """`live_frame` as wire bytes, the JPEG and audio copied once (into the result) rather than into a message and
+    again out of it: the frame's small fields are serialized by protobuf, the two byte fields are appended (fields
+    may come in any order on the wire), and the events follow as a serialized ConverseResponse of their own (two
+    serialized parts of one message concatenate to their merge). Parses to exactly `live_frame(...)`."""
+    head = pb.LiveFrame(index=frame.index, pts_ms=frame.index * timebase.FRAME_MS,
+                        avatar_position=frame.avatar_position, avatar_frame=frame.avatar_frame,
+                        kind=FRAME_KINDS[frame.kind], utterance_id=frame.utterance_id,
+                        utterance_frame=max(frame.utterance_frame, 0)).SerializeToString()
+    parts = [head]
+    for tag, data in ((_JPEG_TAG, frame.jpeg), (_AUDIO_TAG, frame.audio)):
+        if data:  # proto3 leaves empty bytes off the wire
+            parts += (tag, _varint(len(data)), data)
+    size = sum(len(p) for p in parts)
+    tail = pb.ConverseResponse(events=[event(e) for e in events]).SerializeToString() if events else b""
+    return b"".join((_FRAME_TAG, _varint(size), *parts, tail))
+
+
 def unix_ms(monotonic_s: float) -> int:
     """A time.monotonic() instant as Unix milliseconds (0 stays 0: never)."""
     return int((time.time() - (time.monotonic() - monotonic_s)) * 1e3) if monotonic_s else 0

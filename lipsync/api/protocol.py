@@ -31,6 +31,21 @@ UnaryMethod = Callable[[Any, Any, grpc.aio.ServicerContext, float], Awaitable[An
 Failure = Callable[[str, float], Any]  # (message, elapsed ms) → the response a failed call answers with
 
 
+class PreSerialized(grpc.aio.ServerInterceptor):
+    """Responses of `methods` that a service already built as wire bytes (live frames, `convert.live_frame_bytes`)
+    go out as they are; any other response of theirs is serialized by its message type as usual."""
+
+    def __init__(self, methods: set[str]):
+        self.methods = methods
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method not in self.methods:
+            return handler
+        serialize = handler.response_serializer
+        return handler._replace(response_serializer=lambda m: m if isinstance(m, bytes) else serialize(m))
+
+
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one mapping from exceptions to gRPC statuses (errors.RequestError subclasses carry their own)."""
     name, message = status_of(exc)

@@ -28,9 +28,9 @@ from lipsync.api import metrics
 from lipsync.api.compat import MonolithicService
 from lipsync.api.headers import ACCEPTED_HEADER, WORKER_HEADER
 from lipsync.api.limits import Limits, ServerConfig
-from lipsync.api.protocol import OpenCall
+from lipsync.api.protocol import OpenCall, PreSerialized
 from lipsync.api.security import AccessInterceptor, Principal, Quotas, Security, SecurityConfigError
-from lipsync.api.service import LipSyncService
+from lipsync.api.service import PRESERIALIZED, LipSyncService
 from lipsync.codec import audio
 from lipsync.codec.audio import AudioFormat
 from lipsync.config import Section, section, setting, settings
@@ -39,6 +39,7 @@ from lipsync.logs import TEXT_FORMAT
 from lipsync.model.engines import EngineConfig
 from lipsync.model.pipeline import PipelineConfig
 from lipsync.runtime.registry import ModelEntry, Registry, RegistryConfig
+from lipsync.threads import named_pool
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ async def build(config: ServeConfig) -> tuple[grpc.aio.Server, Server, int]:
                ("grpc.keepalive_permit_without_calls", 1),
                ("grpc.so_reuseport", 0)]  # a second server on a busy port must fail, not share its connections
     access = AccessInterceptor(security, first_message_s=limits.config_timeout_s)
-    server = grpc.aio.server(options=options, interceptors=[access],
+    server = grpc.aio.server(options=options, interceptors=[access, PreSerialized(PRESERIALIZED)],
                              maximum_concurrent_rpcs=server_cfg.max_concurrent_rpcs)
     pb_grpc.add_LipSyncServicer_to_server(LipSyncService(state), server)
     mono_grpc.add_MonolithicServiceServicer_to_server(MonolithicService(state), server)
@@ -258,6 +259,8 @@ async def build(config: ServeConfig) -> tuple[grpc.aio.Server, Server, int]:
 
 
 async def serve(config: ServeConfig) -> None:
+    # blocking work handed off the event loop (audio decode, model loads, metrics pages) on threads the OS names
+    asyncio.get_running_loop().set_default_executor(named_pool(min(32, (os.cpu_count() or 1) + 4), "blocking"))
     server, state, port = await build(config)
     security, server_cfg = state.security, state.limits.config
     endpoint = None

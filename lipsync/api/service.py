@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lipsync.api.server")
 
+PRESERIALIZED = {"/lipsync.v1.LipSync/Converse"}  # methods whose responses may be wire bytes (PreSerialized)
+
 
 class LipSyncService(pb_grpc.LipSyncServicer):
     def __init__(self, server: Server):
@@ -118,12 +120,12 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                 await s.accept(context)
                 yield pb.ConverseResponse(session=convert.session_info(session, entry, loaded_now, load_ms))
                 async for frame, events in session.run(convert.live_messages(requests)):
-                    yield convert.live_frame(frame, events)
+                    yield convert.live_frame_bytes(frame, events)  # wire bytes (api.protocol.PreSerialized)
                     metrics.observe_live(cfg.model_id, events)
             finally:
                 session.close()  # also if the call ended before its frames began
                 log.info(json.dumps({"event": "live_session_close", "session": session.id, "model": cfg.model_id,
-                                     **session.stats}))
+                                     **session.stats, **session.pacing.summary()}))
 
     @unary
     async def ListModels(self, request, context, started) -> pb.ListModelsResponse:

@@ -182,7 +182,7 @@ class Avatar:
 
     @property
     def frame_count(self) -> int:
-        return self.frames.shape[0]
+        return len(self.rects)  # one per frame; a list's length, not a tensor's shape (asked every live slot)
 
     @property
     def device(self) -> torch.device:

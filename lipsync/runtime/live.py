@@ -150,6 +150,8 @@ class LiveSession:
         self.open: Utterance | None = None  # receiving audio
         self.events: list[Event] = []
         self.closed = asyncio.Event()
+        self._sleeping: asyncio.Future | None = None  # the clock's wait for the next slot (close wakes it)
+        self.pacing = Lateness()  # how late each slot's frame left against its due time
         self._work = asyncio.Event()  # audio or an end is waiting for the feature worker
         self.error: Exception | None = None  # what ended the session, if not the client
         self.started_at: float | None = None  # perf_counter time of slot 0
@@ -240,8 +242,14 @@ class LiveSession:
 
     def close(self) -> None:
         self.interrupt()
-        self.closed.set()
+        self._stop_clock()
         self.scheduler.live_sessions.discard(self)
+
+    def _stop_clock(self) -> None:
+        """No slot after this one."""
+        self.closed.set()
+        if self._sleeping is not None and not self._sleeping.done():
+            self._sleeping.set_result(True)
 
     def apply(self, message: LiveMessage) -> None:
         """One client message (none waits on the device)."""
@@ -298,7 +306,7 @@ class LiveSession:
             raise
         except Exception as exc:  # bad audio, or a failed feature step: the session ends with it
             self.error = exc
-            self.closed.set()
+            self._stop_clock()
 
     async def _end(self, u: Utterance) -> None:
         u.ended = True
@@ -501,7 +509,9 @@ class LiveSession:
         return Frame(index, self.pos, f, self.idle[f], self.silence, kind)
 
     async def frames(self) -> AsyncIterator[tuple[Frame, list[Event]]]:
-        """Frame n leaves at start + n × interval (monotonic clock, no drift) until the session closes."""
+        """Frame n leaves at start + n × interval (monotonic clock, no drift) until the session closes. Sessions keep
+        the phase they opened at: spread over the interval, the loop serves them one at a time instead of all at one
+        tick (where the last would wait for every other session's frame: measured 340 vs 236 ms p99 at 200)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         self.started_at = time.perf_counter()
@@ -509,13 +519,9 @@ class LiveSession:
         try:
             while not self.closed.is_set():
                 due = start + self.slot * self.interval
-                delay = due - loop.time()
-                if delay > 0:
-                    try:
-                        await asyncio.wait_for(self.closed.wait(), delay)
-                        break
-                    except asyncio.TimeoutError:
-                        pass
+                if due > loop.time() and await self._sleep_until(loop, due):
+                    break  # closed while waiting
+                self.pacing.add(loop.time() - due)
                 self._schedule()
                 frame = self._tick()
                 self.stats["frames"] += 1
@@ -528,6 +534,55 @@ class LiveSession:
             worker.cancel()
             self.scheduler.live_sessions.discard(self)
             self.interrupt()
+
+    async def _sleep_until(self, loop: asyncio.AbstractEventLoop, due: float) -> bool:
+        """Wait for the loop clock to reach `due`; True if the session closed first. One timer and one future a
+        slot (a session at 25 fps wakes 25 times a second, so this is kept to the least the loop offers)."""
+        self._sleeping = waiter = loop.create_future()
+        timer = loop.call_at(due, _wake, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._sleeping = None
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class Lateness:
+    """How late a session's frames left against their slots, in whole milliseconds up to a second (one count per
+    millisecond: fixed memory however long the session runs), for its p50/p99/max."""
+
+    BUCKETS = 1000
+
+    def __init__(self) -> None:
+        self.counts = [0] * (self.BUCKETS + 1)  # the last bucket: a second or more
+        self.n = 0
+        self.max_s = 0.0
+
+    def add(self, late_s: float) -> None:
+        late_s = max(0.0, late_s)
+        self.counts[min(self.BUCKETS, int(late_s * 1e3))] += 1
+        self.n += 1
+        self.max_s = max(self.max_s, late_s)
+
+    def percentile_ms(self, q: float) -> float:
+        """The upper edge of the millisecond bucket holding the q-th percentile (0 when nothing was counted)."""
+        if not self.n:
+            return 0.0
+        rank, seen = math.ceil(q / 100 * self.n), 0
+        for ms, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                return float(ms + 1)
+        return float(self.BUCKETS)
+
+    def summary(self) -> dict[str, float]:
+        return {"pacing_late_ms_p50": self.percentile_ms(50), "pacing_late_ms_p99": self.percentile_ms(99),
+                "pacing_late_ms_max": round(self.max_s * 1e3, 1)}
 
 
 def admit(scheduler: ModelScheduler, config: LiveConfig) -> tuple[bool, str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lipsync import threads
 from lipsync.config import ConfigError, Section, limit, setting
 from lipsync.errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, clip
 from lipsync.model.demo import ensure_demo_model
@@ -319,7 +320,11 @@ class Registry:
                 log.info("drawing the demo presenter's avatar into %s", entry.spec.avatar)
             ensure_demo_model(entry.spec.checkpoint, entry.spec.audio_encoder, entry.spec.avatar)
         micro = micro_batch_setting(self.pipeline_cfg, self.engine, torch.device(device).type)
-        return load_pipeline(entry.spec, self.engine, device, micro, progress=True)  # bars on a terminal only
+        before, loader = threads.native_thread_ids(), threads.os_name()
+        try:
+            return load_pipeline(entry.spec, self.engine, device, micro, progress=True)  # bars on a terminal only
+        finally:  # workers the engine started (OpenVINO's, for one) show as the device's engine, not as the loader
+            threads.name_threads(threads.native_thread_ids() - before, f"engine-{device}", only_named=loader)
 
     def _place(self, entry: ModelEntry, requested: str | None) -> str:
         wanted = requested or entry.device_pref

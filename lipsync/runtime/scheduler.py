@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import heapq
 import itertools
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Callable
@@ -30,6 +30,7 @@ from lipsync.codec import jpeg
 from lipsync.errors import ResourceExhausted
 from lipsync.model.audio_features import FeatureStream
 from lipsync.model.pipeline import Pipeline, StageClock
+from lipsync.threads import named_pool
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,11 @@ class _Inline(concurrent.futures.Executor):
 
 
 class DeviceWorkers:
-    """One inference thread and one encode thread per device (nvJPEG serialises on a global lock anyway). On
-    CUDA each has its own stream, so encoding batch k never waits for the inference of batch k+1 (nvJPEG
-    synchronises the stream it runs on); work passes from one to the other with events. The threads make their
-    device current, so events and allocations land on it."""
+    """One inference thread and one encode thread per device (nvJPEG serialises on a global lock anyway), named
+    `infer-<device>` and `encode-<device>` for the OS (lipsync.threads). On CUDA each has its own stream, so
+    encoding batch k never waits for the inference of batch k+1 (nvJPEG synchronises the stream it runs on); work
+    passes from one to the other with events. The threads make their device current, so events and allocations
+    land on it."""
 
     def __init__(self, inline: bool = False) -> None:
         self._pools: dict[str, tuple[Any, Any]] = {}
@@ -91,8 +93,7 @@ class DeviceWorkers:
             return _Inline(), _Inline()
         if key not in self._pools:
             init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
-            self._pools[key] = (ThreadPoolExecutor(1, thread_name_prefix=f"infer-{key}", initializer=init),
-                                ThreadPoolExecutor(1, thread_name_prefix=f"encode-{key}", initializer=init))
+            self._pools[key] = (named_pool(1, f"infer-{key}", init), named_pool(1, f"encode-{key}", init))
         return self._pools[key]
 
     def streams(self, device: torch.device) -> tuple[Any, Any]:
@@ -142,6 +143,10 @@ class Job:
         return self.future.done()
 
 
+def _next_due(job: Job) -> tuple[int, float]:
+    return job.due(job.next)
+
+
 @dataclass
 class BatchSlice:
     job: Job
@@ -171,6 +176,7 @@ class ModelScheduler:
         # Measured service: seconds from a batch leaving the queue to its JPEGs (EWMA), and frames/s at full batches.
         self.batch_latency_s: float | None = None
         self.capacity_fps: float | None = None
+        self._calibration: asyncio.Future | None = None  # the one measurement in progress (calibrate)
         self._idle_jpegs: collections.OrderedDict[int, asyncio.Future] = collections.OrderedDict()
         self._idle_lock = asyncio.Lock()
         self.live_sessions: set[Any] = set()  # open live sessions of this model (admission control)
@@ -207,21 +213,27 @@ class ModelScheduler:
             self.capacity_fps = frames / seconds  # a first, pessimistic figure
 
     async def calibrate(self) -> float:
-        """Measure frames/s of one full batch through generator, compositing and JPEG (once per model)."""
+        """Measure frames/s of one full batch through generator, compositing and JPEG (once per model: callers that
+        arrive while it runs share that one measurement, rather than each timing its batch behind the others)."""
         if self.capacity_fps is None:
-            n = self.max_batch
-            ids = self.pipeline.avatar.frames_for(0, 0, n)
-            features = torch.zeros(n, *self.pipeline.generator_audio_shape, device=self.pipeline.device)
-            for _ in range(2):  # the first call may still pay one-time costs
-                t0 = time.perf_counter()
-                await self.submit(features, ids, 75)
-                seconds = time.perf_counter() - t0
-            self.batch_latency_s = self.capacity_fps = None
-            self._measured(n, seconds, weight=1.0)
-            log.info("model %s: measured %.1f frames/s at batch %d (%.0f ms per batch)", self.pipeline.name,
-                     self.capacity_fps, n, seconds * 1e3)
+            if self._calibration is None or (self._calibration.done() and self._calibration.exception()):
+                self._calibration = asyncio.ensure_future(self._calibrate())
+            await asyncio.shield(self._calibration)
         assert self.capacity_fps is not None
         return self.capacity_fps
+
+    async def _calibrate(self) -> None:
+        n = self.max_batch
+        ids = self.pipeline.avatar.frames_for(0, 0, n)
+        features = torch.zeros(n, *self.pipeline.generator_audio_shape, device=self.pipeline.device)
+        for _ in range(2):  # the first call may still pay one-time costs
+            t0 = time.perf_counter()
+            await self.submit(features, ids, 75)
+            seconds = time.perf_counter() - t0
+        self.batch_latency_s = self.capacity_fps = None
+        self._measured(n, seconds, weight=1.0)
+        log.info("model %s: measured %.1f frames/s at batch %d (%.0f ms per batch)", self.pipeline.name,
+                 self.capacity_fps, n, seconds * 1e3)
 
     async def idle_jpegs(self, quality: int) -> list[bytes]:
         """The avatar's own frames as JPEG at `quality`, encoded once and kept for the IDLE_QUALITIES qualities
@@ -378,8 +390,8 @@ class ModelScheduler:
             self.queued_frames -= job.size - job.next
         batch, room = [], self.max_batch
         while room and self.jobs:
-            ranked = sorted(self.jobs, key=lambda j: j.due(j.next))
-            best, runner_up = ranked[0], (ranked[1].due(ranked[1].next) if len(ranked) > 1 else None)
+            ranked = heapq.nsmallest(2, self.jobs, key=_next_due)  # the two first by (class, deadline), in one pass
+            best, runner_up = ranked[0], (_next_due(ranked[1]) if len(ranked) > 1 else None)
             take = 1
             while take < min(room, best.size - best.next) and (
                     runner_up is None or best.due(best.next + take) <= runner_up):

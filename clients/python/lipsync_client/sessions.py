@@ -157,9 +157,10 @@ class ConverseResult:
 async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say], duration_s: float,
                    start_frame: int = 0, quality: int = 0, output_rate: int = 0, realtime: bool = False,
                    chunk_ms: float = 40.0, timeout: float | None = None, metadata=None,
-                   progress: Callable[[int], None] | None = None) -> ConverseResult:
+                   progress: Callable[[int], None] | None = None, keep_images: bool = True) -> ConverseResult:
     """Run one live session for `duration_s` media seconds, sending each utterance at its time (all at once, as
-    a TTS faster than real time would, or paced in real time), and collect every frame and event."""
+    a TTS faster than real time would, or paced in real time), and collect every frame and event (without their
+    JPEG and audio bytes if not `keep_images`: a load test of many sessions keeps only what it measures)."""
     if not utterances:
         fmt = AudioFormat("s16le", SAMPLE_RATE, 1)
     else:
@@ -213,6 +214,9 @@ async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say],
             ready.set()
             continue
         assert result is not None, "the first Converse response carries the session info"
+        if not keep_images:
+            response.frame.ClearField("jpeg")
+            response.frame.ClearField("audio")
         result.frames.append(response.frame)
         result.received_s.append(now - origin)
         if progress:
