@@ -35,9 +35,22 @@ def model_override(files: dict[str, Path], variant: str = "328", name: str = "be
     return f"+models.{name}={{{spec},variant:'{variant}',preload:true}}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (figures differ several-fold between the machines here)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+            "cpu_threads": torch.get_num_threads(),
             "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

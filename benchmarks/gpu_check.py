@@ -90,6 +90,25 @@ def test_outcomes(junit: Path) -> list[dict]:
     return rows
 
 
+def targets(results: Path, tag: str) -> dict:
+    """Issue 22's figures from this run's result files, beside their targets (None where a step did not write its
+    file): the server's frames/s against the pipeline's best, aggregate frames/s, real-time live sessions, and the
+    server's event-loop CPU per frame."""
+    def read(name: str) -> dict | None:
+        path = results / f"{name}-cuda-{tag}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    pipeline, server, live = read("pipeline"), read("server"), read("live")
+    best_pipeline = max((r["fps"] for r in pipeline["results"]), default=None) if pipeline else None
+    flat = [r for r in server["results"] if not r["paced"]] if server else []
+    best_server = max((r["fps"] for r in flat), default=None)
+    loop_ms = [r["server_cpu_ms_per_frame"].get("event-loop") for r in flat if "server_cpu_ms_per_frame" in r]
+    return {"server_vs_pipeline": round(best_server / best_pipeline, 3) if best_server and best_pipeline else None,
+            "server_vs_pipeline_target": 0.9,
+            "server_fps": best_server, "server_fps_target": 2000,
+            "live_sessions_real_time": live["max_real_time_sessions"] if live else None, "live_sessions_target": 80,
+            "event_loop_cpu_ms_per_frame": min((x for x in loop_ms if x is not None), default=None)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default=",".join(STEPS))
@@ -135,7 +154,8 @@ def main() -> int:
         if name == "tests":
             steps[-1]["tests"] = test_outcomes(logs / "junit.xml")
     summary = {"benchmark": "gpu-check", "command": " ".join([Path(py).name, *sys.argv]),
-               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": facts, "steps": steps}
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": facts, "steps": steps,
+               "targets": targets(results, tag)}
     out = results / f"gpu-check-{tag}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out}")
