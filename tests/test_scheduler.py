@@ -128,3 +128,72 @@ def test_engine_workers_are_renamed_only_where_they_inherited_the_loaders_name()
         t.start()
         t.join()
     assert seen == {"blocking": "engine-cpu", "cuda-EvtHandlr": "cuda-EvtHandlr"}
+
+
+def _reference_batches(jobs: list[dict], max_batch: int) -> list[list[tuple[int, int, int]]]:
+    """The batcher's rule written out plainly, as a sort of every job per slice: take from the job whose next frame
+    is first by (class, due time, submission order) while its frames stay no later than the runner-up's next."""
+    batches = []
+    while any(j["next"] < j["size"] for j in jobs):
+        batch, room = [], max_batch
+        while room:
+            waiting = sorted((j for j in jobs if j["next"] < j["size"]),
+                             key=lambda j: (j["priority"], j["deadline"] + j["next"] * j["step"], j["seq"]))
+            if not waiting:
+                break
+            best = waiting[0]
+            runner_up = (waiting[1]["priority"], waiting[1]["deadline"] + waiting[1]["next"] * waiting[1]["step"]) \
+                if len(waiting) > 1 else None
+            take = 1
+            while take < min(room, best["size"] - best["next"]) and (
+                    runner_up is None or (best["priority"], best["deadline"] + (best["next"] + take) * best["step"])
+                    <= runner_up):
+                take += 1
+            if batch and batch[-1][0] == best["seq"] and batch[-1][2] == best["next"]:
+                batch[-1] = (best["seq"], batch[-1][1], best["next"] + take)
+            else:
+                batch.append((best["seq"], best["next"], best["next"] + take))
+            best["next"] += take
+            room -= take
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_batchers_heap_picks_what_a_full_sort_would(pipeline, seed):
+    """Slices by (class, deadline) from the heap equal a sort of every job per slice, with cancelled jobs
+    dropped and their frames leaving the queue count at once."""
+    import random
+
+    from lipsync.runtime.scheduler import Priority
+
+    rng = random.Random(seed)
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=rng.choice([1, 3, 8]))  # never started
+        specs, futures = [], []
+        for seq in range(rng.randint(5, 40)):
+            size = rng.randint(1, 12)
+            spec = {"seq": seq, "size": size, "next": 0, "priority": rng.choice(list(Priority)),
+                    "deadline": rng.choice([0.0, 0.04, 0.08]) + rng.randint(0, 5) * 0.04,
+                    "step": rng.choice([0.04, 0.12])}
+            futures.append(scheduler.submit(torch.zeros(size, 32, 16, 16), [0] * size, 75,
+                                            priority=spec["priority"], deadline=spec["deadline"], step=spec["step"]))
+            specs.append(spec)
+        for k in rng.sample(range(len(specs)), len(specs) // 5):
+            futures[k].cancel()
+            specs[k]["next"] = specs[k]["size"]  # nothing of it is taken
+        await asyncio.sleep(0)  # the cancellations' callbacks
+        assert scheduler.queued_frames == sum(s["size"] - s["next"] for s in specs)
+        expected = _reference_batches(specs, scheduler.max_batch)
+        got = []
+        while True:
+            batch = scheduler._take_batch()
+            if not batch:
+                break
+            got.append([(s.job.seq, s.lo, s.hi) for s in batch])
+        assert scheduler.queued_frames == 0 and not scheduler._live_due()
+        await scheduler.stop()
+        return expected, got
+    expected, got = asyncio.run(main())
+    assert got == expected

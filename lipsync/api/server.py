@@ -113,11 +113,14 @@ class Server:
         return audio.resample(audio.decode_pcm(data, fmt), fmt.sample_rate)
 
     def record(self, event: str, entry: ModelEntry, frames: int, timings: dict[str, float]) -> None:
-        """Stats, metrics and one structured log line per request."""
+        """Stats, metrics and one structured log line per request: at INFO for a request, at DEBUG for each
+        response of a stream (a stream's own summary line is INFO), so a busy server's log stays readable."""
         entry.record(frames, timings)
         metrics.observe(entry.spec.name, frames, timings)
-        stages = {(k if k == "batch_size" else f"{k}_ms"): round(v, 2) for k, v in timings.items()}
-        log.info(json.dumps({"event": event, "model": entry.spec.name, "frames": frames, **stages}))
+        level = logging.DEBUG if event == "stream_chunk" else logging.INFO
+        if log.isEnabledFor(level):
+            stages = {(k if k == "batch_size" else f"{k}_ms"): round(v, 2) for k, v in timings.items()}
+            log.log(level, json.dumps({"event": event, "model": entry.spec.name, "frames": frames, **stages}))
 
     async def accept(self, context) -> None:
         """Response headers of a Stream/Converse the server has accepted (config valid, model ready): the client

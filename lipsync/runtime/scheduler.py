@@ -130,6 +130,8 @@ class Job:
     deadline: float = 0.0  # when frame 0 is due (perf_counter clock); frame k is due deadline + k * step
     step: float = timebase.FRAME_S
     on_frames: Callable[[int, int, list[bytes]], None] | None = None  # per delivered slice: (lo, hi, jpegs)
+    seq: int = 0  # submission order: ties of (class, deadline) go to the job submitted first
+    queued: bool = True  # frames of it wait in the scheduler's queue (counted in queued_frames)
 
     def due(self, k: int) -> tuple[int, float]:
         return self.priority, self.deadline + k * self.step
@@ -164,8 +166,13 @@ class ModelScheduler:
         self.infer_stream, self.encode_stream = workers.streams(pipeline.device)
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
         self.max_queue_frames = max_queue_frames
-        self.jobs: deque[Job] = deque()
+        # Jobs with frames waiting, as a heap by (class, due time of their next frame, submission order): picking
+        # the next slice costs log(jobs), not a pass over every queued job (a deep Stream queue holds hundreds).
+        # A cancelled job's frames leave the count at once; its entry is dropped when it reaches the top.
+        self._heap: list[tuple[int, float, int, Job]] = []
+        self._seq = itertools.count()
         self.queued_frames = 0
+        self._live_jobs = 0  # queued LIVE jobs (the batcher does not wait for company while one is due)
         self.windows: deque[tuple[Tensor, asyncio.Future]] = deque()  # audio-encoder work from all sessions
         self.max_encoder_batch = max_encoder_batch
         self._wakeup = asyncio.Event()
@@ -193,12 +200,12 @@ class ModelScheduler:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        for future in [job.future for job in self.jobs] + [f for _, f in self.windows]:
+        for future in [job.future for *_, job in self._heap if job.queued] + [f for _, f in self.windows]:
             if not future.done():
                 future.set_exception(RuntimeError("model unloaded"))
-        self.jobs.clear()
+        self._heap.clear()
         self.windows.clear()
-        self.queued_frames = 0
+        self.queued_frames = self._live_jobs = 0
 
     # -- measured service rate
     def _measured(self, frames: int, seconds: float, weight: float = 0.2) -> None:
@@ -337,9 +344,12 @@ class ModelScheduler:
             raise QueueFull(f"model {self.pipeline.name}: queue holds {self.queued_frames} frames; "
                             f"{n} more would exceed its bound of {self.max_queue_frames}")
         job = Job(features, frame_ids, quality, visual, future, results=[None] * n, priority=priority,
-                  deadline=time.perf_counter() if deadline is None else deadline, step=step, on_frames=on_frames)
-        self.jobs.append(job)
+                  deadline=time.perf_counter() if deadline is None else deadline, step=step, on_frames=on_frames,
+                  seq=next(self._seq))
+        self._push(job)
         self.queued_frames += n
+        self._live_jobs += priority == Priority.LIVE
+        future.add_done_callback(lambda _, j=job: self._leave(j))  # cancelled or failed: its frames leave now
         self._wakeup.set()
         return future
 
@@ -383,15 +393,37 @@ class ModelScheduler:
         return self.submit(features[lo:hi], frame_ids[lo:hi], quality, None if visual is None else visual[lo:hi],
                            priority, deadline=arrived + lo * timebase.FRAME_S)
 
+    def _push(self, job: Job) -> None:
+        heapq.heappush(self._heap, (*job.due(job.next), job.seq, job))
+
+    def _leave(self, job: Job) -> None:
+        """The job's frames no longer wait: all taken, or it was cancelled or failed (idempotent)."""
+        if job.queued:
+            job.queued = False
+            self.queued_frames -= job.size - job.next
+            self._live_jobs -= job.priority == Priority.LIVE
+
+    def _first(self) -> Job | None:
+        """The queued job whose next frame is first by (class, deadline), left on the heap; entries of jobs that
+        left the queue are dropped on the way."""
+        while self._heap:
+            job = self._heap[0][-1]
+            if job.queued and not job.cancelled:
+                return job
+            heapq.heappop(self._heap)
+            self._leave(job)
+        return None
+
     def _take_batch(self) -> list[BatchSlice]:
         """Up to max_batch frames, earliest (class, deadline) first; runs of one job stay together."""
-        for job in [j for j in self.jobs if j.cancelled]:
-            self.jobs.remove(job)
-            self.queued_frames -= job.size - job.next
         batch, room = [], self.max_batch
-        while room and self.jobs:
-            ranked = heapq.nsmallest(2, self.jobs, key=_next_due)  # the two first by (class, deadline), in one pass
-            best, runner_up = ranked[0], (_next_due(ranked[1]) if len(ranked) > 1 else None)
+        while room:
+            best = self._first()
+            if best is None:
+                break
+            heapq.heappop(self._heap)
+            runner = self._first()
+            runner_up = _next_due(runner) if runner is not None else None
             take = 1
             while take < min(room, best.size - best.next) and (
                     runner_up is None or best.due(best.next + take) <= runner_up):
@@ -403,13 +435,15 @@ class ModelScheduler:
             best.next += take
             room -= take
             self.queued_frames -= take
-            if best.next == best.size:
-                self.jobs.remove(best)
+            if best.next < best.size:
+                self._push(best)
+            else:
+                self._leave(best)
         return batch
 
     async def _run(self) -> None:
         while True:
-            if not self.jobs and not self.windows:
+            if not self._heap and not self.windows:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self.queued_frames < self.max_batch and self.max_delay > 0 and not self._live_due():
@@ -430,7 +464,7 @@ class ModelScheduler:
 
     def _live_due(self) -> bool:
         """A live frame is waiting: do not hold the batch back for company."""
-        return any(j.priority == Priority.LIVE for j in self.jobs)
+        return self._live_jobs > 0
 
     async def _dispatch(self, batch: list[BatchSlice]) -> None:
         loop = asyncio.get_running_loop()
