@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -75,9 +76,9 @@ def pacing(result) -> tuple[list[float], int]:
 
 async def run_point(target: str, server_pid: int, sessions: int, seconds: float, duty: float,
                     channels: int) -> dict:
-    chs = [channel(target) for _ in range(channels)]
-    stubs = [pb_grpc.LipSyncStub(await ch.__aenter__()) for ch in chs]
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = [pb_grpc.LipSyncStub(await stack.enter_async_context(channel(target))) for _ in range(channels)]
+
         async def one(k: int):
             try:
                 return await converse(stubs[k % channels], "bench", script(1000 * sessions + k, seconds, duty),
@@ -88,9 +89,6 @@ async def run_point(target: str, server_pid: int, sessions: int, seconds: float,
                 raise
         with ThreadCPU(server_pid) as cpu:
             results = await asyncio.gather(*[one(k) for k in range(sessions)])
-    finally:
-        for ch in chs:
-            await ch.__aexit__(None, None, None)
     admitted = [r for r in results if r is not None]
     summaries = [r.summary() for r in admitted]
     frames = sum(s["frames"] for s in summaries)
@@ -182,6 +180,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
+        server_log.unlink()
     real_time = [r["sessions"] for r in rows if r["late_frames"] == 0 and r["refused"] == 0]
     write({"benchmark": "live", "environment": environment(device), "seconds_per_session": args.seconds,
            "duty_cycle": args.duty, "time_scale": args.time_scale, "admission_control": args.admission,

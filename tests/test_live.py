@@ -567,3 +567,12 @@ def test_live_frames_built_as_wire_bytes_parse_to_the_message(frame, events):
     built = convert.live_frame_bytes(f, e)
     assert pb.ConverseResponse.FromString(built) == convert.live_frame(f, e)
     assert len(built) == convert.live_frame(f, e).ByteSize()
+
+
+def test_a_load_test_client_can_keep_frames_without_their_images(live_server):
+    """`converse(..., keep_images=False)` (bench_live's 200 sessions) keeps every frame's index, kind and timing,
+    and drops the JPEG and audio bytes it does not measure."""
+    result = run_session(live_server, [], 1.0, keep_images=False)
+    assert result.frames and [f.index for f in result.frames] == list(range(len(result.frames)))
+    assert all(f.jpeg == b"" and f.audio == b"" and f.kind == pb.IDLE for f in result.frames)
+    assert len(result.received_s) == len(result.frames)

@@ -160,6 +160,20 @@ def test_stream_equals_synthesize_with_random_chunks(server, pcm, unary):
     assert_same_frames(frames, unary.frames)
 
 
+def test_a_stream_logs_one_info_line_at_its_end_and_its_responses_only_at_debug(server, pcm):
+    """At INFO a busy server's log has a line per request, not per response: a Stream's many responses log at
+    DEBUG, its summary once it ends."""
+    before = len(server.logs())
+    frames = call(server, lambda s, m: _stream(s, pcm, S16, [3200] * 8))
+    assert frames
+    for _ in range(50):  # the summary is written as the call ends, just after the client's last response
+        text = server.logs()[before:]
+        if '"event": "stream"' in text:
+            break
+        time.sleep(0.1)
+    assert '"event": "stream"' in text and '"event": "stream_chunk"' not in text, text
+
+
 def test_stream_resamples_stereo_float_at_44k(server):
     wave = audio.load_wav(SPEECH)[2000:10000]
     x44 = audio.AF.resample(wave, 16000, 44100).numpy().astype(np.float32)
