@@ -8,6 +8,7 @@ Compilation and warm-up happen here, at model load.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -494,7 +496,9 @@ def _int8_model(onnx_file: Path, calibration: list[list[Tensor]], config: Engine
         convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
                         if op.get_type_name() == "Convolution"]
         kept = convolutions[:2] + convolutions[-2:]
-        with warnings.catch_warnings():
+        # NNCF draws its progress bars on stdout, which carries only `lipsync serve`'s READY line (spawn and
+        # supervisors read it): they go to stderr, with the logs
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             return nncf.quantize(
                 model, nncf.Dataset(calibration, lambda sample: [x.numpy() for x in sample]),
