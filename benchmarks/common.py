@@ -47,10 +47,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+MATH_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")  # what the engines use
+
+
+def cpu_math() -> list[str]:
+    """The vector and matrix instruction sets of this CPU that the CPU engines choose by (one "AMD EPYC" here has
+    AVX2 only, another AVX-512 with bf16: their figures differ several-fold)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [m for m in MATH_FLAGS if m in flags]
+
+
 def environment(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-            "cpu_threads": torch.get_num_threads(),
+            "cpu_math": cpu_math(), "cpu_threads": torch.get_num_threads(),
             "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -497,3 +497,21 @@ def test_graceful_shutdown_finishes_in_flight_work(weights, tiny_avatar, tmp_pat
     assert len(response.frames) == audio_features.frame_count(len(pcm) // 2)
     assert srv.proc.wait(60) == 0
     assert "shutting down" in srv.logs()
+
+
+@pytest.mark.parametrize("first, avatar_frames, jpegs, timings, fields", [
+    (0, [0, 1, 2], [b"\xff\xd8" + bytes(300), b"\xff\xd8\x01", b"\x02" * 200_000], {"audio": 1.5, "queue": 0.25,
+     "inference": 3.0, "composite": 0.5, "encode": 2.0, "total": 9.0, "batch_size": 32},
+     {"model_loaded": True, "model_load_ms": 812.5}),
+    (10**9, [2**30], [b""], {}, {}),
+    (7, [], [], {"total": 1.0}, {}),
+])
+def test_stream_responses_built_as_wire_bytes_parse_to_the_message(first, avatar_frames, jpegs, timings, fields):
+    """The Stream fast path (each response written as bytes, JPEGs copied once) and the message it stands for
+    are the same to any client: protobuf's own parser reads them equal, byte count included."""
+    from lipsync.api import convert
+
+    built = convert.stream_response_bytes(first, avatar_frames, jpegs, timings, **fields)
+    message = pb.StreamResponse(frames=convert.frames(first, avatar_frames, jpegs), timings=convert.timings(timings),
+                                **fields)
+    assert pb.StreamResponse.FromString(built) == message and len(built) == message.ByteSize()

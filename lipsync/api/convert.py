@@ -124,6 +124,7 @@ def _length_tag(message: Any, field_name: str) -> bytes:
 
 _FRAME_TAG, _JPEG_TAG, _AUDIO_TAG = (_length_tag(pb.ConverseResponse, "frame"), _length_tag(pb.LiveFrame, "jpeg"),
                                      _length_tag(pb.LiveFrame, "audio"))
+_FRAMES_TAG, _FRAME_JPEG_TAG = _length_tag(pb.StreamResponse, "frames"), _length_tag(pb.Frame, "jpeg")
 
 
 def live_frame_bytes(frame: Frame, events: list[Event]) -> bytes:
@@ -142,6 +143,22 @@ def live_frame_bytes(frame: Frame, events: list[Event]) -> bytes:
     size = sum(len(p) for p in parts)
     tail = pb.ConverseResponse(events=[event(e) for e in events]).SerializeToString() if events else b""
     return b"".join((_FRAME_TAG, _varint(size), *parts, tail))
+
+
+def stream_response_bytes(first_index: int, avatar_frames: list[int], jpegs: list[bytes], t: dict[str, float],
+                          **fields: Any) -> bytes:
+    """A StreamResponse of frames as wire bytes, each JPEG copied once (into the result): every Frame's small
+    fields serialized by protobuf with its JPEG appended, then the timings and `fields` as a serialized
+    StreamResponse of their own (parts of one message concatenate to their merge). Parses to exactly
+    `StreamResponse(frames=frames(...), timings=timings(t), **fields)`."""
+    parts: list[bytes] = []
+    for k, (f, data) in enumerate(zip(avatar_frames, jpegs)):
+        index = first_index + k
+        head = pb.Frame(index=index, avatar_frame=f, pts_ms=index * timebase.FRAME_MS).SerializeToString()
+        body = (head, _FRAME_JPEG_TAG, _varint(len(data)), data) if data else (head,)
+        parts += (_FRAMES_TAG, _varint(sum(len(b) for b in body)), *body)
+    parts.append(pb.StreamResponse(timings=timings(t), **fields).SerializeToString())
+    return b"".join(parts)
 
 
 def unix_ms(monotonic_s: float) -> int:

@@ -32,8 +32,9 @@ Failure = Callable[[str, float], Any]  # (message, elapsed ms) → the response 
 
 
 class PreSerialized(grpc.aio.ServerInterceptor):
-    """Responses of `methods` that a service already built as wire bytes (live frames, `convert.live_frame_bytes`)
-    go out as they are; any other response of theirs is serialized by its message type as usual."""
+    """Responses of `methods` that a service already built as wire bytes (Stream's frames and live frames,
+    `convert.stream_response_bytes` and `convert.live_frame_bytes`) go out as they are; any other response of
+    theirs is serialized by its message type as usual."""
 
     def __init__(self, methods: set[str]):
         self.methods = methods

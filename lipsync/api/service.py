@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lipsync.api.server")
 
-PRESERIALIZED = {"/lipsync.v1.LipSync/Converse"}  # methods whose responses may be wire bytes (PreSerialized)
+# methods whose responses may be wire bytes (api.protocol.PreSerialized)
+PRESERIALIZED = {"/lipsync.v1.LipSync/Stream", "/lipsync.v1.LipSync/Converse"}
 
 
 class LipSyncService(pb_grpc.LipSyncServicer):
@@ -88,8 +89,8 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                         yield pb.StreamResponse(end_of_stream=True, **loaded)
                         break
                     s.record("stream_chunk", entry, len(chunk.jpegs), chunk.timings)
-                    yield pb.StreamResponse(frames=convert.frames(chunk.first_index, chunk.avatar_frames, chunk.jpegs),
-                                            timings=convert.timings(chunk.timings), **loaded)
+                    yield convert.stream_response_bytes(chunk.first_index, chunk.avatar_frames, chunk.jpegs,
+                                                        chunk.timings, **loaded)  # wire bytes (PreSerialized)
                     loaded = {}  # said once, in the first response
             finally:
                 log.info(json.dumps({"event": "stream", "model": cfg.model_id, "frames": session.sent,

@@ -28,7 +28,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
@@ -298,8 +298,8 @@ class LiveSession:
                     while not u.cancelled and (u.pending or (u.end_requested and not u.ended)):
                         if u.pending:
                             data, u.pending = bytes(u.pending), bytearray()
-                            wave = await asyncio.to_thread(self._decode, u, data)
-                            await self._features(u, wave, end=False)
+                            # decoded on the device thread, in the hand-off that makes its mel windows
+                            await self._features(u, None, end=False, decode=lambda u=u, d=data: self._decode(u, d))
                         else:
                             await self._end(u)
         except asyncio.CancelledError:
@@ -327,8 +327,9 @@ class LiveSession:
             u.out_audio += audio.encode_s16(u.out_resampler.push(wave))
         return u.resampler.push(wave)
 
-    async def _features(self, u: Utterance, wave: torch.Tensor, end: bool) -> None:
-        first, feats = await self.scheduler.features(u.features, wave, end)
+    async def _features(self, u: Utterance, wave: torch.Tensor | None, end: bool,
+                        decode: Callable[[], torch.Tensor] | None = None) -> None:
+        first, feats = await self.scheduler.features(u.features, wave, end, decode)
         if u.cancelled:
             return
         if end:

@@ -74,8 +74,9 @@ class StreamSession:
                         self.received += len(message.data) // self.fmt.frame_bytes
                         audio.check_duration(self.received, self.fmt.sample_rate, self.max_audio_s,
                                              "server.max_audio_seconds")
-                        wave = await asyncio.to_thread(self._decode, message.data)
-                        first, feats = await self.scheduler.features(self.features, wave, end=False)
+                        # decoded on the device thread, in the hand-off that makes its mel windows
+                        first, feats = await self.scheduler.features(self.features, None, end=False,
+                                                                     decode=lambda d=message.data: self._decode(d))
                     elif isinstance(message, EndOfAudio):
                         ended = True
                         first, feats = await self.scheduler.features(self.features, self.resampler.finish(),
