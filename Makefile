@@ -19,11 +19,13 @@ protos: setup
 	$(PY) -m lipsync.protos
 
 ## test: the import contracts (import-linter), the reference site (mkdocs --strict), then the whole suite (CPU;
-##   CUDA/TensorRT tests skip with their reason)
+##   CUDA/TensorRT tests skip with their reason) in TEST_WORKERS processes, each test file in one of them (its
+##   servers started once); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 3
 test: setup
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 ## docs: the reference site (README + docs/) into out/site/; `$(VENV)/bin/mkdocs serve` previews it
 docs: setup
