@@ -196,7 +196,8 @@ def test_a_live_utterance_longer_than_the_queue_plays(tight, speech):
     async def main():
         async with channel(tight.target) as ch:
             return await converse(pb_grpc.LipSyncStub(ch), "tiny", [Say(pcm, audio.AudioFormat("s16le", 16000, 1),
-                                                                         0.1, id="u")], 8.0)
+                                                                         0.1, id="u")], 60.0,
+                                  until_played=True)  # its start is planned from the measured speed: late when busy
     result = asyncio.run(main())
     finished = [e.finished for _, e in result.events if e.WhichOneof("event") == "finished"]
     assert finished and not finished[0].interrupted, result.summary()

@@ -157,18 +157,22 @@ class ConverseResult:
 async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say], duration_s: float,
                    start_frame: int = 0, quality: int = 0, output_rate: int = 0, realtime: bool = False,
                    chunk_ms: float = 40.0, timeout: float | None = None, metadata=None,
-                   progress: Callable[[int], None] | None = None, keep_images: bool = True) -> ConverseResult:
+                   progress: Callable[[int], None] | None = None, keep_images: bool = True,
+                   until_played: bool = False) -> ConverseResult:
     """Run one live session for `duration_s` media seconds, sending each utterance at its time (all at once, as
     a TTS faster than real time would, or paced in real time), and collect every frame and event (without their
-    JPEG and audio bytes if not `keep_images`: a load test of many sessions keeps only what it measures)."""
+    JPEG and audio bytes if not `keep_images`: a load test of many sessions keeps only what it measures).
+    `until_played`: close as soon as every utterance has finished, `duration_s` being the longest to wait (the
+    server plans an utterance's start from its measured speed, so a slow or busy device starts it later)."""
     if not utterances:
         fmt = AudioFormat("s16le", SAMPLE_RATE, 1)
     else:
         fmt = utterances[0].fmt
         if any(u.fmt != fmt for u in utterances):
             raise ValueError("every utterance of a session must have the same audio format")
-    ready = asyncio.Event()
+    ready, played = asyncio.Event(), asyncio.Event()
     scale = [1.0]
+    finished = 0
 
     def plan() -> list[tuple[float, pb.ConverseRequest]]:
         """Every message with its send time (media seconds), in order; an utterance stops at its barge-in."""
@@ -197,7 +201,14 @@ async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say],
         await ready.wait()
         origin = time.perf_counter()
         for t, message in plan() + [(duration_s, None)]:
-            await asyncio.sleep(max(0.0, origin + t * scale[0] - time.perf_counter()))
+            wait = max(0.0, origin + t * scale[0] - time.perf_counter())
+            if message is None and until_played and utterances:
+                try:
+                    await asyncio.wait_for(played.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(wait)
             if message is None:
                 if result is not None:
                     result.closed_s = time.perf_counter() - origin
@@ -222,6 +233,9 @@ async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say],
         if progress:
             progress(1)
         result.events.extend((response.frame.index, e) for e in response.events)
+        finished += sum(e.WhichOneof("event") == "finished" for e in response.events)
+        if finished >= len(utterances):
+            played.set()
     if result is None:
         raise RuntimeError("the live session ended before it started")
     return result
