@@ -6,7 +6,9 @@ Per point: aggregate frames/s, frame latency p50/p95/p99 (from the moment the au
 for paced runs whether every stream kept up with real time (25 fps each), and the server's CPU per delivered
 frame by thread (event-loop: gRPC, sessions, scheduling, messages; infer-<device>: mel, encoder, generator;
 encode-<device>: compositing, JPEG; blocking: audio decode; grpc_*: gRPC's own threads). Also a 24-frame
-Synthesize p50. Writes JSON and a PNG plot.
+Synthesize p50. After the server stops, the same model (same configuration, engine and batch) runs in this
+process through the scheduler alone, with no gRPC and no sessions (`--no-reference` skips it): each flat-out
+point's frames/s is also given as a share of that pipeline's. Writes JSON and a PNG plot.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import asyncio
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from common import ThreadCPU, assets, environment, figure, model_override, save_figure, write
@@ -24,7 +27,9 @@ from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync.apps.client import channel, percentile, stream, summarize, synthesize
 from lipsync.apps.serve import spawn
 from lipsync.codec import audio
-from lipsync.model.pipeline import pick_device
+from lipsync.config import load_config
+from lipsync.model.engines import EngineConfig
+from lipsync.model.pipeline import ModelSpec, PipelineConfig, load_pipeline, micro_batch_setting, pick_device
 
 SPEECH = Path(__file__).resolve().parent.parent / "assets" / "speech.wav"
 
@@ -63,6 +68,26 @@ async def synthesize_p50(target: str, pcm24: bytes, repeats: int) -> float:
     return percentile(times, 50)
 
 
+def pipeline_reference(overrides: list[str], device, frames_per_batch: int) -> dict:
+    """Frames/s of the served model in this process, through the scheduler (batching, inference and encode
+    threads) at the batch the server used: the ceiling the server's gRPC, sessions and messages are measured
+    against. Built from the server's own configuration (`overrides`), so engine and micro-batch are the same."""
+    import torch
+    from bench_pipeline import run as run_pipeline
+
+    cfg = load_config(overrides)
+    engine_cfg, pipeline_cfg = EngineConfig.from_dict(cfg.engine), PipelineConfig.from_dict(cfg.pipeline)
+    spec = ModelSpec.from_dict("bench", cfg.models.bench)
+    pipeline = load_pipeline(spec, engine_cfg, device, micro_batch_setting(pipeline_cfg, engine_cfg, device.type))
+    batch = min(int(cfg.registry.max_batch), pipeline.micro_batch)  # as the registry sizes the model's batches
+    wave = torch.from_numpy(np.random.default_rng(0).standard_normal(16000 * 4).astype("float32") * 0.1)
+    rows, _ = asyncio.run(run_pipeline(pipeline, wave.to(device), [batch],
+                                       SimpleNamespace(frames=batch * frames_per_batch, quality=75), device))
+    return {"batch": batch, "frames": rows[0]["frames"], "fps": rows[0]["fps"],
+            "engine": f"{pipeline.generator.backend}/{pipeline.generator.precision}",
+            "ms_per_frame": rows[0]["ms_per_frame"]}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     fig, (a, b) = figure(2, (11, 4.2))
     for paced in (False, True):
@@ -86,15 +111,16 @@ def main() -> None:
     parser.add_argument("--variant", choices=("328", "160"), default="328", help="SyncTalk_2D generator variant")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--no-reference", action="store_true", help="skip the in-process pipeline reference")
     parser.add_argument("--out")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for the server")
     args = parser.parse_args()
 
     files = assets(args.width, args.height, variant=args.variant)
     device = pick_device(args.device)
-    proc, port = spawn([f"engine={args.engine}", "models=none", model_override(files, args.variant),
-                        f"device={device}", "server.metrics_port=-1", "server.max_audio_seconds=3600",
-                        *args.overrides])
+    overrides = [f"engine={args.engine}", "models=none", model_override(files, args.variant), f"device={device}",
+                 "server.metrics_port=-1", "server.max_audio_seconds=3600", *args.overrides]
+    proc, port = spawn(overrides)
     target = f"127.0.0.1:{port}"
     pcm = speech_pcm(args.seconds)
     rows = []
@@ -113,10 +139,20 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
+    reference = None
+    if not args.no_reference:  # after the server has stopped: the two never share the device or the cores
+        reference = pipeline_reference(overrides, device, 32 if device.type == "cuda" else 16)
+        for row in rows:
+            if not row["paced"]:
+                row["share_of_pipeline"] = round(row["fps"] / reference["fps"], 3)
+        print(f"in-process pipeline ({reference['engine']}, batch {reference['batch']}): "
+              f"{reference['fps']:.1f} frames/s; flat-out server: "
+              + ", ".join(f"{r['streams']} streams {r['share_of_pipeline']:.0%}" for r in rows if not r["paced"]),
+              flush=True)
     paced = [r for r in rows if r["paced"] and r["real_time_streams"] == r["streams"]]
     write({"benchmark": "server", "environment": environment(device), "audio_s_per_stream": args.seconds,
            "chunk_ms": args.chunk_ms, "output": f"{args.width}x{args.height} JPEG", "variant": args.variant,
-           "synthesize_24_frames_p50_ms": round(p50, 1),
+           "synthesize_24_frames_p50_ms": round(p50, 1), "pipeline_reference": reference,
            "max_real_time_streams_sustained": max((r["streams"] for r in paced), default=0),
            "results": rows}, args.out)
     if args.out and rows:
