@@ -79,7 +79,7 @@ class ClusterProcess:
 def overrides(weights, tiny_avatar) -> list[str]:
     # the 160 variant: routing, not rendering, is under test here, and it renders several times faster on a CPU
     model = f"{{checkpoint:{weights['160']},audio_encoder:{weights['encoder']},avatar:{tiny_avatar},variant:'160'}}"
-    return ["engine=eager", "models=none", "server.live.time_scale=3", *[f"+models.{m}={model}" for m in MODELS]]
+    return ["engine=onnxruntime", "models=none", "server.live.time_scale=3", *[f"+models.{m}={model}" for m in MODELS]]
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def test_block_runs(block):
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     # the reader's server: the default engine (auto; README.md's render above has measured and cached its choice
-    # for the demo, so this load reads it), not the eager one the other tests' servers use
+    # for the demo, so this load reads it), not the pinned onnxruntime of the other tests' servers
     srv = ServerProcess(["engine=auto", "models=demo"], tmp_path_factory.mktemp("docs-server"), cwd=ROOT)
     yield srv
     srv.stop()

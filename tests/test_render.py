@@ -34,7 +34,7 @@ def test_render_frames_and_mp4(weights, tiny_avatar, short_wav, tmp_path):
     cmd = [sys.executable, "-m", "lipsync", "render", "--checkpoint", str(weights["328"]),
            "--audio-encoder", str(weights["encoder"]), "--avatar", str(tiny_avatar), "--audio", str(short_wav),
            "--start-frame", "1", "--out", str(mp4), "--frames-out", str(frames_dir), "--format", "png",
-           "--device", "cpu", "--backend", "eager"]
+           "--device", "cpu", "--backend", "onnxruntime"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     wave = audio.load_wav(short_wav)
@@ -93,7 +93,8 @@ def test_render_takes_any_audio_file(weights, tiny_avatar, short_wav, tmp_path):
     assert abs(wave.numel() - audio.load_wav(short_wav).numel()) < 0.1 * 16000  # codec padding at most
     done = subprocess.run([sys.executable, "-m", "lipsync", "render", "--checkpoint", str(weights["328"]),
                            "--audio-encoder", str(weights["encoder"]), "--avatar", str(tiny_avatar), "--audio",
-                           str(m4a), "--frames-out", str(tmp_path / "f"), "--format", "jpeg", "--device", "cpu"],
+                           str(m4a), "--frames-out", str(tmp_path / "f"), "--format", "jpeg", "--device", "cpu",
+                           "--backend", "onnxruntime"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "f").glob("*.jpg"))) == audio_features.frame_count(wave.numel())
