@@ -82,6 +82,14 @@ def tiny_spec(weights, tiny_avatar) -> ModelSpec:
 
 
 @pytest.fixture(scope="session")
-def pipeline(tiny_spec):
-    """`tiny_spec` loaded on the CPU with the eager engine and 4-frame micro-batches."""
+def eager_pipeline(tiny_spec):
+    """`tiny_spec` loaded on the CPU with the eager engine and 4-frame micro-batches: the reference the other
+    engines are held to, and the all-torch path whose host copies test_pipeline guards."""
     return load_pipeline(tiny_spec, EngineConfig.from_dict({"backend": "eager"}), "cpu", micro_batch=4)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_spec):
+    """`tiny_spec` on the CPU with the onnxruntime engine and 4-frame micro-batches, for the tests of what runs
+    around the engine (scheduling, streams, live sessions): eager's frames (95 dB) for a quarter of its CPU."""
+    return load_pipeline(tiny_spec, EngineConfig.from_dict({"backend": "onnxruntime"}), "cpu", micro_batch=4)

@@ -184,14 +184,14 @@ def test_the_audio_encoder_follows_the_generators_onnx_runtime_in_fp32():
 
 
 @pytest.mark.slow
-def test_a_tuned_pipeline_renders_the_eager_frames(tiny_spec, pipeline, speech, tmp_path):
+def test_a_tuned_pipeline_renders_the_eager_frames(tiny_spec, eager_pipeline, speech, tmp_path):
     cfg = config(tmp_path, candidates={"cpu": ["openvino/fp32", "eager/fp32"]}, tune_seconds=0.5)
     tuned = load_pipeline(tiny_spec, cfg, "cpu")
     assert tuned.micro_batch in (1, 2) and tuned.generator.backend in ("openvino", "eager")
     assert tuned.generator.max_error <= 1e-3
     assert tuned.encoder.backend == tuned.generator.backend and tuned.encoder.precision == "fp32"
     wave = speech[:8000]  # 11 frames
-    reference = synthesize(pipeline, wave).frames
+    reference = synthesize(eager_pipeline, wave).frames
     assert worst_psnr(synthesize(tuned, wave).frames, reference) >= 40
     pinned = load_pipeline(tiny_spec, EngineConfig.from_dict({**vars(cfg), "backend": "onnxruntime"}), "cpu", 2)
     assert pinned.generator.backend == "onnxruntime" and pinned.micro_batch == 2

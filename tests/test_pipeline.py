@@ -42,9 +42,9 @@ class NoScalarSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_synthesize_returns_every_frame(pipeline, speech):
+def test_synthesize_returns_every_frame(eager_pipeline, speech):
     wave = speech[:9000]
-    result = synthesize(pipeline, wave, start_frame=1, quality=80)
+    result = synthesize(eager_pipeline, wave, start_frame=1, quality=80)
     assert len(result.frames) == audio_features.frame_count(9000)
     assert [f.index for f in result.frames] == list(range(len(result.frames)))
     assert [f.avatar_frame for f in result.frames[:7]] == [1, 2, 3, 4, 5, 4, 3]
@@ -54,11 +54,11 @@ def test_synthesize_returns_every_frame(pipeline, speech):
     assert set(result.timings_ms) >= {"audio", "inference", "composite", "encode", "total"}
 
 
-def test_no_host_copies_between_pcm_and_jpeg(pipeline, speech):
+def test_no_host_copies_between_pcm_and_jpeg(eager_pipeline, speech):
     pcm = (speech[:8000].numpy() * 32767).astype(np.int16).tobytes()
     wave = audio.decode_pcm(pcm, audio.AudioFormat("s16le", 16000, 1))
     with HostCopyForbidden(), NoScalarSync():
-        result = synthesize(pipeline, wave, quality=75, inline=True)
+        result = synthesize(eager_pipeline, wave, quality=75, inline=True)
     assert len(result.frames) == audio_features.frame_count(8000)
     # the guards really fire
     with pytest.raises(AssertionError, match="host transfer"), HostCopyForbidden():
@@ -67,13 +67,13 @@ def test_no_host_copies_between_pcm_and_jpeg(pipeline, speech):
         wave.sum().item()
 
 
-def test_engine_output_matches_plain_model(pipeline, weights):
+def test_engine_output_matches_plain_model(eager_pipeline, weights):
     from lipsync.model.networks import load_generator
     net = load_generator(weights["328"])
     feats, ids = torch.rand(3, 32, 16, 16), [0, 1, 2]
     with torch.no_grad():
-        ref = net(pipeline.avatar.model_inputs(ids), feats)
-    torch.testing.assert_close(pipeline.infer(feats, ids), ref, atol=1e-4, rtol=0)
+        ref = net(eager_pipeline.avatar.model_inputs(ids), feats)
+    torch.testing.assert_close(eager_pipeline.infer(feats, ids), ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.cuda
