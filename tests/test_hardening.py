@@ -273,11 +273,22 @@ def test_broken_models_stop_the_start(weights, tiny_avatar, tmp_path):
     assert '"good": "ok"' in check.stdout and '"broken": "checkpoint: this looks like' in check.stdout
 
 
+def test_uvloop_without_its_package_is_one_line():
+    """server.event_loop=uvloop where uvloop is not installed (hidden from this process): the install hint, exit 2."""
+    script = ("import sys; sys.modules['uvloop'] = None; from lipsync.apps.cli import main; "
+              "sys.exit(main(['serve', 'server.event_loop=uvloop', 'models=none', 'server.port=0', "
+              "'server.metrics_port=-1']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == ("lipsync serve: server.event_loop='uvloop': the uvloop package is not installed "
+                                   "(pip install 'lipsync[uvloop]')")
+
+
 def test_a_mistyped_override_is_one_line():
     done = _serve(["server.prot=1"])
     assert done.returncode == 2
     assert done.stderr.strip() == ("lipsync serve: unknown setting 'server.prot': `server` has auth, "
-                                   "config_timeout_s, drain_s, host, jpeg_quality, keepalive_time_s, "
+                                   "config_timeout_s, drain_s, event_loop, host, jpeg_quality, keepalive_time_s, "
                                    "keepalive_timeout_s, live, max_audio_seconds, max_concurrent_rpcs, "
                                    "max_connection_streams, max_message_mb, max_start_frame, max_streams, "
                                    "metrics_auth, metrics_host, metrics_port, metrics_token_file, port, "
@@ -297,6 +308,7 @@ BAD_SETTINGS = [
     ("server.strict_models=maybe", "server.strict_models='maybe': must be true or false"),
     ("server.jpeg_quality=0", "server.jpeg_quality=0: must be a whole number in 1..100"),
     ("server.config_timeout_s=0", "server.config_timeout_s=0.0: must be a number > 0"),
+    ("server.event_loop=uv", "server.event_loop='uv': must be one of asyncio, uvloop"),
     ("server.metrics_auth=sometimes", "server.metrics_auth='sometimes': must be one of auto, open, token"),
     ("server.live.time_scale=0", "server.live.time_scale=0.0: must be a number in (0, 1000]"),
     ("server.live.max_utterance_s=-1", "server.live.max_utterance_s=-1.0: must be a number > 0"),

@@ -488,8 +488,10 @@ def test_eviction_pinning_and_budget(weights, tiny_avatar, tmp_path):
         assert srv.stop() == 0
 
 
-def test_graceful_shutdown_finishes_in_flight_work(weights, tiny_avatar, tmp_path, pcm):
-    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, ",preload:true", variant="160")], tmp_path)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # signals, gRPC and the batcher on either event loop
+def test_graceful_shutdown_finishes_in_flight_work(weights, tiny_avatar, tmp_path, pcm, loop):
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, ",preload:true", variant="160"),
+                         f"server.event_loop={loop}"], tmp_path)
 
     async def request_then_stop(s, m):
         pending = asyncio.ensure_future(s.Synthesize(synth(pcm)))
@@ -499,7 +501,7 @@ def test_graceful_shutdown_finishes_in_flight_work(weights, tiny_avatar, tmp_pat
     response = call(srv, request_then_stop)
     assert len(response.frames) == audio_features.frame_count(len(pcm) // 2)
     assert srv.proc.wait(60) == 0
-    assert "shutting down" in srv.logs()
+    assert f"event loop {loop})" in srv.logs() and "shutting down" in srv.logs()
 
 
 @pytest.mark.parametrize("first, avatar_frames, jpegs, timings, fields", [

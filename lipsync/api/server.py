@@ -279,10 +279,11 @@ async def serve(config: ServeConfig) -> None:
         log.info("Prometheus metrics on http://%s:%d/metrics%s", host, endpoint.port,
                  "" if security.metrics_open else " (bearer token required)")
     tls = state.security.tls
-    log.info("lipsync %s (worker %s) serving on %s:%d over %s%s (models: %s)", __version__, state.worker,
-             server_cfg.host, port,
+    log.info("lipsync %s (worker %s) serving on %s:%d over %s%s (models: %s; event loop %s)", __version__,
+             state.worker, server_cfg.host, port,
              "mutual TLS" if tls.client_ca else "TLS" if tls.enabled else "plaintext",
-             ", tokens required" if state.security.tokens else "", ", ".join(state.registry.entries) or "none")
+             ", tokens required" if state.security.tokens else "", ", ".join(state.registry.entries) or "none",
+             server_cfg.event_loop)
     watcher = asyncio.ensure_future(state.watch_calls())
     log.info("ready %.1f s after start (imports, configuration, preloaded models)", time.monotonic() - STARTED)
     print(f"READY port={port}", flush=True)

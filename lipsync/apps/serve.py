@@ -36,6 +36,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
+def event_loop(name: str) -> asyncio.Runner:
+    """A runner on the configured loop (`server.event_loop`); uvloop is an optional dependency, checked here."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            from lipsync.config import ConfigError
+            raise ConfigError("server.event_loop='uvloop': the uvloop package is not installed "
+                              "(pip install 'lipsync[uvloop]')") from None
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -54,7 +67,8 @@ def run_serve(args: argparse.Namespace) -> int:
             print(json.dumps({"security": f"warning: {warning}" if warning else "ok",
                               "models": {n: problems.get(n, "ok") for n in registry.entries}}, indent=2))
             return 1 if problems else 0
-        asyncio.run(serve(config))
+        with event_loop(config.server.event_loop) as runner:
+            runner.run(serve(config))
     except (StartupError, ConfigError) as exc:
         print(f"lipsync serve: {exc}", file=sys.stderr)
         return 2
