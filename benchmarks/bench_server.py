@@ -72,16 +72,15 @@ def pipeline_reference(overrides: list[str], device, frames_per_batch: int) -> d
     """Frames/s of the served model in this process, through the scheduler (batching, inference and encode
     threads) at the batch the server used: the ceiling the server's gRPC, sessions and messages are measured
     against. Built from the server's own configuration (`overrides`), so engine and micro-batch are the same."""
-    import torch
     from bench_pipeline import run as run_pipeline
+    from bench_pipeline import seeded_audio
 
     cfg = load_config(overrides)
     engine_cfg, pipeline_cfg = EngineConfig.from_dict(cfg.engine), PipelineConfig.from_dict(cfg.pipeline)
     spec = ModelSpec.from_dict("bench", cfg.models.bench)
     pipeline = load_pipeline(spec, engine_cfg, device, micro_batch_setting(pipeline_cfg, engine_cfg, device.type))
     batch = min(int(cfg.registry.max_batch), pipeline.micro_batch)  # as the registry sizes the model's batches
-    wave = torch.from_numpy(np.random.default_rng(0).standard_normal(16000 * 4).astype("float32") * 0.1)
-    rows, _ = asyncio.run(run_pipeline(pipeline, wave.to(device), [batch],
+    rows, _ = asyncio.run(run_pipeline(pipeline, seeded_audio(device), [batch],
                                        SimpleNamespace(frames=batch * frames_per_batch, quality=75), device))
     return {"batch": batch, "frames": rows[0]["frames"], "fps": rows[0]["fps"],
             "engine": f"{pipeline.generator.backend}/{pipeline.generator.precision}",
