@@ -17,7 +17,9 @@ RATE = 16000
 
 @pytest.fixture(scope="module")
 def server(weights, tiny_avatar, tmp_path_factory):
-    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160"), "server.live.time_scale=3"],
+    # the live clock at real time: the exact-audio check below needs the sender ahead of the player, which a
+    # loaded CI machine did not always keep at 3× (an underrun pads the utterance with silence, as it should)
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160")],
                         tmp_path_factory.mktemp("livekit"))
     yield srv
     srv.stop()
@@ -39,11 +41,13 @@ def test_video_generator_speaks_ends_segments_and_clears(server, speech):
         assert (generator.width, generator.height) == (256, 192)  # for AvatarOptions
         out: list = []
         events = {"segment_end": asyncio.Event(), "speaking": asyncio.Event()}
+        ended_at: list[int] = []  # len(out) at each segment end: what came before it, whatever arrives meanwhile
 
         async def consume():
             async for item in generator:
                 out.append(item)
                 if isinstance(item, AudioSegmentEnd):
+                    ended_at.append(len(out))
                     events["segment_end"].set()
                 elif isinstance(item, rtc.AudioFrame):
                     events["speaking"].set()
@@ -63,7 +67,7 @@ def test_video_generator_speaks_ends_segments_and_clears(server, speech):
             await generator.push_audio(frame)
         await generator.push_audio(AudioSegmentEnd())
         await until(events["segment_end"].is_set)
-        first = list(out)
+        first = out[:ended_at[0]]
         # a second, longer segment, cleared as soon as it is heard
         events["speaking"].clear()
         for frame in audio_frames(long_pcm):

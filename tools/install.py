@@ -1,0 +1,68 @@
+"""Install packages into this interpreter's venv with uv, from the indexes pip is configured with; pip if uv fails.
+
+`make setup` lays out ~6 GB of wheels (torch and its CUDA libraries). pip unpacks them one by one in over a minute
+every time; uv links them from its cache in seconds after the first time. uv does not read pip's configuration, so
+this passes pip's index settings (config files and PIP_* variables, as `pip config list` shows them) on, with pip's
+rule of taking the best version across all indexes. Usage: python tools/install.py <pip install arguments>."""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# pip setting → uv option; values of the list settings are whitespace-separated, as in pip.conf
+LIST_OPTIONS = {"extra-index-url": "--extra-index-url", "find-links": "--find-links", "constraint": "--constraint"}
+SINGLE_OPTIONS = {"index-url": "--index-url"}
+
+
+def pip_settings() -> dict[str, str]:
+    """pip's effective settings by key (the environment's PIP_* over the config files), from `pip config list`."""
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    settings: dict[str, str] = {}
+    env: dict[str, str] = {}
+    for line in listed.stdout.splitlines():
+        name, _, value = line.partition("=")
+        section, _, key = name.rpartition(".")
+        value = value.strip().strip("'\"")
+        if section == ":env:":
+            env[key] = value
+        elif section in ("global", "install"):
+            settings[key] = value
+    return {**settings, **env}
+
+
+def uv_command(args: list[str]) -> list[str] | None:
+    uv = Path(sys.executable).with_name("uv")
+    uv = str(uv) if uv.is_file() else shutil.which("uv")
+    if uv is None:
+        return None
+    command = [uv, "pip", "install", "--python", sys.executable, "--quiet", "--index-strategy", "unsafe-best-match"]
+    for key, value in pip_settings().items():
+        if key in LIST_OPTIONS:
+            for item in value.split():
+                command += [LIST_OPTIONS[key], item]
+        elif key in SINGLE_OPTIONS:
+            command += [SINGLE_OPTIONS[key], value]
+        elif key == "no-index" and value.lower() in ("1", "true", "yes", "on"):
+            command.append("--no-index")
+    return command + args
+
+
+def main(args: list[str]) -> int:
+    command = uv_command(args)
+    if command is not None:
+        env = dict(os.environ)
+        cert = pip_settings().get("cert")
+        if cert and "SSL_CERT_FILE" not in env:
+            env["SSL_CERT_FILE"] = cert
+        if subprocess.run(command, env=env).returncode == 0:
+            return 0
+        print(f"uv could not install ({shlex.join(command)}); installing with pip", file=sys.stderr)
+    return subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", *args]).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
