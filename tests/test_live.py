@@ -303,8 +303,9 @@ def test_session_clock_does_not_drift(pipeline):
     lateness, interval = asyncio.run(main())
     assert len(lateness) == count
     assert min(lateness) > -interval
-    # jitter: under a real-time frame (40 ms) at the 99th percentile, with other test workers on the same cores
-    assert np.percentile(lateness, 99) < 0.025
+    # jitter: under a real-time frame (40 ms) at the 99th percentile, with the other test workers and their
+    # servers on the same cores (make test runs four: 28 ms was seen there)
+    assert np.percentile(lateness, 99) < 0.040
     assert abs(np.median(lateness[-200:]) - np.median(lateness[:200])) < interval / 2  # no drift
 
 
