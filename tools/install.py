@@ -34,13 +34,14 @@ def pip_settings() -> dict[str, str]:
     return {**settings, **env}
 
 
-def uv_command(args: list[str]) -> list[str] | None:
+def uv_command(args: list[str], settings: dict[str, str]) -> list[str] | None:
+    """`uv pip install args` into this interpreter with pip's index settings; None where uv is not installed."""
     uv = Path(sys.executable).with_name("uv")
     uv = str(uv) if uv.is_file() else shutil.which("uv")
     if uv is None:
         return None
     command = [uv, "pip", "install", "--python", sys.executable, "--quiet", "--index-strategy", "unsafe-best-match"]
-    for key, value in pip_settings().items():
+    for key, value in settings.items():
         if key in LIST_OPTIONS:
             for item in value.split():
                 command += [LIST_OPTIONS[key], item]
@@ -52,10 +53,11 @@ def uv_command(args: list[str]) -> list[str] | None:
 
 
 def main(args: list[str]) -> int:
-    command = uv_command(args)
+    settings = pip_settings()
+    command = uv_command(args, settings)
     if command is not None:
         env = dict(os.environ)
-        cert = pip_settings().get("cert")
+        cert = settings.get("cert")
         if cert and "SSL_CERT_FILE" not in env:
             env["SSL_CERT_FILE"] = cert
         if subprocess.run(command, env=env).returncode == 0:
