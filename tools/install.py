@@ -19,11 +19,17 @@ SINGLE_OPTIONS = {"index-url": "--index-url"}
 
 
 def pip_settings() -> dict[str, str]:
-    """pip's effective settings by key (the environment's PIP_* over the config files), from `pip config list`."""
+    """pip's effective settings by key, from `pip config list`."""
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    return parse_config_list(listed.stdout)
+
+
+def parse_config_list(text: str) -> dict[str, str]:
+    """`pip config list` lines (`global.key='value'`, `:env:.key='value'`) → settings by key, the environment's
+    PIP_* over the config files'."""
     settings: dict[str, str] = {}
     env: dict[str, str] = {}
-    for line in listed.stdout.splitlines():
+    for line in text.splitlines():
         name, _, value = line.partition("=")
         section, _, key = name.rpartition(".")
         value = value.strip().strip("'\"")
