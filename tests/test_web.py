@@ -345,18 +345,30 @@ def test_option_like_text_never_reaches_espeak_as_an_option(guarded_bridge, tmp_
     canary = tmp_path / "canary.txt"
     canary.write_text("intact")
     spoken = tmp_path / "spoken.txt"
-    spoken.write_text("this file must not be spoken")
+    spoken.write_text("this file must not be spoken " * 12)  # ~20 s of speech if it were read
+    texts = (f"--phonout={canary}", f"-w {canary}", f"-f {spoken}", f"--path={tmp_path}")
+
+    def espeak_seconds(text: str) -> float:
+        """The reference: espeak-ng itself speaking `text` from stdin (the path's length sets it, not a bound)."""
+        wav = subprocess.run(["espeak-ng", "-v", "en-us", "--stdout", "--stdin"], input=text.encode(),
+                             capture_output=True, check=True).stdout
+        with wave.open(io.BytesIO(wav)) as w:  # its header's length is a placeholder on a pipe: count the samples
+            return len(w.readframes(len(wav))) / w.getsampwidth() / w.getnchannels() / w.getframerate()
+
+    expected = {text: espeak_seconds(text) for text in texts}
+    assert espeak_seconds(spoken.read_text()) > 2 * expected[f"-f {spoken}"]  # reading the file would show
 
     async def main():
         async with _http(guarded_bridge) as http:
             pc, offer = await _offer()
             sid = (await (await http.post("/api/sessions", json={**offer, "model": "tiny"})).json())["session"]
             try:
-                for text in (f"--phonout={canary}", f"-w {canary}", f"-f {spoken}", f"--path={tmp_path}"):
+                for text in texts:
                     response = await http.post(f"/api/sessions/{sid}/say", json={"text": text})
                     body = await response.json()
                     assert response.status == 200, (text, body)
-                    assert body["seconds"] < 10  # the words themselves were spoken, not the file
+                    # the words themselves were spoken, not a file they name (within a 40 ms frame of espeak-ng)
+                    assert abs(body["seconds"] - expected[text]) < 0.04, (text, body, expected[text])
                     await http.post(f"/api/sessions/{sid}/interrupt", json={})
             finally:
                 await http.post(f"/api/sessions/{sid}/close", json={})
