@@ -197,3 +197,36 @@ def test_the_batchers_heap_picks_what_a_full_sort_would(pipeline, seed):
         return expected, got
     expected, got = asyncio.run(main())
     assert got == expected
+
+
+def test_batching_runs_on_the_inference_thread_and_wakes_the_loop_once_per_completed_job(pipeline):
+    """Batches are taken and inferred on the device's inference thread, not the event loop's; a job spread over
+    three batches wakes the loop once, when it completes (the loop's cost per frame was its wake-ups)."""
+    import threading
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=2, max_delay_ms=0)
+        infer, delivered = scheduler._infer, scheduler._delivered
+        threads, completions = set(), []
+
+        def infer_spy(batch):
+            threads.add(threading.current_thread().name)
+            return infer(batch)
+
+        def delivered_spy(slices, completed):
+            threads.add("loop" if threading.current_thread() is threading.main_thread() else "elsewhere")
+            completions.append(len(completed))
+            delivered(slices, completed)
+        scheduler._infer, scheduler._delivered = infer_spy, delivered_spy
+        scheduler.start()
+        ids = pipeline.avatar.frames_for(0, 0, 6)
+        jpegs, timings = await scheduler.submit(torch.zeros(6, 32, 16, 16), ids, 75)
+        await scheduler.stop()
+        return scheduler, threads, completions, jpegs, timings
+
+    scheduler, threads, completions, jpegs, timings = asyncio.run(main())
+    assert scheduler.batches == 3 and timings["batch_size"] == 2
+    assert len(jpegs) == 6 and all(j[:2] == b"\xff\xd8" for j in jpegs)
+    assert completions == [1]  # one wake-up of the loop for three batches
+    assert {t for t in threads if t.startswith("infer-")} and "loop" in threads and "elsewhere" not in threads
+    assert not any(t.startswith("MainThread") for t in threads)

@@ -29,13 +29,36 @@ AUTH_FAILURES = Counter("lipsync_auth_failures", "RPCs refused by the token chec
 EVICTIONS = Counter("lipsync_evictions", "Models unloaded to make room or after idling", ["model"])
 
 
+class _ModelSeries:
+    """One model's labelled series, looked up once: `labels()` validates and locks on every call, and a Stream
+    records each of its responses."""
+
+    def __init__(self, model: str):
+        self.frames = FRAMES.labels(model)
+        self.batch_size = BATCH_SIZE.labels(model)
+        self.stages: dict[str, Any] = {}
+        self.model = model
+
+    def stage(self, name: str) -> Any:
+        series = self.stages.get(name)
+        if series is None:
+            series = self.stages[name] = STAGE_MS.labels(self.model, name)
+        return series
+
+
+_SERIES: dict[str, _ModelSeries] = {}
+
+
 def observe(model: str, frames: int, timings: dict[str, float]) -> None:
-    FRAMES.labels(model).inc(frames)
+    series = _SERIES.get(model)
+    if series is None:
+        series = _SERIES[model] = _ModelSeries(model)
+    series.frames.inc(frames)
     for stage, ms in timings.items():
         if stage == "batch_size":
-            BATCH_SIZE.labels(model).observe(ms)
+            series.batch_size.observe(ms)
         else:
-            STAGE_MS.labels(model, stage).observe(ms)
+            series.stage(stage).observe(ms)
 
 
 def observe_live(model: str, events: list[Any]) -> None:

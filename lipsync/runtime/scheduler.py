@@ -1,12 +1,15 @@
 """Cross-request batching for one loaded model (SPEC §10).
 
-Requests, streams and live sessions submit frames (audio features + avatar frames). One batching task per model
-packs frames from all of them into generator batches of up to `max_batch`, waiting at most `max_delay_ms` for a
-batch to fill. Frames are served by deadline: live slots first, then Stream, then Synthesize; within a class the
-earliest deadline first, where a request's frame k is due k × 40 ms after it arrived (so jobs of the same class
-share the generator fairly instead of the first one draining). Inference runs on the device's inference thread;
-compositing and JPEG run on its encode thread, so batch k+1 infers while batch k encodes. The queue is bounded in
-frames. A failing batch fails exactly the requests in it; the batcher keeps serving.
+Requests, streams and live sessions submit frames (audio features + avatar frames). The model's batching runs on
+the device's inference thread, not on the event loop: each step there encodes every session's waiting mel windows
+in one audio-encoder call, then packs frames from all jobs into a generator batch of up to `max_batch`, waiting at
+most `max_delay_ms` for a batch to fill. Frames are served by deadline: live slots first, then Stream, then
+Synthesize; within a class the earliest deadline first, where a request's frame k is due k × 40 ms after it arrived
+(so jobs of the same class share the generator fairly instead of the first one draining). Compositing and JPEG run
+on the device's encode thread, so batch k+1 infers while batch k encodes. The event loop only submits work and is
+woken once per finished batch (and once per audio step), however many jobs and sessions the batch served: the
+thread hand-offs, not the math, were the loop's cost per frame. The queue is bounded in frames. A failing batch
+fails exactly the requests in it; batching goes on.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import heapq
 import itertools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -61,6 +65,28 @@ def _device_call(stream: Any, fn: Callable, *args: Any) -> Any:
             return fn(*args)
     except StopIteration as exc:
         raise RuntimeError(f"{getattr(fn, '__name__', fn)} raised StopIteration") from exc
+
+
+PENDING = object()  # a device call's return value meaning "the future was handed on; do not settle it here"
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """On the loop: a device call's outcome into its future, unless the caller gave up on it meanwhile."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _settle_all(outcomes: list[tuple[asyncio.Future, Any]]) -> None:
+    """On the loop: several futures at once (an exception as the result is that future's failure)."""
+    for future, result in outcomes:
+        if isinstance(result, BaseException):
+            _settle(future, None, result)
+        else:
+            _settle(future, result, None)
 
 
 class _Inline(concurrent.futures.Executor):
@@ -158,12 +184,16 @@ class BatchSlice:
 
 
 class ModelScheduler:
-    """Batches the audio encoder (mel windows from every session) and the generator (frames) for one model."""
+    """Batches the audio encoder (mel windows from every session) and the generator (frames) for one model.
+
+    Shared between the event loop and the device threads: the job heap, its counters and the waiting mel windows,
+    under `_lock`. Futures are created and settled on the loop only (`_post`)."""
 
     def __init__(self, pipeline: Pipeline, workers: DeviceWorkers, max_batch: int = 32, max_delay_ms: float = 2.0,
                  max_queue_frames: int = 4096, max_encodes_in_flight: int = 2, max_encoder_batch: int = 1024):
         self.pipeline = pipeline
         self.infer_pool, self.encode_pool = workers.get(pipeline.device)
+        self.inline = workers.inline
         self.infer_stream, self.encode_stream = workers.streams(pipeline.device)
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
         self.max_queue_frames = max_queue_frames
@@ -173,12 +203,18 @@ class ModelScheduler:
         self._heap: list[tuple[int, float, int, Job]] = []
         self._seq = itertools.count()
         self.queued_frames = 0
-        self._live_jobs = 0  # queued LIVE jobs (the batcher does not wait for company while one is due)
+        self._live_jobs = 0  # queued LIVE jobs (a step does not wait for company while one is due)
         self.windows: deque[tuple[Tensor, Callable[[Tensor], Any], asyncio.Future]] = deque()  # encoder work
         self.max_encoder_batch = max_encoder_batch
-        self._wakeup = asyncio.Event()
-        self._encodes = asyncio.Semaphore(max_encodes_in_flight)
-        self._task: asyncio.Task | None = None
+        self._lock = threading.Lock()
+        self._company = threading.Condition(self._lock)  # a step waiting for a fuller batch hears submissions
+        self._in_flight = threading.Semaphore(max_encodes_in_flight)  # batches between inference and delivery
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[tuple[Callable, tuple]] = []  # work for the loop from the device threads (_post)
+        self._outbox_lock = threading.Lock()
+        self._flush_queued = False
+        self._running = False
+        self._step_queued = False  # a step of this model waits on the inference thread
         self.batches = 0  # generator calls
         self.encoder_calls = 0
         # Measured service: seconds from a batch leaving the queue to its JPEGs (EWMA), and frames/s at full batches.
@@ -190,23 +226,26 @@ class ModelScheduler:
         self.live_sessions: set[Any] = set()  # open live sessions of this model (admission control)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.pipeline.name}")
+        if not self._running:
+            self._loop = asyncio.get_running_loop()
+            self._running = True
+            self._kick()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        for future in [job.future for *_, job in self._heap if job.queued] + [f for *_, f in self.windows]:
+        with self._lock:
+            self._running = False
+            jobs = [job for *_, job in self._heap if job.queued]
+            futures = [job.future for job in jobs] + [f for *_, f in self.windows]
+            for job in jobs:
+                job.queued = False  # their frames leave the count here, not again in _leave
+            self._heap.clear()
+            self.windows.clear()
+            self.queued_frames = self._live_jobs = 0
+            self._company.notify_all()
+        for future in futures:
             if not future.done():
                 future.set_exception(RuntimeError("model unloaded"))
-        self._heap.clear()
-        self.windows.clear()
-        self.queued_frames = self._live_jobs = 0
+                future.exception()  # expected at unload: an awaiter still gets it, an abandoned one is not logged
 
     # -- measured service rate
     def _measured(self, frames: int, seconds: float, weight: float = 0.2) -> None:
@@ -275,35 +314,79 @@ class ModelScheduler:
         """A fresh feature stream for one utterance on this model's device (encoder calls go through `features`)."""
         return FeatureStream(None, self.pipeline.device)
 
-    # -- work that runs on the device threads
+    # -- hand-offs between the event loop and the device threads
+    def _post(self, fn: Callable, *args: Any) -> None:
+        """Run `fn(*args)` on the event loop (from any thread). Posts that come before the loop has run the last
+        ones share its wake-up: an encoder result and a batch's frames arriving together cost one."""
+        with self._outbox_lock:
+            self._outbox.append((fn, args))
+            if self._flush_queued:
+                return
+            self._flush_queued = True
+        loop = self._loop or asyncio.get_running_loop()
+        try:
+            loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:
+            pass  # the loop has closed: nobody waits for the result any more
+
+    def _flush(self) -> None:
+        with self._outbox_lock:
+            work, self._outbox, self._flush_queued = self._outbox, [], False
+        for fn, args in work:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("delivering results of %s failed", self.pipeline.name)
+
+    def _on_device(self, fn: Callable[[], Any], future: asyncio.Future) -> asyncio.Future:
+        """Run `fn` on the inference thread (in order with the batching steps); its return value or exception
+        settles `future` on the loop, unless it returns PENDING (it handed `future` on, to the encoder)."""
+        def run() -> None:
+            try:
+                result = _device_call(self.infer_stream, fn)
+            except BaseException as exc:  # noqa: BLE001 - it belongs to the caller, on the loop
+                self._post(_settle, future, None, exc)
+                return
+            if result is not PENDING:
+                self._post(_settle, future, result, None)
+        self._loop = self._loop or asyncio.get_running_loop()
+        self.infer_pool.submit(run)
+        return future
+
     async def run_on_device(self, fn, *args):
         """Run device work (mel spectrogram, windows) on this device's inference thread, in order with batches."""
-        return await asyncio.get_running_loop().run_in_executor(self.infer_pool, _device_call, self.infer_stream,
-                                                                fn, *args)
+        return await self._on_device(lambda: fn(*args), asyncio.get_running_loop().create_future())
 
     async def features(self, stream: FeatureStream, wave: Tensor | None, end: bool,
                        decode: Callable[[], Tensor] | None = None) -> tuple[int, Tensor]:
         """One step of a session's audio: new samples (and/or end of audio) → (first frame index, features of
         the frames that became final). The encoder call is shared with every other session of the model.
-        `decode`, given instead of `wave`, makes the samples on the device thread in the same hand-off as the mel
-        windows; the session's `accept` runs in the encoder's hand-off: two thread hops per step, not four."""
+        `decode`, given instead of `wave`, makes the samples on the device thread; the mel windows go straight to
+        the model's encoder queue there and the session's `accept` runs right after the encoder: one hand-off to
+        the device and one wake-up back per step."""
         step = stream.end_windows if end else stream.windows
+        future = asyncio.get_running_loop().create_future()
 
-        def windows() -> tuple[Tensor | None, tuple[int, Tensor] | None]:
+        def windows() -> Any:
             found = step(decode() if decode is not None else wave)
-            return (found, None) if found.shape[0] else (None, stream.accept(found.new_zeros(0, 512)))
-
-        found, done = await self.run_on_device(windows)
-        return done if done is not None else await self.encode(found, stream.accept)
+            if not found.shape[0]:
+                return stream.accept(found.new_zeros(0, 512))
+            self._queue_windows(found, stream.accept, future)
+            return PENDING
+        return await self._on_device(windows, future)
 
     def encode(self, windows: Tensor, accept: Callable[[Tensor], Any]) -> asyncio.Future:
         """Queue mel windows [n,1,80,16] (n ≥ 1) for the audio encoder; resolves to `accept(embeddings [n,512])`,
         run on the device thread right after the encoder. Windows from all sessions waiting at the same time go
         through the encoder in one call."""
         future = asyncio.get_running_loop().create_future()
-        self.windows.append((windows, accept, future))
-        self._wakeup.set()
+        self._queue_windows(windows, accept, future)
         return future
+
+    def _queue_windows(self, windows: Tensor, accept: Callable[[Tensor], Any], future: asyncio.Future) -> None:
+        with self._lock:
+            self.windows.append((windows, accept, future))
+        self._kick()
 
     def _run_encoder(self, work: list[tuple[Tensor, Callable[[Tensor], Any], asyncio.Future]]) -> list[Any]:
         """Every waiting session's windows through the encoder at once; each session's embeddings to its
@@ -318,29 +401,24 @@ class ModelScheduler:
                 results.append(exc)
         return results
 
-    async def _encode_pending(self) -> None:
+    def _encode_pending(self) -> None:
+        """On the inference thread: the waiting windows through the encoder; every session's result settled
+        in one wake-up of the loop."""
         work, size = [], 0
-        while self.windows and size < self.max_encoder_batch:
-            windows, accept, future = self.windows.popleft()
-            if not future.done():
-                work.append((windows, accept, future))
-                size += windows.shape[0]
+        with self._lock:
+            while self.windows and size < self.max_encoder_batch:
+                windows, accept, future = self.windows.popleft()
+                if not future.done():
+                    work.append((windows, accept, future))
+                    size += windows.shape[0]
         if not work:
             return
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self.infer_pool, _device_call, self.infer_stream,
-                                                 self._run_encoder, work)
+            results = _device_call(self.infer_stream, self._run_encoder, work)
         except Exception as exc:
             log.error("audio encoder batch for %s failed: %s", self.pipeline.name, exc)
             results = [exc] * len(work)
-        for (_, _, future), result in zip(work, results):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        self._post(_settle_all, [(future, result) for (_, _, future), result in zip(work, results)])
 
     def submit(self, features: Tensor, frame_ids: list[int], quality: int | None, visual: Tensor | None = None,
                priority: Priority = Priority.BATCH, deadline: float | None = None, step: float = timebase.FRAME_S,
@@ -354,19 +432,21 @@ class ModelScheduler:
             future.set_result(([], {"queue": 0.0, "inference": 0.0, "composite": 0.0, "encode": 0.0,
                                     "batch_size": 0}))
             return future
-        # Live frames are bounded by admission control and each session's own limits, and refusing them would
-        # break a conversation's video: the queue bound applies to the other classes.
-        if priority != Priority.LIVE and self.queued_frames + n > self.max_queue_frames:
-            raise QueueFull(f"model {self.pipeline.name}: queue holds {self.queued_frames} frames; "
-                            f"{n} more would exceed its bound of {self.max_queue_frames}")
         job = Job(features, frame_ids, quality, visual, future, results=[None] * n, priority=priority,
-                  deadline=time.perf_counter() if deadline is None else deadline, step=step, on_frames=on_frames,
-                  seq=next(self._seq))
-        self._push(job)
-        self.queued_frames += n
-        self._live_jobs += priority == Priority.LIVE
+                  deadline=time.perf_counter() if deadline is None else deadline, step=step, on_frames=on_frames)
+        with self._lock:
+            # Live frames are bounded by admission control and each session's own limits, and refusing them would
+            # break a conversation's video: the queue bound applies to the other classes.
+            if priority != Priority.LIVE and self.queued_frames + n > self.max_queue_frames:
+                raise QueueFull(f"model {self.pipeline.name}: queue holds {self.queued_frames} frames; "
+                                f"{n} more would exceed its bound of {self.max_queue_frames}")
+            job.seq = next(self._seq)
+            self._push(job)
+            self.queued_frames += n
+            self._live_jobs += priority == Priority.LIVE
+            self._company.notify()
         future.add_done_callback(lambda _, j=job: self._leave(j))  # cancelled or failed: its frames leave now
-        self._wakeup.set()
+        self._kick()
         return future
 
     async def render(self, features: Tensor, frame_ids: list[int], quality: int | None,
@@ -409,11 +489,16 @@ class ModelScheduler:
         return self.submit(features[lo:hi], frame_ids[lo:hi], quality, None if visual is None else visual[lo:hi],
                            priority, deadline=arrived + lo * timebase.FRAME_S)
 
+    # -- the job heap (callers hold _lock, except the two that take it themselves)
     def _push(self, job: Job) -> None:
         heapq.heappush(self._heap, (*job.due(job.next), job.seq, job))
 
     def _leave(self, job: Job) -> None:
-        """The job's frames no longer wait: all taken, or it was cancelled or failed (idempotent)."""
+        """The job's frames no longer wait: all taken, or it was cancelled or failed (idempotent; takes _lock)."""
+        with self._lock:
+            self._left(job)
+
+    def _left(self, job: Job) -> None:
         if job.queued:
             job.queued = False
             self.queued_frames -= job.size - job.next
@@ -427,79 +512,117 @@ class ModelScheduler:
             if job.queued and not job.cancelled:
                 return job
             heapq.heappop(self._heap)
-            self._leave(job)
+            self._left(job)
         return None
 
     def _take_batch(self) -> list[BatchSlice]:
-        """Up to max_batch frames, earliest (class, deadline) first; runs of one job stay together."""
+        """Up to max_batch frames, earliest (class, deadline) first; runs of one job stay together (takes _lock)."""
         batch, room = [], self.max_batch
-        while room:
-            best = self._first()
-            if best is None:
-                break
-            heapq.heappop(self._heap)
-            runner = self._first()
-            runner_up = _next_due(runner) if runner is not None else None
-            take = 1
-            while take < min(room, best.size - best.next) and (
-                    runner_up is None or best.due(best.next + take) <= runner_up):
-                take += 1
-            if batch and batch[-1].job is best and batch[-1].hi == best.next:
-                batch[-1].hi += take
-            else:
-                batch.append(BatchSlice(best, best.next, best.next + take))
-            best.next += take
-            room -= take
-            self.queued_frames -= take
-            if best.next < best.size:
-                self._push(best)
-            else:
-                self._leave(best)
+        with self._lock:
+            while room:
+                best = self._first()
+                if best is None:
+                    break
+                heapq.heappop(self._heap)
+                runner = self._first()
+                runner_up = _next_due(runner) if runner is not None else None
+                take = 1
+                while take < min(room, best.size - best.next) and (
+                        runner_up is None or best.due(best.next + take) <= runner_up):
+                    take += 1
+                if batch and batch[-1].job is best and batch[-1].hi == best.next:
+                    batch[-1].hi += take
+                else:
+                    batch.append(BatchSlice(best, best.next, best.next + take))
+                best.next += take
+                room -= take
+                self.queued_frames -= take
+                if best.next < best.size:
+                    self._push(best)
+                else:
+                    self._left(best)
         return batch
-
-    async def _run(self) -> None:
-        while True:
-            if not self._heap and not self.windows:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self.queued_frames < self.max_batch and self.max_delay > 0 and not self._live_due():
-                await asyncio.sleep(self.max_delay)  # let concurrent requests join this batch
-            batch: list[BatchSlice] = []
-            try:
-                if self.windows:  # audio first: it gates the frames of every session
-                    await self._encode_pending()
-                batch = self._take_batch()
-                if batch:
-                    await self._dispatch(batch)
-            except asyncio.CancelledError:
-                self._fail(batch, RuntimeError("model unloaded"))
-                raise
-            except Exception as exc:  # a bug in one batch fails that batch, never the batcher
-                log.exception("batcher of %s: batch failed", self.pipeline.name)
-                self._fail(batch, exc)
 
     def _live_due(self) -> bool:
         """A live frame is waiting: do not hold the batch back for company."""
         return self._live_jobs > 0
 
-    async def _dispatch(self, batch: list[BatchSlice]) -> None:
-        loop = asyncio.get_running_loop()
+    # -- the batching step, on the inference thread
+    def _kick(self) -> None:
+        """Queue one batching step of this model on the inference thread, unless one is queued already (any
+        thread). Steps of every model on the device, and other device work, take turns there in order."""
+        with self._lock:
+            if self._step_queued or not self._running:
+                return
+            self._step_queued = True
+        try:
+            self.infer_pool.submit(self._step)
+        except RuntimeError:  # the device's threads have shut down
+            with self._lock:
+                self._step_queued = False
+
+    def _has_work(self) -> bool:
+        return bool(self.windows) or self.queued_frames > 0
+
+    def _step(self) -> None:
+        """Audio first (it gates the frames of every session), then one generator batch; queued again while work
+        is left, so other device work interleaves between batches (inline: loops here instead)."""
+        while True:
+            with self._lock:
+                self._step_queued = False
+                if not self._running:
+                    return
+            try:
+                self._encode_pending()
+                self._wait_for_company()
+                batch = self._take_batch()
+                if batch:
+                    self._run_batch(batch)
+            except Exception:  # a bug in one step fails nothing else: batching goes on
+                log.exception("batching step of %s failed", self.pipeline.name)
+            if not self._has_work():
+                return
+            if not self.inline:
+                self._kick()
+                return
+
+    def _wait_for_company(self) -> None:
+        """Hold a batch that is not full for up to max_delay_ms, so concurrent requests join it; a live frame, a
+        full batch or unloading ends the wait."""
+        if self.max_delay <= 0:
+            return
+        with self._lock:
+            until = time.perf_counter() + self.max_delay
+            while (0 < self.queued_frames < self.max_batch and not self._live_jobs and self._running
+                   and (left := until - time.perf_counter()) > 0):
+                self._company.wait(left)
+
+    def _run_batch(self, batch: list[BatchSlice]) -> None:
         now = time.perf_counter()
         for s in batch:
             if s.job.started is None:
                 s.job.started = now
                 s.job.timings["queue"] = (now - s.job.submitted) * 1e3
-        await self._encodes.acquire()  # released by _deliver, or here if the batch never reaches the encoder
+        self._in_flight.acquire()  # released once the batch is encoded (or failed)
         try:
-            clock, predictions, ids, ready = await loop.run_in_executor(self.infer_pool, _device_call,
-                                                                        self.infer_stream, self._infer, batch)
-            encode = loop.run_in_executor(self.encode_pool, _device_call, self.encode_stream, self._finish, batch,
-                                          clock, predictions, ids, ready)
-        except BaseException:
-            self._encodes.release()
-            raise
-        encode.add_done_callback(lambda f, b=batch, n=len(ids), t=now: self._deliver(f, b, n, t))
-        self.batches += 1
+            clock, predictions, ids, ready = _device_call(self.infer_stream, self._infer, batch)
+            self.batches += 1
+            self.encode_pool.submit(self._encode_batch, batch, clock, predictions, ids, ready, now)
+        except BaseException as exc:  # noqa: BLE001 - this batch's requests fail, the others go on
+            self._in_flight.release()
+            self._post(self._fail, batch, exc)
+
+    def _encode_batch(self, batch: list[BatchSlice], clock: StageClock, predictions: Tensor, ids: list[int],
+                      ready: Any, started: float) -> None:
+        """On the encode thread: composite and JPEG, then hand the whole batch to the loop in one wake-up."""
+        try:
+            result, error = _device_call(self.encode_stream, self._finish, batch, clock, predictions, ids,
+                                         ready), None
+        except BaseException as exc:  # noqa: BLE001 - delivered as this batch's failure
+            result, error = None, exc
+        finally:
+            self._in_flight.release()
+        self._deliver(batch, len(ids), started, result, error)
 
     def _infer(self, batch: list[BatchSlice]) -> tuple[StageClock, Tensor, list[int], Any]:
         """Generator predictions of a batch, on the inference stream; the event marks when they are ready."""
@@ -540,29 +663,43 @@ class ModelScheduler:
                     jpegs[row] = data
         return jpegs, clock.result()
 
-    def _deliver(self, done: asyncio.Future, batch: list[BatchSlice], batch_size: int, started: float) -> None:
-        self._encodes.release()
-        if done.cancelled() or done.exception() is not None:
-            self._fail(batch, done.exception() or RuntimeError("encode cancelled"))
+    def _deliver(self, batch: list[BatchSlice], batch_size: int, started: float,
+                 result: tuple[list[bytes], dict[str, float]] | None, error: BaseException | None) -> None:
+        """On the encode thread: a finished batch's frames into their jobs. The loop hears of it only where it
+        has something to do (a job complete, a slice for a live session's callback), in one wake-up for the
+        whole batch: a Stream chunk spread over several batches wakes it once."""
+        if error is not None or result is None:
+            self._post(self._fail, batch, error or RuntimeError("encode failed"))
             return
-        jpegs, timings = done.result()
+        jpegs, timings = result
         self._measured(batch_size, time.perf_counter() - started)
-        offset = 0
+        slices, completed, offset = [], [], 0
         for s in batch:
             job = s.job
             n = s.hi - s.lo
             job.results[s.lo:s.hi] = jpegs[offset:offset + n]
+            if job.on_frames is not None:
+                slices.append((job, s.lo, s.hi, jpegs[offset:offset + n]))
             offset += n
-            if job.on_frames is not None and not job.cancelled:
-                try:
-                    job.on_frames(s.lo, s.hi, jpegs[offset - n:offset])
-                except Exception:
-                    log.exception("frame callback of %s failed", self.pipeline.name)
             for stage in ("inference", "composite", "encode"):
                 job.timings[stage] += timings.get(stage, 0.0)
             job.batch_size = max(job.batch_size, batch_size)
             job.done += n
-            if job.done == job.size and not job.future.done():
+            if job.done == job.size:
+                completed.append(job)
+        if slices or completed:
+            self._post(self._delivered, slices, completed)
+
+    def _delivered(self, slices: list[tuple[Job, int, int, list[bytes]]], completed: list[Job]) -> None:
+        """On the loop: frame callbacks, then the futures of the jobs that are complete."""
+        for job, lo, hi, jpegs in slices:
+            if not job.cancelled:
+                try:
+                    job.on_frames(lo, hi, jpegs)
+                except Exception:
+                    log.exception("frame callback of %s failed", self.pipeline.name)
+        for job in completed:
+            if not job.future.done():
                 job.future.set_result((job.results, {**job.timings, "batch_size": job.batch_size}))
 
     def _fail(self, batch: list[BatchSlice], exc: BaseException) -> None:

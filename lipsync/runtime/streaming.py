@@ -42,7 +42,7 @@ class StreamSession:
         self.resampler = StreamResampler(fmt.sample_rate)
         self.received = 0  # input samples
         self.sent = 0  # frames handed out
-        self._room = asyncio.Condition()
+        self._room: asyncio.Future | None = None  # the reader waits on it while the buffer is full
         self._buffered = 0  # frames submitted but not yet handed out
 
     def _decode(self, data: bytes) -> torch.Tensor:
@@ -50,13 +50,15 @@ class StreamSession:
         return self.resampler.push(audio.decode_pcm(data, self.fmt, allow_empty=True))
 
     async def _wait_for_room(self) -> None:
-        async with self._room:
-            await self._room.wait_for(lambda: self._buffered < self.buffer_frames)
+        """Returns at once while the buffer has room (every chunk asks: no lock on that path)."""
+        while self._buffered >= self.buffer_frames:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
-    async def _handed_out(self, n: int) -> None:
-        async with self._room:
-            self._buffered -= n
-            self._room.notify_all()
+    def _handed_out(self, n: int) -> None:
+        self._buffered -= n
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
 
     async def run(self, messages: AsyncIterator[StreamMessage]) -> AsyncIterator[StreamChunk]:
         """Frames of the stream in order; ends after end_of_audio (with an `end` chunk) or when the client
@@ -114,7 +116,7 @@ class StreamSession:
                     raise item
                 job, ids, first, audio_ms, arrived = item
                 jpegs, timings = await job
-                await self._handed_out(len(ids))
+                self._handed_out(len(ids))
                 timings = {**timings, "audio": audio_ms, "total": (time.perf_counter() - arrived) * 1e3}
                 self.sent += len(ids)
                 yield StreamChunk(first, ids, jpegs, timings)
