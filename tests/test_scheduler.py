@@ -230,3 +230,29 @@ def test_batching_runs_on_the_inference_thread_and_wakes_the_loop_once_per_compl
     assert completions == [1]  # one wake-up of the loop for three batches
     assert {t for t in threads if t.startswith("infer-")} and "loop" in threads and "elsewhere" not in threads
     assert not any(t.startswith("MainThread") for t in threads)
+
+
+def test_a_busy_encode_thread_leaves_the_inference_thread_free_for_audio(pipeline):
+    """While the batches allowed in flight wait for the encode thread, no step blocks the inference thread: a
+    session's audio work there runs at once, not after the encode (which here takes a second)."""
+    import time
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=1, max_delay_ms=0, max_encodes_in_flight=1)
+        finish = scheduler._finish
+
+        def slow_finish(*args):
+            time.sleep(1.0)
+            return finish(*args)
+        scheduler._finish = slow_finish
+        scheduler.start()
+        job = scheduler.submit(torch.zeros(3, 32, 16, 16), pipeline.avatar.frames_for(0, 0, 3), 75)
+        await asyncio.sleep(0.3)  # the first batch is encoding, the second waits for its slot
+        t0 = time.perf_counter()
+        await scheduler.run_on_device(lambda: None)
+        waited = time.perf_counter() - t0
+        jpegs, _ = await job
+        await scheduler.stop()
+        return waited, jpegs, scheduler.batches
+    waited, jpegs, batches = asyncio.run(main())
+    assert waited < 0.5 and len(jpegs) == 3 and batches == 3

@@ -566,21 +566,30 @@ class ModelScheduler:
 
     def _step(self) -> None:
         """Audio first (it gates the frames of every session), then one generator batch; queued again while work
-        is left, so other device work interleaves between batches (inline: loops here instead)."""
+        is left, so other device work interleaves between batches (inline: loops here instead). While
+        `max_encodes_in_flight` batches wait for the encode thread, no batch is taken and the thread stays free for
+        the sessions' audio; the encode thread queues the next step when it finishes one."""
         while True:
             with self._lock:
                 self._step_queued = False
                 if not self._running:
                     return
+            encoder_busy = False
             try:
                 self._encode_pending()
-                self._wait_for_company()
-                batch = self._take_batch()
-                if batch:
-                    self._run_batch(batch)
+                if self.queued_frames > 0:
+                    if self._in_flight.acquire(blocking=False):
+                        self._wait_for_company()
+                        batch = self._take_batch()
+                        if batch:
+                            self._run_batch(batch)  # the slot is released once the batch is encoded
+                        else:
+                            self._in_flight.release()
+                    else:
+                        encoder_busy = True
             except Exception:  # a bug in one step fails nothing else: batching goes on
                 log.exception("batching step of %s failed", self.pipeline.name)
-            if not self._has_work():
+            if encoder_busy or not self._has_work():
                 return
             if not self.inline:
                 self._kick()
@@ -603,8 +612,7 @@ class ModelScheduler:
             if s.job.started is None:
                 s.job.started = now
                 s.job.timings["queue"] = (now - s.job.submitted) * 1e3
-        self._in_flight.acquire()  # released once the batch is encoded (or failed)
-        try:
+        try:  # the caller holds an in-flight slot: released once the batch is encoded (or failed)
             clock, predictions, ids, ready = _device_call(self.infer_stream, self._infer, batch)
             self.batches += 1
             self.encode_pool.submit(self._encode_batch, batch, clock, predictions, ids, ready, now)
@@ -623,6 +631,8 @@ class ModelScheduler:
         finally:
             self._in_flight.release()
         self._deliver(batch, len(ids), started, result, error)
+        if self._has_work():
+            self._kick()  # a step may have left frames waiting for this slot
 
     def _infer(self, batch: list[BatchSlice]) -> tuple[StageClock, Tensor, list[int], Any]:
         """Generator predictions of a batch, on the inference stream; the event marks when they are ready."""
