@@ -24,7 +24,7 @@ from common import ThreadCPU, assets, environment, figure, model_override, save_
 
 from lipsync import timebase
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-from lipsync.apps.client import channel, percentile, stream, summarize, synthesize
+from lipsync.apps.client import OUTPUTS, channel, percentile, stream, summarize, synthesize
 from lipsync.apps.serve import spawn
 from lipsync.codec import audio
 from lipsync.config import load_config
@@ -41,13 +41,14 @@ def speech_pcm(seconds: float) -> bytes:
     return (wave.numpy() * 32767).astype(np.int16).tobytes()
 
 
-async def run_point(target: str, server_pid: int, sessions: int, pcm: bytes, paced: bool, chunk_ms: float) -> dict:
+async def run_point(target: str, server_pid: int, sessions: int, pcm: bytes, paced: bool, chunk_ms: float,
+                    output: int = 0) -> dict:
     fmt = audio.AudioFormat("s16le", timebase.SAMPLE_RATE, 1)
     async with channel(target) as ch:
         stub = pb_grpc.LipSyncStub(ch)
         with ThreadCPU(server_pid) as cpu:
             t0 = time.perf_counter()
-            results = await asyncio.gather(*[stream(stub, "bench", pcm, fmt, chunk_ms, paced)
+            results = await asyncio.gather(*[stream(stub, "bench", pcm, fmt, chunk_ms, paced, output=output)
                                              for _ in range(sessions)])
             wall = time.perf_counter() - t0
     summary = summarize(list(results), wall)
@@ -111,6 +112,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--no-reference", action="store_true", help="skip the in-process pipeline reference")
+    parser.add_argument("--output", choices=tuple(OUTPUTS), default="full", help="frames the server sends: whole "
+                        "pictures, or each frame's generated square (FrameOutput SQUARE)")
     parser.add_argument("--out")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for the server")
     args = parser.parse_args()
@@ -128,7 +131,8 @@ def main() -> None:
                                          5 if device.type == "cpu" else 30))
         for mode in args.modes.split(","):
             for n in [int(s) for s in args.streams.split(",")]:
-                row = asyncio.run(run_point(target, proc.pid, n, pcm, mode == "paced", args.chunk_ms))
+                row = asyncio.run(run_point(target, proc.pid, n, pcm, mode == "paced", args.chunk_ms,
+                                            OUTPUTS[args.output]))
                 rows.append(row)
                 cpu = row["server_cpu_ms_per_frame"]
                 print(f"{mode:6s} {n:3d} streams: {row['fps']:8.1f} frames/s  p95 {row['latency_ms']['p95']:9.1f} ms"
@@ -150,7 +154,8 @@ def main() -> None:
               flush=True)
     paced = [r for r in rows if r["paced"] and r["real_time_streams"] == r["streams"]]
     write({"benchmark": "server", "environment": environment(device), "audio_s_per_stream": args.seconds,
-           "chunk_ms": args.chunk_ms, "output": f"{args.width}x{args.height} JPEG", "variant": args.variant,
+           "chunk_ms": args.chunk_ms, "output": f"{args.width}x{args.height} JPEG" if args.output == "full" else
+           f"SQUARE: the crop rectangle's JPEG of a {args.width}x{args.height} frame", "variant": args.variant,
            "synthesize_24_frames_p50_ms": round(p50, 1), "pipeline_reference": reference,
            "max_real_time_streams_sustained": max((r["streams"] for r in paced), default=0),
            "results": rows}, args.out)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from lipsync.codec.jpeg import encode_frames
@@ -87,3 +88,22 @@ def test_jpeg_batch_decodes_in_rgb_order():
     assert blue[..., 0].mean() > 240 and blue[..., 2].mean() < 15
     noise = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert len(encode_frames(noise, 10)[0]) < len(encode_frames(noise, 95)[0])
+
+
+@pytest.mark.parametrize("compose", ["paste", "blend"])
+def test_squares_are_exactly_the_composited_rectangles(tiny_avatar, compose):
+    """SQUARE output's pixels equal what `composite` writes inside each crop rectangle, with its alpha; outside
+    them the composited frame is the avatar's own (so pasting the square onto the avatar frame is the frame)."""
+    from lipsync.model.compose import squares
+
+    avatar = load_avatar(tiny_avatar, compose=compose)
+    ids = [0, 3, 5, 3, 1]
+    pred = torch.rand(len(ids), 3, 320, 320, generator=torch.Generator().manual_seed(4))
+    frames = composite(avatar, pred, ids)
+    got = squares(avatar, pred, ids)
+    for b, f in enumerate(ids):
+        x1, y1, x2, y2 = avatar.rects[f]
+        assert got[b].dtype == torch.uint8 and torch.equal(got[b], frames[b, :, y1:y2, x1:x2])
+        pasted = avatar.frames[f].clone()
+        pasted[:, y1:y2, x1:x2] = got[b]
+        assert torch.equal(pasted, frames[b])

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import worst_psnr
+from conftest import decoded, psnr, worst_psnr
 from test_server import ServerProcess, model_override
 
 from lipsync._proto import lipsync_pb2 as pb
@@ -579,3 +579,47 @@ def test_a_load_test_client_can_keep_frames_without_their_images(live_server):
     assert result.frames and [f.index for f in result.frames] == list(range(len(result.frames)))
     assert all(f.jpeg == b"" and f.audio == b"" and f.kind == pb.IDLE for f in result.frames)
     assert len(result.received_s) == len(result.frames)
+
+
+def test_square_output_sessions_send_squares_and_no_idle_images(live_server, speech):
+    """A SQUARE-output session: IDLE (and HELD) frames carry no JPEG, the client shows its copy of the avatar frame;
+    SPEECH frames carry their crop rectangle's JPEG, which pasted onto the avatar (GetAvatar) is the Synthesize
+    frame at the same position (PSNR >= 40 dB)."""
+    import lipsync_client as ls
+
+    a = pcm_of(speech[:16000])
+
+    async def main():
+        async with channel(live_server.target) as ch:
+            stub = pb_grpc.LipSyncStub(ch)
+            avatar = await ls.get_avatar(stub, "tiny", QUALITY)
+            result = await converse(stub, "tiny", [Say(a, S16, at=0.2, id="a")], 8.0, quality=QUALITY,
+                                    until_played=True, output=pb.SQUARE)
+            started = events_of(result, "started")["a"]
+            unary = await stub.Synthesize(pb.SynthesizeRequest(
+                model_id="tiny", audio=a, format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000),
+                start_frame=started.avatar_position, jpeg_quality=QUALITY))
+        return avatar, result, unary
+    avatar, result, unary = asyncio.run(main())
+    idle = [f for f in result.frames if f.kind != pb.SPEECH]
+    speech_frames = [f for f in result.frames if f.kind == pb.SPEECH]
+    assert idle and all(f.jpeg == b"" and not f.HasField("square") for f in idle)
+    assert len(speech_frames) == len(unary.frames)
+    compositor = ls.Compositor(avatar)
+    for f, full in zip(speech_frames, unary.frames):
+        assert f.avatar_frame == full.avatar_frame
+        assert (f.square.x, f.square.y, f.square.width, f.square.height) == avatar.squares[f.avatar_frame]
+        assert psnr(torch.from_numpy(compositor.rgb(f)).permute(2, 0, 1).float(), decoded(full.jpeg)) >= 40
+    picture = compositor.rgb(idle[0])
+    assert np.array_equal(picture, ls.decode_rgb(avatar.jpegs[idle[0].avatar_frame]))
+
+
+def test_square_live_frames_built_as_wire_bytes_parse_to_the_message():
+    from lipsync.api import convert
+    from lipsync.runtime.live import Frame
+
+    f = Frame(12, 40, 3, b"\xff\xd8" + bytes(500), bytes(1280), "speech", "u", 4, [10, 20, 74, 84])
+    built = convert.live_frame_bytes(f, [])
+    parsed = pb.ConverseResponse.FromString(built)
+    assert parsed == convert.live_frame(f, []) and len(built) == parsed.ByteSize()
+    assert (parsed.frame.square.x, parsed.frame.square.y, parsed.frame.square.width) == (10, 20, 64)

@@ -31,12 +31,13 @@ def audio_frames(pcm: np.ndarray, ms: int = 20) -> list[rtc.AudioFrame]:
             for k in range(0, len(pcm), step)]
 
 
-def test_video_generator_speaks_ends_segments_and_clears(server, speech):
+@pytest.mark.parametrize("output", ["full", "square"])
+def test_video_generator_speaks_ends_segments_and_clears(server, speech, output):
     speech_pcm = (speech[:12000].numpy() * 32767).astype(np.int16)  # 0.75 s
     long_pcm = (speech[:40000].numpy() * 32767).astype(np.int16)   # 2.5 s
 
     async def main():
-        generator = LipsyncVideoGenerator(server.target, "tiny", sample_rate=RATE)
+        generator = LipsyncVideoGenerator(server.target, "tiny", sample_rate=RATE, output=output)
         session = await generator.start()
         assert (generator.width, generator.height) == (256, 192)  # for AvatarOptions
         out: list = []

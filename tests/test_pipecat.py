@@ -45,13 +45,14 @@ def tts_frames(pcm: bytes, rate: int, ms: int = 20) -> list[TTSAudioRawFrame]:
             for k in range(0, len(pcm), step)]
 
 
-def test_video_service_in_a_pipeline(server, speech):
+@pytest.mark.parametrize("output", ["full", "square"])
+def test_video_service_in_a_pipeline(server, speech, output):
     first_pcm = encode_s16(speech[:12000])                              # 0.75 s at the session rate
     second_pcm = encode_s16(resample(speech[:48000], RATE, 24000))      # 3 s from a 24 kHz TTS: resampled
 
     async def main():
         received: asyncio.Queue = asyncio.Queue()
-        service = LipsyncVideoService(server=server.target, model="tiny")
+        service = LipsyncVideoService(server=server.target, model="tiny", output=output)
         sink = QueuedFrameProcessor(queue=received, queue_direction=FrameDirection.DOWNSTREAM)
         worker = PipelineWorker(Pipeline([service, sink]), cancel_on_idle_timeout=False,
                                 params=PipelineParams(audio_out_sample_rate=RATE))

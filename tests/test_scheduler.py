@@ -256,3 +256,29 @@ def test_a_busy_encode_thread_leaves_the_inference_thread_free_for_audio(pipelin
         return waited, jpegs, scheduler.batches
     waited, jpegs, batches = asyncio.run(main())
     assert waited < 0.5 and len(jpegs) == 3 and batches == 3
+
+
+def test_square_output_is_the_rectangle_of_the_full_frame(pipeline):
+    """A batch mixing FULL_FRAME and SQUARE jobs: each square JPEG is the crop rectangle's size and, pasted onto
+    the avatar frame, gives the full-frame job's frame (JPEG apart: PSNR >= 40 dB); it is a fraction of its bytes."""
+    from conftest import decoded, psnr
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=4, max_delay_ms=20)
+        scheduler.start()
+        features = torch.rand(6, 32, 16, 16, generator=torch.Generator().manual_seed(2))
+        ids = pipeline.avatar.frames_for(0, 0, 6)
+        full, square = await asyncio.gather(scheduler.submit(features, ids, 90),
+                                            scheduler.submit(features, ids, 90, square=True))
+        await scheduler.stop()
+        return ids, full[0], square[0], scheduler.batches
+    ids, full, square, batches = asyncio.run(main())
+    assert batches == 3  # the two jobs shared batches
+    avatar = pipeline.avatar
+    for f, whole, part in zip(ids, full, square):
+        x1, y1, x2, y2 = avatar.rects[f]
+        patch = decoded(part)
+        assert patch.shape == (3, y2 - y1, x2 - x1) and len(part) < len(whole) / 2
+        pasted = avatar.frames[f].float().clone()
+        pasted[:, y1:y2, x1:x2] = patch
+        assert psnr(pasted, decoded(whole)) >= 40

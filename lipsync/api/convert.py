@@ -80,9 +80,24 @@ def timings(t: dict[str, float]) -> pb.StageTimings:
                            total_ms=t.get("total", 0), batch_size=int(t.get("batch_size", 0)))
 
 
-def frames(first_index: int, avatar_frames: list[int], jpegs: list[bytes]) -> list[pb.Frame]:
-    return [pb.Frame(index=first_index + k, avatar_frame=f, jpeg=j, pts_ms=(first_index + k) * timebase.FRAME_MS)
+def rect(corners: list[int] | tuple[int, ...] | None) -> pb.Rect | None:
+    """An avatar crop rectangle [x1, y1, x2, y2] as a Rect (x, y, width, height); None stays None."""
+    if corners is None:
+        return None
+    x1, y1, x2, y2 = corners
+    return pb.Rect(x=x1, y=y1, width=x2 - x1, height=y2 - y1)
+
+
+def frames(first_index: int, avatar_frames: list[int], jpegs: list[bytes],
+           squares: list[list[int]] | None = None) -> list[pb.Frame]:
+    """Frames of a response; `squares` (SQUARE output): each frame's crop rectangle, where its JPEG goes."""
+    return [pb.Frame(index=first_index + k, avatar_frame=f, jpeg=j, pts_ms=(first_index + k) * timebase.FRAME_MS,
+                     square=rect(squares[k]) if squares is not None else None)
             for k, (f, j) in enumerate(zip(avatar_frames, jpegs))]
+
+
+def avatar_frame(index: int, count: int, jpeg: bytes, corners: list[int], width: int, height: int) -> pb.AvatarFrame:
+    return pb.AvatarFrame(index=index, frame_count=count, jpeg=jpeg, square=rect(corners), width=width, height=height)
 
 
 def session_info(session: LiveSession, entry: ModelEntry, loaded_now: bool, load_ms: float) -> pb.SessionInfo:
@@ -104,7 +119,7 @@ def live_frame(frame: Frame, events: list[Event]) -> pb.ConverseResponse:
     return pb.ConverseResponse(frame=pb.LiveFrame(
         index=frame.index, pts_ms=frame.index * timebase.FRAME_MS, avatar_position=frame.avatar_position,
         avatar_frame=frame.avatar_frame, jpeg=frame.jpeg, audio=frame.audio, kind=FRAME_KINDS[frame.kind],
-        utterance_id=frame.utterance_id, utterance_frame=max(frame.utterance_frame, 0)),
+        utterance_id=frame.utterance_id, utterance_frame=max(frame.utterance_frame, 0), square=rect(frame.square)),
         events=[event(e) for e in events])
 
 
@@ -135,7 +150,7 @@ def live_frame_bytes(frame: Frame, events: list[Event]) -> bytes:
     head = pb.LiveFrame(index=frame.index, pts_ms=frame.index * timebase.FRAME_MS,
                         avatar_position=frame.avatar_position, avatar_frame=frame.avatar_frame,
                         kind=FRAME_KINDS[frame.kind], utterance_id=frame.utterance_id,
-                        utterance_frame=max(frame.utterance_frame, 0)).SerializeToString()
+                        utterance_frame=max(frame.utterance_frame, 0), square=rect(frame.square)).SerializeToString()
     parts = [head]
     for tag, data in ((_JPEG_TAG, frame.jpeg), (_AUDIO_TAG, frame.audio)):
         if data:  # proto3 leaves empty bytes off the wire
@@ -146,7 +161,7 @@ def live_frame_bytes(frame: Frame, events: list[Event]) -> bytes:
 
 
 def stream_response_bytes(first_index: int, avatar_frames: list[int], jpegs: list[bytes], t: dict[str, float],
-                          **fields: Any) -> bytes:
+                          squares: list[list[int]] | None = None, **fields: Any) -> bytes:
     """A StreamResponse of frames as wire bytes, each JPEG copied once (into the result): every Frame's small
     fields serialized by protobuf with its JPEG appended, then the timings and `fields` as a serialized
     StreamResponse of their own (parts of one message concatenate to their merge). Parses to exactly
@@ -154,7 +169,8 @@ def stream_response_bytes(first_index: int, avatar_frames: list[int], jpegs: lis
     parts: list[bytes] = []
     for k, (f, data) in enumerate(zip(avatar_frames, jpegs)):
         index = first_index + k
-        head = pb.Frame(index=index, avatar_frame=f, pts_ms=index * timebase.FRAME_MS).SerializeToString()
+        head = pb.Frame(index=index, avatar_frame=f, pts_ms=index * timebase.FRAME_MS,
+                        square=rect(squares[k]) if squares is not None else None).SerializeToString()
         body = (head, _FRAME_JPEG_TAG, _varint(len(data)), data) if data else (head,)
         parts += (_FRAMES_TAG, _varint(sum(len(b) for b in body)), *body)
     parts.append(pb.StreamResponse(timings=timings(t), **fields).SerializeToString())

@@ -87,6 +87,29 @@ def unary(method: UnaryMethod | None = None, *, name: str | None = None, failure
     return wrap(method) if method is not None else wrap
 
 
+def server_streaming(method: Callable[..., AsyncIterator]):
+    """Decorator of a server-streaming RPC (one request, a stream of responses) written as an async generator
+    `method(self, request, context)`, with `unary`'s status mapping and counting."""
+    rpc = method.__name__
+
+    @functools.wraps(method)
+    async def call(self, request, context: grpc.aio.ServicerContext):
+        status = "OK"
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except Exception as exc:
+            code, message = _failed(rpc, exc)
+            status = code.name
+            await context.abort(code, message)
+        finally:
+            metrics.REQUESTS.labels(rpc, status).inc()
+    return call
+
+
 @dataclass(eq=False)
 class OpenCall:
     """A streaming call in progress, which the server can end from outside with a status: idle too long, or its

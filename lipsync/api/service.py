@@ -13,7 +13,7 @@ from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync.api import convert, metrics
 from lipsync.api.limits import model_id as checked_model_id
-from lipsync.api.protocol import first_config, streaming, unary
+from lipsync.api.protocol import first_config, server_streaming, streaming, unary
 from lipsync.errors import ResourceExhausted
 from lipsync.model import audio_features
 from lipsync.runtime.live import LiveSession, admit
@@ -37,6 +37,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
     async def Synthesize(self, request: pb.SynthesizeRequest, context, started: float) -> pb.SynthesizeResponse:
         limits = self.s.limits
         quality, start = limits.quality(request.jpeg_quality), limits.start_frame(request.start_frame)
+        square = limits.square(request.output)
         fmt = convert.audio_format(limits, request.format, allow_wav=True)
         self.s.registry.entry(checked_model_id(request.model_id))
         wave = await asyncio.to_thread(self.s.decode_audio, request.audio, fmt)
@@ -46,9 +47,12 @@ class LipSyncService(pb_grpc.LipSyncServicer):
             _, features = await entry.scheduler.features(entry.scheduler.feature_stream(), wave, end=True)
             audio_ms = (time.perf_counter() - t0) * 1e3
             ids = entry.pipeline.avatar.frames_for(start, 0, features.shape[0])
-            jpegs, timings = await entry.scheduler.render(features, ids, quality, priority=Priority.BATCH)
+            jpegs, timings = await entry.scheduler.render(features, ids, quality, priority=Priority.BATCH,
+                                                          square=square)
+            squares = [entry.pipeline.avatar.rects[f] for f in ids] if square else None
         timings.update(audio=audio_ms, total=(time.perf_counter() - started) * 1e3)
-        response = pb.SynthesizeResponse(frames=convert.frames(0, ids, jpegs), timings=convert.timings(timings),
+        response = pb.SynthesizeResponse(frames=convert.frames(0, ids, jpegs, squares),
+                                         timings=convert.timings(timings),
                                          model_loaded=loaded_now, model_load_ms=load_ms if loaded_now else 0,
                                          model_id=request.model_id, device=entry.device)
         if response.ByteSize() > limits.max_message_bytes:  # the estimate was beaten: say so, do not fail to send
@@ -77,11 +81,12 @@ class LipSyncService(pb_grpc.LipSyncServicer):
     async def _stream(self, requests, context) -> AsyncIterator[pb.StreamResponse]:
         s, limits = self.s, self.s.limits
         requests, cfg, quality, start, fmt = await self._opened(requests, "Stream")
-        lookahead = limits.lookahead(cfg.lookahead_frames)
+        lookahead, square = limits.lookahead(cfg.lookahead_frames), limits.square(cfg.output)
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
             await s.accept(context)
             session = StreamSession(entry.scheduler, fmt, start, quality, lookahead, limits.stream_buffer_frames,
-                                    limits.max_audio_s)
+                                    limits.max_audio_s, square)
+            rects = entry.pipeline.avatar.rects
             loaded = dict(model_loaded=loaded_now, model_load_ms=load_ms if loaded_now else 0)
             try:
                 async for chunk in session.run(convert.stream_messages(requests)):
@@ -89,8 +94,9 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                         yield pb.StreamResponse(end_of_stream=True, **loaded)
                         break
                     s.record("stream_chunk", entry, len(chunk.jpegs), chunk.timings)
+                    squares = [rects[f] for f in chunk.avatar_frames] if square else None
                     yield convert.stream_response_bytes(chunk.first_index, chunk.avatar_frames, chunk.jpegs,
-                                                        chunk.timings, **loaded)  # wire bytes (PreSerialized)
+                                                        chunk.timings, squares, **loaded)  # wire bytes
                     loaded = {}  # said once, in the first response
             finally:
                 log.info(json.dumps({"event": "stream", "model": cfg.model_id, "frames": session.sent,
@@ -106,15 +112,16 @@ class LipSyncService(pb_grpc.LipSyncServicer):
     async def _converse(self, requests, context) -> AsyncIterator[pb.ConverseResponse]:
         s, limits = self.s, self.s.limits
         requests, cfg, quality, start, fmt = await self._opened(requests, "Converse")
+        square = limits.square(cfg.output)
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
             scheduler = entry.scheduler
             await scheduler.calibrate()
-            idle = await scheduler.idle_jpegs(quality)
+            idle = [] if square else await scheduler.idle_jpegs(quality)
             ok, why = admit(scheduler, limits.live)  # admitted and counted with no await between: atomic
             if not ok:
                 raise ResourceExhausted(why)
             session = LiveSession(scheduler, limits.live, fmt, cfg.output_sample_rate or fmt.sample_rate, start,
-                                  quality, idle)
+                                  quality, idle, square)
             try:
                 log.info(json.dumps({"event": "live_session_open", "session": session.id, "model": cfg.model_id,
                                      "admitted": why}))
@@ -127,6 +134,19 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                 session.close()  # also if the call ended before its frames began
                 log.info(json.dumps({"event": "live_session_close", "session": session.id, "model": cfg.model_id,
                                      **session.stats, **session.pacing.summary()}))
+
+    @server_streaming
+    async def GetAvatar(self, request: pb.GetAvatarRequest, context) -> AsyncIterator[pb.AvatarFrame]:
+        """The avatar's frames as JPEG (encoded once per quality and kept, as live sessions' idle frames are) and
+        their crop rectangles, one message per frame."""
+        quality = self.s.limits.quality(request.jpeg_quality)
+        self.s.registry.entry(checked_model_id(request.model_id))
+        async with self.s.model(request.model_id) as (entry, _, _):
+            avatar = entry.pipeline.avatar
+            jpegs = await entry.scheduler.idle_jpegs(quality)
+            height, width = avatar.frames.shape[2:]
+        for index, (data, corners) in enumerate(zip(jpegs, avatar.rects)):
+            yield convert.avatar_frame(index, len(jpegs), data, corners, width, height)
 
     @unary
     async def ListModels(self, request, context, started) -> pb.ListModelsResponse:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 from lipsync_client import (
+    Compositor,
     ConverseResult,
     Credentials,
     LipSyncStub,
@@ -24,8 +25,10 @@ from lipsync_client import (
     converse,
     decode_rgb,
     explain,
+    get_avatar,
     is_local_target,
     open_stream,
+    pb,
     percentile,
     routing,
     stream,
@@ -76,19 +79,22 @@ def load_script(path: str | Path) -> tuple[list[Say], float]:
     return says, float(script["duration"])
 
 
-def write_mp4(jpegs: list[bytes], out: str, wave_16k_or_pcm, sample_rate: int | None = None) -> Path:
-    """Frames (JPEG bytes) and their audio (a waveform tensor, or s16 PCM bytes at `sample_rate`) → MP4."""
+def write_mp4(frames: list, out: str, wave_16k_or_pcm, sample_rate: int | None = None,
+              compositor: Compositor | None = None) -> Path:
+    """Frames (Frame or LiveFrame messages; SQUARE output pasted by `compositor`) and their audio (a waveform
+    tensor, or s16 PCM bytes at `sample_rate`) → MP4."""
     import numpy as np
     import torch
 
     from lipsync.codec.video import Mp4Writer
 
-    def image(data: bytes) -> torch.Tensor:
-        return torch.from_numpy(decode_rgb(data)).permute(2, 0, 1)[None]
-    first = image(jpegs[0])
+    def image(frame) -> torch.Tensor:
+        rgb = compositor.rgb(frame) if compositor is not None else decode_rgb(frame.jpeg)
+        return torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    first = image(frames[0])
     writer = Mp4Writer(out, first.shape[3], first.shape[2], **({"sample_rate": sample_rate} if sample_rate else {}))
-    for data in jpegs:
-        writer.write(image(data))
+    for frame in frames:
+        writer.write(image(frame))
     wave = wave_16k_or_pcm
     if isinstance(wave, bytes):
         wave = torch.from_numpy(np.frombuffer(wave, dtype=np.int16).astype(np.float32) / 32768.0)
@@ -103,19 +109,31 @@ def save_frames(jpegs: list[tuple[int, bytes]], frames_out: str) -> None:
     print(f"frames: {folder}")
 
 
+OUTPUTS = {"full": pb.FULL_FRAME, "square": pb.SQUARE}
+
+
+async def _compositor(stub: LipSyncStub, args: argparse.Namespace) -> Compositor | None:
+    """SQUARE output: the avatar's frames, fetched once, for pasting the squares back (--out)."""
+    if args.output != "square" or not args.out:
+        return None
+    return Compositor(await get_avatar(stub, args.model, args.quality, args.timeout))
+
+
 async def run_converse(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     says, duration = load_script(args.converse)
     with tqdm(total=round(duration * timebase.FPS), desc="live session", unit="frame") as bar:
         async with channel(args.server, credentials=credentials_from_args(args)) as ch:
-            result = await converse(LipSyncStub(ch), args.model, says, duration, args.start_frame,
+            stub = LipSyncStub(ch)
+            compositor = await _compositor(stub, args)
+            result = await converse(stub, args.model, says, duration, args.start_frame,
                                     args.quality, args.output_rate, args.realtime, args.chunk_ms, args.timeout,
-                                    progress=bar.update)
+                                    progress=bar.update, output=OUTPUTS[args.output])
     summary = {"mode": "converse", **result.summary()}
     if args.out and result.frames:
         pcm = b"".join(f.audio for f in result.frames)
-        print(f"video: {write_mp4([f.jpeg for f in result.frames], args.out, pcm, result.session.output_sample_rate)}")
+        print(f"video: {write_mp4(result.frames, args.out, pcm, result.session.output_sample_rate, compositor)}")
     if args.frames_out:
         save_frames([(f.index, f.jpeg) for f in result.frames], args.frames_out)
     return summary
@@ -134,6 +152,7 @@ async def run(args: argparse.Namespace) -> dict:
     data, fmt = audio.read_audio(args.audio, args.max_audio_seconds)
     async with channel(args.server, credentials=credentials_from_args(args)) as ch:
         stub = LipSyncStub(ch)
+        compositor = await _compositor(stub, args)
 
         samples = len(data) // fmt.frame_bytes * timebase.SAMPLE_RATE // fmt.sample_rate
         bar = tqdm(total=frame_count(samples) * args.clients, desc="frames", unit="frame", disable=not args.stream)
@@ -141,9 +160,9 @@ async def run(args: argparse.Namespace) -> dict:
         async def one(k: int) -> SessionResult:
             if args.stream:
                 return await stream(stub, args.model, data, fmt, args.chunk_ms, args.realtime, args.start_frame,
-                                    args.quality, args.timeout, progress=bar.update)
+                                    args.quality, args.timeout, progress=bar.update, output=OUTPUTS[args.output])
             return await synthesize(stub, args.model, data, fmt, args.batch, args.start_frame, args.quality,
-                                    args.timeout)
+                                    args.timeout, output=OUTPUTS[args.output])
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*[one(k) for k in range(args.clients)])
@@ -158,7 +177,7 @@ async def run(args: argparse.Namespace) -> dict:
         save_frames([(f.index, f.jpeg) for f in first.frames], args.frames_out)
     if args.out and first.frames:
         wave = audio.resample(audio.decode_pcm(data, fmt), fmt.sample_rate)
-        print(f"video: {write_mp4([f.jpeg for f in first.frames], args.out, wave)}")
+        print(f"video: {write_mp4(first.frames, args.out, wave, compositor=compositor)}")
     return summary
 
 
@@ -180,6 +199,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=0, help="Synthesize: frames per request (0 = whole audio)")
     p.add_argument("--start-frame", type=int, default=0)
     p.add_argument("--quality", type=int, default=0, help="JPEG quality (0 = server default)")
+    p.add_argument("--output", choices=tuple(OUTPUTS), default="full", help="frames the server sends: full "
+                   "pictures, or only the generated square of each (pasted back onto the avatar's frames, fetched "
+                   "once, for --out; --frames-out keeps the squares as they came)")
     p.add_argument("--clients", type=int, default=1, help="concurrent sessions")
     p.add_argument("--timeout", type=float, default=None, help="per-RPC deadline in seconds")
     p.add_argument("--frames-out", help="save the first session's JPEG frames here")

@@ -11,11 +11,16 @@ MIN_QUALITY, MAX_QUALITY = 1, 100
 
 def encode_frames(frames: Tensor, quality: int = 75) -> list[bytes]:
     """uint8 RGB frames [B,3,H,W] on any device → JPEG bytes; the only device→host copy of the pipeline."""
+    return encode_images(list(frames.contiguous().unbind(0)), quality)
+
+
+def encode_images(images: list[Tensor], quality: int = 75) -> list[bytes]:
+    """uint8 RGB images [3,h,w] of any sizes, on one device → JPEG bytes, in one batched call and one transfer."""
     if not MIN_QUALITY <= quality <= MAX_QUALITY:
         raise ValueError(f"JPEG quality {quality} is outside {MIN_QUALITY}..{MAX_QUALITY}")
-    if frames.shape[0] == 0:
+    if not images:
         return []
-    encoded = encode_jpeg(list(frames.contiguous().unbind(0)), quality)
+    encoded = encode_jpeg([image.contiguous() for image in images], quality)
     sizes = [e.numel() for e in encoded]
     blob = torch.cat(encoded).cpu().numpy().tobytes()  # one transfer for the whole batch
     offsets = [0]

@@ -1,7 +1,7 @@
 """Compositing (SPEC §8 steps 1–4): paste generator predictions back into avatar frames, batched on the device."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +27,13 @@ def predictions_to_rgb8(predictions: Tensor) -> Tensor:
     return (predictions.float() * 255.0).to(torch.uint8).flip(1)
 
 
-def composite(avatar: Avatar, predictions: Tensor, frame_ids: list[int]) -> Tensor:
-    """Paste each prediction into its avatar frame: [B,3,S,S] BGR float → frames [B,3,H,W] uint8 RGB."""
+def _pasted(avatar: Avatar, predictions: Tensor, frame_ids: list[int], index: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """(row, finished pixels of its crop rectangle [3,h,w] uint8 RGB) for each prediction: the template with the
+    prediction inside, resized to the rectangle (rectangles of one size in one call), alpha-blended over the frame's
+    own pixels where the avatar has an alpha (§8 steps 1–4)."""
     side, border = avatar.size, TEMPLATE_BORDER
-    index = avatar.index(frame_ids)
     templates = avatar.templates[index]  # advanced indexing: already a copy
     templates[:, :, border:border + side, border:border + side] = predictions_to_rgb8(predictions)
-    out = avatar.frames[index]
-    # Frames whose rectangles have the same size are resized in one call.
     groups: dict[tuple[int, int], list[int]] = {}
     for b, f in enumerate(frame_ids):
         x1, y1, x2, y2 = avatar.rects[f]
@@ -43,11 +42,29 @@ def composite(avatar: Avatar, predictions: Tensor, frame_ids: list[int]) -> Tens
         patches = resize_bicubic(templates[members], size)
         for patch, b in zip(patches, members):
             f = frame_ids[b]
-            x1, y1, x2, y2 = avatar.rects[f]
             if avatar.alpha is None:
-                out[b, :, y1:y2, x1:x2] = patch
+                yield b, patch
             else:
+                x1, y1, x2, y2 = avatar.rects[f]
                 alpha = avatar.alpha[f]
-                region = out[b, :, y1:y2, x1:x2].float()
-                out[b, :, y1:y2, x1:x2] = (alpha * patch.float() + (1 - alpha) * region).round_().to(torch.uint8)
+                region = avatar.frames[f, :, y1:y2, x1:x2].float()
+                yield b, (alpha * patch.float() + (1 - alpha) * region).round_().to(torch.uint8)
+
+
+def composite(avatar: Avatar, predictions: Tensor, frame_ids: list[int]) -> Tensor:
+    """Paste each prediction into its avatar frame: [B,3,S,S] BGR float → frames [B,3,H,W] uint8 RGB."""
+    index = avatar.index(frame_ids)
+    out = avatar.frames[index]
+    for b, square in _pasted(avatar, predictions, frame_ids, index):
+        x1, y1, x2, y2 = avatar.rects[frame_ids[b]]
+        out[b, :, y1:y2, x1:x2] = square
     return out
+
+
+def squares(avatar: Avatar, predictions: Tensor, frame_ids: list[int]) -> list[Tensor]:
+    """The finished pixels of each frame's crop rectangle only ([3,h,w] uint8 RGB each): exactly what `composite`
+    writes there, without copying whole frames (SQUARE output; the client pastes them onto the avatar's frames)."""
+    found: list[Tensor] = [predictions.new_empty(0)] * len(frame_ids)
+    for b, square in _pasted(avatar, predictions, frame_ids, avatar.index(frame_ids)):
+        found[b] = square
+    return found

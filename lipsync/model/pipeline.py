@@ -158,6 +158,10 @@ class Pipeline:
     def compose(self, predictions: Tensor, frame_ids: list[int]) -> Tensor:
         return compose.composite(self.avatar, predictions, frame_ids)
 
+    def squares(self, predictions: Tensor, frame_ids: list[int]) -> list[Tensor]:
+        """SQUARE output: each frame's crop rectangle as `compose` finishes it, [3,h,w] uint8 RGB."""
+        return compose.squares(self.avatar, predictions, frame_ids)
+
     @property
     def memory_bytes(self) -> int:
         """Bytes held on the device by this model's tensors (weights and avatar)."""

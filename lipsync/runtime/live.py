@@ -91,6 +91,7 @@ class Frame:
     kind: str
     utterance_id: str = ""
     utterance_frame: int = -1
+    square: list[int] | None = None  # SQUARE output, SPEECH frames: the crop rectangle the JPEG covers
 
 
 @dataclass
@@ -133,13 +134,16 @@ class LiveSession:
     _ids = itertools.count(1)
 
     def __init__(self, scheduler: ModelScheduler, config: LiveConfig, in_format: AudioFormat, out_rate: int,
-                 start_frame: int, quality: int, idle_jpegs: list[bytes]):
+                 start_frame: int, quality: int, idle_jpegs: list[bytes], square: bool = False):
+        """`square` (SQUARE output): speech frames are JPEGs of their crop rectangle and IDLE/HELD frames carry no
+        JPEG (the client shows its copy of the avatar frame); `idle_jpegs` is then not used."""
         if out_rate % timebase.FPS or not audio.MIN_RATE <= out_rate <= audio.MAX_RATE:
             raise SessionError(f"output_sample_rate {out_rate} must be a multiple of {timebase.FPS} Hz within "
                                f"{audio.MIN_RATE}..{audio.MAX_RATE}")
         self.scheduler, self.config, self.in_format = scheduler, config, in_format
         self.avatar = scheduler.pipeline.avatar
-        self.out_rate, self.quality, self.idle = out_rate, quality, idle_jpegs
+        self.out_rate, self.quality, self.square = out_rate, quality, square
+        self.idle = [b""] * self.avatar.frame_count if square else idle_jpegs
         self.samples_per_frame = out_rate // timebase.FPS
         self.silence = bytes(2 * self.samples_per_frame)
         self.interval = timebase.SAMPLES_PER_FRAME / timebase.SAMPLE_RATE * config.time_scale
@@ -411,7 +415,7 @@ class LiveSession:
                     u.rendered[first + lo + j] = data
 
         job = self.scheduler.submit(feats, ids, self.quality, priority=Priority.LIVE, deadline=deadline,
-                                    step=self.interval, on_frames=done)
+                                    step=self.interval, on_frames=done, square=self.square)
         job.add_done_callback(lambda f: self._rendered(u, f))
         u.jobs.append(job)
 
@@ -488,8 +492,9 @@ class LiveSession:
             waited = time.perf_counter() - (head.first_audio_at or time.perf_counter())
             self.events.append(Event("started", {"utterance_id": head.id, "first_frame": index,
                                                  "avatar_position": head.start_pos, "latency_ms": waited * 1e3}))
-        frame = Frame(index, self.pos, self.avatar.frame_for(self.pos), data, self._audio_of(head, k), SPEECH,
-                      head.id, k)
+        f = self.avatar.frame_for(self.pos)
+        frame = Frame(index, self.pos, f, data, self._audio_of(head, k), SPEECH, head.id, k,
+                      self.avatar.rects[f] if self.square else None)
         self._advance(head, index)
         return frame
 

@@ -159,6 +159,7 @@ class Job:
     on_frames: Callable[[int, int, list[bytes]], None] | None = None  # per delivered slice: (lo, hi, jpegs)
     seq: int = 0  # submission order: ties of (class, deadline) go to the job submitted first
     queued: bool = True  # frames of it wait in the scheduler's queue (counted in queued_frames)
+    square: bool = False  # SQUARE output: JPEGs of the crop rectangles only
 
     def due(self, k: int) -> tuple[int, float]:
         return self.priority, self.deadline + k * self.step
@@ -422,10 +423,12 @@ class ModelScheduler:
 
     def submit(self, features: Tensor, frame_ids: list[int], quality: int | None, visual: Tensor | None = None,
                priority: Priority = Priority.BATCH, deadline: float | None = None, step: float = timebase.FRAME_S,
-               on_frames: Callable[[int, int, list[bytes]], None] | None = None) -> asyncio.Future:
+               on_frames: Callable[[int, int, list[bytes]], None] | None = None, square: bool = False
+               ) -> asyncio.Future:
         """Queue frames; the future resolves to (list of JPEG bytes, timings dict). Frame k is due at
         `deadline + k*step` (default: now + k × 40 ms); `on_frames(lo, hi, jpegs)` sees each slice as soon as it
-        is encoded. Cancelling the future drops the frames not yet in a batch."""
+        is encoded; `square`: JPEGs of each frame's crop rectangle only (SQUARE output). Cancelling the future
+        drops the frames not yet in a batch."""
         n = len(frame_ids)
         future = asyncio.get_running_loop().create_future()
         if n == 0:
@@ -433,7 +436,8 @@ class ModelScheduler:
                                     "batch_size": 0}))
             return future
         job = Job(features, frame_ids, quality, visual, future, results=[None] * n, priority=priority,
-                  deadline=time.perf_counter() if deadline is None else deadline, step=step, on_frames=on_frames)
+                  deadline=time.perf_counter() if deadline is None else deadline, step=step, on_frames=on_frames,
+                  square=square and quality is not None)
         with self._lock:
             # Live frames are bounded by admission control and each session's own limits, and refusing them would
             # break a conversation's video: the queue bound applies to the other classes.
@@ -450,8 +454,8 @@ class ModelScheduler:
         return future
 
     async def render(self, features: Tensor, frame_ids: list[int], quality: int | None,
-                     visual: Tensor | None = None, priority: Priority = Priority.BATCH, due: float | None = None
-                     ) -> tuple[list[Any], dict[str, float]]:
+                     visual: Tensor | None = None, priority: Priority = Priority.BATCH, due: float | None = None,
+                     square: bool = False) -> tuple[list[Any], dict[str, float]]:
         """JPEG bytes (or, with quality None, uint8 RGB frames [3,H,W] on the host) of any number of frames, as
         jobs of at most JOB_FRAMES (and half the queue bound), two in flight: a long request never exceeds the
         queue bound, and its virtual deadlines run on across its jobs. `due`: when the first frame is due
@@ -463,15 +467,20 @@ class ModelScheduler:
         jpegs: list[bytes] = []
         timings = {"queue": 0.0, "inference": 0.0, "composite": 0.0, "encode": 0.0, "batch_size": 0}
         starts = iter(range(0, n, step))
+
+        def submit(lo: int) -> asyncio.Future:
+            hi = lo + step
+            return self.submit(features[lo:hi], frame_ids[lo:hi], quality, None if visual is None else visual[lo:hi],
+                               priority, deadline=arrived + lo * timebase.FRAME_S, square=square)
         try:
             for lo in itertools.islice(starts, 2):
-                jobs.append(self._submit_slice(features, frame_ids, quality, visual, priority, arrived, lo, step))
+                jobs.append(submit(lo))
             first = True
             while jobs:
                 got, t = await jobs.popleft()
                 lo = next(starts, None)
                 if lo is not None:
-                    jobs.append(self._submit_slice(features, frame_ids, quality, visual, priority, arrived, lo, step))
+                    jobs.append(submit(lo))
                 jpegs.extend(got)
                 for stage in ("inference", "composite", "encode"):
                     timings[stage] += t.get(stage, 0.0)
@@ -482,12 +491,6 @@ class ModelScheduler:
             for job in jobs:
                 job.cancel()
         return jpegs, timings
-
-    def _submit_slice(self, features: Tensor, frame_ids: list[int], quality: int | None, visual: Tensor | None,
-                      priority: Priority, arrived: float, lo: int, step: int) -> asyncio.Future:
-        hi = lo + step
-        return self.submit(features[lo:hi], frame_ids[lo:hi], quality, None if visual is None else visual[lo:hi],
-                           priority, deadline=arrived + lo * timebase.FRAME_S)
 
     # -- the job heap (callers hold _lock, except the two that take it themselves)
     def _push(self, job: Job) -> None:
@@ -657,21 +660,38 @@ class ModelScheduler:
         if ready is not None:
             self.encode_stream.wait_event(ready)
             predictions.record_stream(self.encode_stream)  # the allocator must not reuse it before we are done
+        offset, groups = 0, {}
+        for s in batch:  # rows by (JPEG quality, SQUARE output)
+            groups.setdefault((s.job.quality, s.job.square), []).extend(range(offset, offset + s.hi - s.lo))
+            offset += s.hi - s.lo
+        whole = [row for (_, square), rows in groups.items() if not square for row in rows]
         with clock.stage("composite"):
-            frames = self.pipeline.compose(predictions, ids)
+            frames, squares = None, {}
+            if whole:
+                frames = self.pipeline.compose(*self._rows(predictions, ids, whole))
+            if len(whole) < len(ids):
+                picked = sorted(set(range(len(ids))) - set(whole))
+                squares = dict(zip(picked, self.pipeline.squares(*self._rows(predictions, ids, picked))))
         jpegs: list[Any] = [b""] * len(ids)
         with clock.stage("encode"):
-            offset, groups = 0, {}
-            for s in batch:
-                groups.setdefault(s.job.quality, []).extend(range(offset, offset + s.hi - s.lo))
-                offset += s.hi - s.lo
-            for quality, rows in groups.items():
-                chosen = frames if len(rows) == len(ids) else frames[rows]  # indexing copies whole frames
-                # quality None: the frames themselves (offline rendering to video or PNG), on the host
-                out = jpeg.encode_frames(chosen, quality) if quality is not None else chosen.cpu()
+            for (quality, square), rows in groups.items():
+                if square:
+                    out = jpeg.encode_images([squares[row] for row in rows], quality)
+                else:
+                    at = {row: k for k, row in enumerate(whole)}
+                    chosen = frames if len(rows) == len(whole) else frames[[at[row] for row in rows]]
+                    # quality None: the frames themselves (offline rendering to video or PNG), on the host
+                    out = jpeg.encode_frames(chosen, quality) if quality is not None else chosen.cpu()
                 for row, data in zip(rows, out):
                     jpegs[row] = data
         return jpegs, clock.result()
+
+    @staticmethod
+    def _rows(predictions: Tensor, ids: list[int], rows: list[int]) -> tuple[Tensor, list[int]]:
+        """Predictions and frame ids of some rows of a batch (all of them without a copy)."""
+        if len(rows) == len(ids):
+            return predictions, ids
+        return predictions[rows], [ids[row] for row in rows]
 
     def _deliver(self, batch: list[BatchSlice], batch_size: int, started: float,
                  result: tuple[list[bytes], dict[str, float]] | None, error: BaseException | None) -> None:

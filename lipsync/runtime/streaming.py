@@ -34,8 +34,8 @@ class StreamChunk:
 
 class StreamSession:
     def __init__(self, scheduler: ModelScheduler, fmt: AudioFormat, start_frame: int, quality: int, lookahead: int,
-                 buffer_frames: int, max_audio_s: float):
-        self.scheduler, self.fmt, self.start, self.quality = scheduler, fmt, start_frame, quality
+                 buffer_frames: int, max_audio_s: float, square: bool = False):
+        self.scheduler, self.fmt, self.start, self.quality, self.square = scheduler, fmt, start_frame, quality, square
         self.buffer_frames, self.max_audio_s = buffer_frames, max_audio_s
         self.avatar = scheduler.pipeline.avatar
         self.features = FeatureStream(None, scheduler.pipeline.device, lookahead)
@@ -89,7 +89,8 @@ class StreamSession:
                         await self._wait_for_room()
                         ids = self.avatar.frames_for(self.start, first, feats.shape[0])
                         self._buffered += len(ids)
-                        job = self.scheduler.submit(feats, ids, self.quality, priority=Priority.STREAM)
+                        job = self.scheduler.submit(feats, ids, self.quality, priority=Priority.STREAM,
+                                                    square=self.square)
                         pending.put_nowait((job, ids, first, (time.perf_counter() - t0) * 1e3, t0))
                     if ended:
                         pending.put_nowait(None)

@@ -16,6 +16,7 @@ integrations: `lipsync_client.pipecat` and `lipsync_client.livekit` (extras `[pi
 from lipsync_client._proto import lipsync_pb2 as pb
 from lipsync_client._proto.lipsync_pb2_grpc import LipSyncStub
 from lipsync_client.audio import AudioFormat, AudioFormatError, MonoResampler, format_message, parse_wav, read_wav
+from lipsync_client.avatar import Avatar, Compositor, get_avatar
 from lipsync_client.connection import (
     Credentials,
     channel,
@@ -46,5 +47,5 @@ __all__ = [
     "Credentials", "channel", "explain", "is_local_target", "open_stream", "routing", "worker_lost", "worker_of",
     "ACCEPTED_HEADER", "MODEL_HEADER", "WORKER_HEADER", "decode_rgb", "ConverseResult", "Say", "SessionResult",
     "converse", "percentile", "stream", "summarize", "synthesize", "FPS", "FRAME_MS", "SAMPLE_RATE",
-    "SAMPLES_PER_FRAME", "__version__",
+    "SAMPLES_PER_FRAME", "Avatar", "Compositor", "get_avatar", "__version__",
 ]

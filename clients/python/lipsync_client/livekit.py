@@ -21,6 +21,7 @@ except ModuleNotFoundError as missing:  # the extra is not installed: say which
 
 from lipsync_client._proto import lipsync_pb2 as pb
 from lipsync_client._proto import lipsync_pb2_grpc as pb_grpc
+from lipsync_client.avatar import OUTPUTS, Compositor, get_avatar
 from lipsync_client.connection import Credentials, channel, open_stream, routing
 from lipsync_client.jpeg import decode_rgb
 
@@ -29,7 +30,13 @@ class LipsyncVideoGenerator(VideoGenerator):
     """One live session on a lipsync server for one avatar participant. `start()` opens it; `aclose()` ends it."""
 
     def __init__(self, server: str, model: str, *, sample_rate: int = 24000, channels: int = 1,
-                 credentials: Credentials | None = None, jpeg_quality: int = 0, start_frame: int = 0):
+                 credentials: Credentials | None = None, jpeg_quality: int = 0, start_frame: int = 0,
+                 output: str = "full"):
+        """`output`: "full" (whole JPEG frames) or "square" (the server sends each speech frame's generated square
+        only, about a tenth of the bytes; this generator pastes it onto the avatar's frames, fetched once)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output {output!r}: use one of {', '.join(OUTPUTS)}")
+        self.output, self._compositor = output, None
         self.server, self.model, self.sample_rate, self.channels = server, model, sample_rate, channels
         self.credentials, self.jpeg_quality, self.start_frame = credentials, jpeg_quality, start_frame
         self.session: pb.SessionInfo | None = None
@@ -44,16 +51,18 @@ class LipsyncVideoGenerator(VideoGenerator):
         """Open the live session; returns its SessionInfo (fps, frame interval, avatar frames, device)."""
         self._channel = channel(self.server, credentials=self.credentials)
         config = pb.ConverseConfig(model_id=self.model, start_frame=self.start_frame, jpeg_quality=self.jpeg_quality,
-                                   output_sample_rate=self.sample_rate,
+                                   output_sample_rate=self.sample_rate, output=OUTPUTS[self.output],
                                    format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=self.sample_rate,
                                                          channels=self.channels))
+        stub = pb_grpc.LipSyncStub(self._channel)
+        if self.output == "square":
+            self._compositor = Compositor(await get_avatar(stub, self.model, self.jpeg_quality))
         self._requests.put_nowait(pb.ConverseRequest(config=config))
-        self._call = open_stream(pb_grpc.LipSyncStub(self._channel).Converse, self._messages(),
-                                 metadata=routing(self.model))
+        self._call = open_stream(stub.Converse, self._messages(), metadata=routing(self.model))
         self._responses = self._call.__aiter__()
         self.session = (await self._responses.__anext__()).session
         self._first = await self._responses.__anext__()  # frame 0: its size is the video's (AvatarOptions)
-        self.height, self.width = decode_rgb(self._first.frame.jpeg).shape[:2]
+        self.height, self.width = self._rgb(self._first.frame).shape[:2]
         return self.session
 
     async def _messages(self) -> AsyncIterator[pb.ConverseRequest]:
@@ -96,7 +105,7 @@ class LipsyncVideoGenerator(VideoGenerator):
     async def _frames(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
         async for response in self._responses_from_start():
             live = response.frame
-            rgb = decode_rgb(live.jpeg)
+            rgb = self._rgb(live)
             yield rtc.VideoFrame(rgb.shape[1], rgb.shape[0], rtc.VideoBufferType.RGB24, rgb.tobytes())
             if live.utterance_id and live.audio:  # an utterance's audio (idle frames carry silence: not sent)
                 yield rtc.AudioFrame(live.audio, self.session.output_sample_rate, 1, len(live.audio) // 2)
@@ -105,6 +114,9 @@ class LipsyncVideoGenerator(VideoGenerator):
                 if finished is not None and not finished.interrupted and \
                         finished.utterance_id not in self._interrupted:
                     yield AudioSegmentEnd()
+
+    def _rgb(self, live: pb.LiveFrame):
+        return self._compositor.rgb(live) if self._compositor is not None else decode_rgb(live.jpeg)
 
     async def aclose(self) -> None:
         """End the session (the server closes it when the request stream ends)."""

@@ -35,6 +35,7 @@ except ModuleNotFoundError as missing:  # the extra is not installed: say which
 from lipsync_client._proto import lipsync_pb2 as pb
 from lipsync_client._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync_client.audio import MonoResampler
+from lipsync_client.avatar import OUTPUTS, Compositor, get_avatar
 from lipsync_client.connection import Credentials, channel, open_stream, routing
 from lipsync_client.jpeg import decode_rgb
 
@@ -43,11 +44,16 @@ class LipsyncVideoService(AIService):
     """The avatar of `model` on the lipsync server at `server`, driven by the TTS audio that reaches it."""
 
     def __init__(self, *, server: str, model: str, credentials: Credentials | None = None, sample_rate: int = 0,
-                 jpeg_quality: int = 0, start_frame: int = 0, end_timeout_s: float = 30.0, **kwargs):
+                 jpeg_quality: int = 0, start_frame: int = 0, end_timeout_s: float = 30.0, output: str = "full",
+                 **kwargs):
         """`sample_rate`: of the session's audio, in and out (0: the pipeline's audio output rate); TTS audio at
         another rate is resampled to it. On `EndFrame` the utterances already sent play to their end (at most
-        `end_timeout_s`) before the session closes."""
+        `end_timeout_s`) before the session closes. `output`: "full" (whole JPEG frames) or "square" (the server
+        sends each speech frame's generated square only; pasted here onto the avatar's frames, fetched once)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output {output!r}: use one of {', '.join(OUTPUTS)}")
         super().__init__(settings=ServiceSettings(model=None), **kwargs)
+        self.output, self._compositor = output, None
         self.server, self.model, self.credentials = server, model, credentials
         self.sample_rate, self.jpeg_quality, self.start_frame = sample_rate, jpeg_quality, start_frame
         self.end_timeout_s = end_timeout_s
@@ -68,13 +74,15 @@ class LipsyncVideoService(AIService):
         self.sample_rate = self.sample_rate or setup.audio_out_sample_rate
         self._channel = channel(self.server, credentials=self.credentials)
         config = pb.ConverseConfig(model_id=self.model, start_frame=self.start_frame, jpeg_quality=self.jpeg_quality,
-                                   output_sample_rate=self.sample_rate,
+                                   output_sample_rate=self.sample_rate, output=OUTPUTS[self.output],
                                    format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=self.sample_rate,
                                                          channels=1))
-        self._requests.put_nowait(pb.ConverseRequest(config=config))
-        self._call = open_stream(pb_grpc.LipSyncStub(self._channel).Converse, self._messages(),
-                                 metadata=routing(self.model))
+        stub = pb_grpc.LipSyncStub(self._channel)
         try:
+            if self.output == "square":
+                self._compositor = Compositor(await get_avatar(stub, self.model, self.jpeg_quality))
+            self._requests.put_nowait(pb.ConverseRequest(config=config))
+            self._call = open_stream(stub.Converse, self._messages(), metadata=routing(self.model))
             first = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             await self.push_error(error_msg=f"lipsync session for {self.model!r} refused: {exc.code().name}: "
@@ -167,7 +175,7 @@ class LipsyncVideoService(AIService):
         try:
             while (response := await self._call.read()) is not grpc.aio.EOF:
                 live = response.frame
-                rgb = decode_rgb(live.jpeg)
+                rgb = self._compositor.rgb(live) if self._compositor is not None else decode_rgb(live.jpeg)
                 image = OutputImageRawFrame(image=rgb.tobytes(),
                                             size=(rgb.shape[1], rgb.shape[0]), format="RGB")
                 image.pts = int(live.pts_ms * 1e6)

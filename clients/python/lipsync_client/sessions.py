@@ -32,8 +32,9 @@ def _add(stage_ms: dict[str, float], timings: pb.StageTimings) -> None:
 
 async def synthesize(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: AudioFormat,
                      batch_frames: int = 0, start_frame: int = 0, quality: int = 0,
-                     timeout: float | None = None) -> SessionResult:
-    """Whole audio in one Synthesize, or chunks of `batch_frames` frames, each its own request."""
+                     timeout: float | None = None, output: int = pb.FULL_FRAME) -> SessionResult:
+    """Whole audio in one Synthesize, or chunks of `batch_frames` frames, each its own request. `output`:
+    pb.FULL_FRAME or pb.SQUARE (only each frame's generated square; `Compositor` pastes it back)."""
     result, t0 = SessionResult(), time.perf_counter()
     step = batch_frames * SAMPLES_PER_FRAME * fmt.sample_rate // SAMPLE_RATE * fmt.frame_bytes \
         if batch_frames else len(pcm)
@@ -43,13 +44,14 @@ async def synthesize(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: Aud
         sent = time.perf_counter()
         call = stub.Synthesize(pb.SynthesizeRequest(
             model_id=model, audio=pcm[lo:lo + step], format=audio_format, start_frame=start_frame + offset,
-            jpeg_quality=quality), timeout=timeout, metadata=routing(model))
+            jpeg_quality=quality, output=output), timeout=timeout, metadata=routing(model))
         response = await call
         result.workers.add(await worker_of(call))
         result.latencies_ms.append((time.perf_counter() - sent) * 1e3)
         for f in response.frames:
             result.frames.append(pb.Frame(index=offset + f.index, avatar_frame=f.avatar_frame, jpeg=f.jpeg,
-                                          pts_ms=(offset + f.index) * FRAME_MS))
+                                          pts_ms=(offset + f.index) * FRAME_MS,
+                                          square=f.square if f.HasField("square") else None))
         offset += len(response.frames)
         _add(result.stage_ms, response.timings)
         result.model_load_ms += response.model_load_ms
@@ -59,9 +61,10 @@ async def synthesize(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: Aud
 
 async def stream(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: AudioFormat, chunk_ms: float = 40,
                  realtime: bool = False, start_frame: int = 0, quality: int = 0, timeout: float | None = None,
-                 send_end: bool = True, progress: Callable[[int], None] | None = None) -> SessionResult:
+                 send_end: bool = True, progress: Callable[[int], None] | None = None,
+                 output: int = pb.FULL_FRAME) -> SessionResult:
     """Stream the audio in `chunk_ms` chunks (paced in real time if asked); frame latency is measured from
-    the moment the audio a frame needs (its 450 ms look-ahead) was sent."""
+    the moment the audio a frame needs (its 450 ms look-ahead) was sent. `output`: as for `synthesize`."""
     result, t0 = SessionResult(), time.perf_counter()
     chunk = max(fmt.frame_bytes, int(fmt.sample_rate * chunk_ms / 1000) * fmt.frame_bytes)
     sent_at: list[tuple[int, float]] = []  # (16 kHz samples sent so far, time)
@@ -69,7 +72,7 @@ async def stream(stub: pb_grpc.LipSyncStub, model: str, pcm: bytes, fmt: AudioFo
 
     async def requests():
         yield pb.StreamRequest(config=pb.StreamConfig(
-            model_id=model, start_frame=start_frame, jpeg_quality=quality,
+            model_id=model, start_frame=start_frame, jpeg_quality=quality, output=output,
             format=format_message(fmt)))
         started = time.perf_counter()
         for lo in range(0, len(pcm), chunk):
@@ -158,12 +161,13 @@ async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say],
                    start_frame: int = 0, quality: int = 0, output_rate: int = 0, realtime: bool = False,
                    chunk_ms: float = 40.0, timeout: float | None = None, metadata=None,
                    progress: Callable[[int], None] | None = None, keep_images: bool = True,
-                   until_played: bool = False) -> ConverseResult:
+                   until_played: bool = False, output: int = pb.FULL_FRAME) -> ConverseResult:
     """Run one live session for `duration_s` media seconds, sending each utterance at its time (all at once, as
     a TTS faster than real time would, or paced in real time), and collect every frame and event (without their
     JPEG and audio bytes if not `keep_images`: a load test of many sessions keeps only what it measures).
     `until_played`: close as soon as every utterance has finished, `duration_s` being the longest to wait (the
-    server plans an utterance's start from its measured speed, so a slow or busy device starts it later)."""
+    server plans an utterance's start from its measured speed, so a slow or busy device starts it later).
+    `output`: pb.FULL_FRAME or pb.SQUARE (speech frames carry their square only, idle frames no JPEG)."""
     if not utterances:
         fmt = AudioFormat("s16le", SAMPLE_RATE, 1)
     else:
@@ -197,7 +201,7 @@ async def converse(stub: pb_grpc.LipSyncStub, model: str, utterances: list[Say],
     async def requests():
         yield pb.ConverseRequest(config=pb.ConverseConfig(
             model_id=model, start_frame=start_frame, jpeg_quality=quality, output_sample_rate=output_rate,
-            format=format_message(fmt)))
+            format=format_message(fmt), output=output))
         await ready.wait()
         origin = time.perf_counter()
         for t, message in plan() + [(duration_s, None)]:
@@ -255,6 +259,7 @@ def summarize(results: list[SessionResult], wall_s: float) -> dict:
             stages[k] = stages.get(k, 0.0) + v
     return {"sessions": len(results), "frames": frames, "wall_s": round(wall_s, 3),
             "fps": round(frames / wall_s, 2) if wall_s else 0.0,
+            "jpeg_bytes_per_frame": round(sum(len(f.jpeg) for r in results for f in r.frames) / max(frames, 1)),
             "latency_ms": {"p50": round(percentile(latencies, 50), 1), "p95": round(percentile(latencies, 95), 1),
                            "p99": round(percentile(latencies, 99), 1),
                            "mean": round(statistics.fmean(latencies), 1) if latencies else 0.0},

@@ -35,6 +35,25 @@ def test_synthesize_and_stream(target, model, speech):
     assert first.dtype == np.uint8 and first.shape[2] == 3 and first.flags["C_CONTIGUOUS"]
 
 
+def test_square_output_composited_without_torch(target, model, speech):
+    """SQUARE output with the package alone: the avatar fetched once, each square pasted back (numpy and
+    simplejpeg) into the full frame's picture, within JPEG's error of the full-frame output."""
+    pcm, fmt = speech
+    half = pcm[:fmt.sample_rate * fmt.frame_bytes // 2]
+
+    async def main():
+        async with ls.channel(target) as ch:
+            stub = ls.LipSyncStub(ch)
+            return (await ls.get_avatar(stub, model), await ls.synthesize(stub, model, half, fmt),
+                    await ls.synthesize(stub, model, half, fmt, output=ls.pb.SQUARE))
+    avatar, full, square = asyncio.run(main())
+    compositor = ls.Compositor(avatar)
+    for f, g in zip(full.frames, square.frames):
+        whole, pasted = ls.decode_rgb(f.jpeg).astype(float), compositor.rgb(g).astype(float)
+        assert pasted.shape == whole.shape and g.HasField("square") and len(g.jpeg) < len(f.jpeg)
+        assert 10 * np.log10(255**2 / max(((whole - pasted) ** 2).mean(), 1e-9)) >= 40
+
+
 def test_live_session_speaks_then_is_interrupted(target, model, speech):
     pcm, fmt = speech
     short = pcm[:fmt.sample_rate * fmt.frame_bytes // 2]  # 0.5 s

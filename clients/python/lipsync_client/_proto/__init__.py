@@ -1,2 +1,2 @@
 """Generated from protos/ by lipsync.protos; do not edit."""
-PROTO_DIGEST = "0adc48f9d32f7ec4686ca5f39df92816f018d01cd281620cc5d369de6d8cf053"
+PROTO_DIGEST = "72524670a0ee9092e5167000d528446584a96c050b44a1de841045ef18d3cdf7"

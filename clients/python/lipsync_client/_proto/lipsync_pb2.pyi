@@ -14,6 +14,11 @@ class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PCM_F32LE: _ClassVar[AudioEncoding]
     WAV: _ClassVar[AudioEncoding]
 
+class FrameOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FULL_FRAME: _ClassVar[FrameOutput]
+    SQUARE: _ClassVar[FrameOutput]
+
 class FrameKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FRAME_KIND_UNSPECIFIED: _ClassVar[FrameKind]
@@ -24,6 +29,8 @@ AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
 PCM_S16LE: AudioEncoding
 PCM_F32LE: AudioEncoding
 WAV: AudioEncoding
+FULL_FRAME: FrameOutput
+SQUARE: FrameOutput
 FRAME_KIND_UNSPECIFIED: FrameKind
 IDLE: FrameKind
 SPEECH: FrameKind
@@ -39,17 +46,31 @@ class AudioFormat(_message.Message):
     channels: int
     def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
+class Rect(_message.Message):
+    __slots__ = ("x", "y", "width", "height")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    x: int
+    y: int
+    width: int
+    height: int
+    def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
 class Frame(_message.Message):
-    __slots__ = ("index", "avatar_frame", "jpeg", "pts_ms")
+    __slots__ = ("index", "avatar_frame", "jpeg", "pts_ms", "square")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     AVATAR_FRAME_FIELD_NUMBER: _ClassVar[int]
     JPEG_FIELD_NUMBER: _ClassVar[int]
     PTS_MS_FIELD_NUMBER: _ClassVar[int]
+    SQUARE_FIELD_NUMBER: _ClassVar[int]
     index: int
     avatar_frame: int
     jpeg: bytes
     pts_ms: float
-    def __init__(self, index: _Optional[int] = ..., avatar_frame: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., pts_ms: _Optional[float] = ...) -> None: ...
+    square: Rect
+    def __init__(self, index: _Optional[int] = ..., avatar_frame: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., pts_ms: _Optional[float] = ..., square: _Optional[_Union[Rect, _Mapping]] = ...) -> None: ...
 
 class StageTimings(_message.Message):
     __slots__ = ("audio_ms", "queue_ms", "inference_ms", "composite_ms", "encode_ms", "total_ms", "batch_size")
@@ -70,18 +91,20 @@ class StageTimings(_message.Message):
     def __init__(self, audio_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., composite_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class SynthesizeRequest(_message.Message):
-    __slots__ = ("model_id", "audio", "format", "start_frame", "jpeg_quality")
+    __slots__ = ("model_id", "audio", "format", "start_frame", "jpeg_quality", "output")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     START_FRAME_FIELD_NUMBER: _ClassVar[int]
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     audio: bytes
     format: AudioFormat
     start_frame: int
     jpeg_quality: int
-    def __init__(self, model_id: _Optional[str] = ..., audio: _Optional[bytes] = ..., format: _Optional[_Union[AudioFormat, _Mapping]] = ..., start_frame: _Optional[int] = ..., jpeg_quality: _Optional[int] = ...) -> None: ...
+    output: FrameOutput
+    def __init__(self, model_id: _Optional[str] = ..., audio: _Optional[bytes] = ..., format: _Optional[_Union[AudioFormat, _Mapping]] = ..., start_frame: _Optional[int] = ..., jpeg_quality: _Optional[int] = ..., output: _Optional[_Union[FrameOutput, str]] = ...) -> None: ...
 
 class SynthesizeResponse(_message.Message):
     __slots__ = ("frames", "timings", "model_loaded", "model_load_ms", "model_id", "device")
@@ -100,18 +123,20 @@ class SynthesizeResponse(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., model_loaded: _Optional[bool] = ..., model_load_ms: _Optional[float] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("model_id", "format", "start_frame", "jpeg_quality", "lookahead_frames")
+    __slots__ = ("model_id", "format", "start_frame", "jpeg_quality", "lookahead_frames", "output")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     START_FRAME_FIELD_NUMBER: _ClassVar[int]
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     LOOKAHEAD_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     format: AudioFormat
     start_frame: int
     jpeg_quality: int
     lookahead_frames: int
-    def __init__(self, model_id: _Optional[str] = ..., format: _Optional[_Union[AudioFormat, _Mapping]] = ..., start_frame: _Optional[int] = ..., jpeg_quality: _Optional[int] = ..., lookahead_frames: _Optional[int] = ...) -> None: ...
+    output: FrameOutput
+    def __init__(self, model_id: _Optional[str] = ..., format: _Optional[_Union[AudioFormat, _Mapping]] = ..., start_frame: _Optional[int] = ..., jpeg_quality: _Optional[int] = ..., lookahead_frames: _Optional[int] = ..., output: _Optional[_Union[FrameOutput, str]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("config", "audio", "end_of_audio")
@@ -285,18 +310,20 @@ class HealthResponse(_message.Message):
     def __init__(self, healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., version: _Optional[str] = ..., active_streams: _Optional[int] = ..., queued_frames: _Optional[int] = ...) -> None: ...
 
 class ConverseConfig(_message.Message):
-    __slots__ = ("model_id", "format", "start_frame", "jpeg_quality", "output_sample_rate")
+    __slots__ = ("model_id", "format", "start_frame", "jpeg_quality", "output_sample_rate", "output")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     START_FRAME_FIELD_NUMBER: _ClassVar[int]
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     format: AudioFormat
     start_frame: int
     jpeg_quality: int
     output_sample_rate: int
-    def __init__(self, model_id: _Optional[str] = ..., format: _Optional[_Union[AudioFormat, _Mapping]] = ..., start_frame: _Optional[int] = ..., jpeg_quality: _Optional[int] = ..., output_sample_rate: _Optional[int] = ...) -> None: ...
+    output: FrameOutput
+    def __init__(self, model_id: _Optional[str] = ..., format: _Optional[_Union[AudioFormat, _Mapping]] = ..., start_frame: _Optional[int] = ..., jpeg_quality: _Optional[int] = ..., output_sample_rate: _Optional[int] = ..., output: _Optional[_Union[FrameOutput, str]] = ...) -> None: ...
 
 class UtteranceStart(_message.Message):
     __slots__ = ("utterance_id", "interrupt")
@@ -321,7 +348,7 @@ class ConverseRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[ConverseConfig, _Mapping]] = ..., start_utterance: _Optional[_Union[UtteranceStart, _Mapping]] = ..., audio: _Optional[bytes] = ..., end_utterance: _Optional[bool] = ..., interrupt: _Optional[bool] = ...) -> None: ...
 
 class LiveFrame(_message.Message):
-    __slots__ = ("index", "pts_ms", "avatar_position", "avatar_frame", "jpeg", "audio", "kind", "utterance_id", "utterance_frame")
+    __slots__ = ("index", "pts_ms", "avatar_position", "avatar_frame", "jpeg", "audio", "kind", "utterance_id", "utterance_frame", "square")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PTS_MS_FIELD_NUMBER: _ClassVar[int]
     AVATAR_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +358,7 @@ class LiveFrame(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_ID_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_FRAME_FIELD_NUMBER: _ClassVar[int]
+    SQUARE_FIELD_NUMBER: _ClassVar[int]
     index: int
     pts_ms: float
     avatar_position: int
@@ -340,7 +368,8 @@ class LiveFrame(_message.Message):
     kind: FrameKind
     utterance_id: str
     utterance_frame: int
-    def __init__(self, index: _Optional[int] = ..., pts_ms: _Optional[float] = ..., avatar_position: _Optional[int] = ..., avatar_frame: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., audio: _Optional[bytes] = ..., kind: _Optional[_Union[FrameKind, str]] = ..., utterance_id: _Optional[str] = ..., utterance_frame: _Optional[int] = ...) -> None: ...
+    square: Rect
+    def __init__(self, index: _Optional[int] = ..., pts_ms: _Optional[float] = ..., avatar_position: _Optional[int] = ..., avatar_frame: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., audio: _Optional[bytes] = ..., kind: _Optional[_Union[FrameKind, str]] = ..., utterance_id: _Optional[str] = ..., utterance_frame: _Optional[int] = ..., square: _Optional[_Union[Rect, _Mapping]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "fps", "frame_interval_ms", "output_sample_rate", "samples_per_frame", "avatar_frames", "device", "model_loaded", "model_load_ms")
@@ -423,3 +452,27 @@ class ConverseResponse(_message.Message):
     frame: LiveFrame
     events: _containers.RepeatedCompositeFieldContainer[ConverseEvent]
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., frame: _Optional[_Union[LiveFrame, _Mapping]] = ..., events: _Optional[_Iterable[_Union[ConverseEvent, _Mapping]]] = ...) -> None: ...
+
+class GetAvatarRequest(_message.Message):
+    __slots__ = ("model_id", "jpeg_quality")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    jpeg_quality: int
+    def __init__(self, model_id: _Optional[str] = ..., jpeg_quality: _Optional[int] = ...) -> None: ...
+
+class AvatarFrame(_message.Message):
+    __slots__ = ("index", "frame_count", "jpeg", "square", "width", "height")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FRAME_COUNT_FIELD_NUMBER: _ClassVar[int]
+    JPEG_FIELD_NUMBER: _ClassVar[int]
+    SQUARE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    frame_count: int
+    jpeg: bytes
+    square: Rect
+    width: int
+    height: int
+    def __init__(self, index: _Optional[int] = ..., frame_count: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., square: _Optional[_Union[Rect, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,11 @@ class LipSyncStub:
                 request_serializer=lipsync_dot_v1_dot_lipsync__pb2.HealthRequest.SerializeToString,
                 response_deserializer=lipsync_dot_v1_dot_lipsync__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.GetAvatar = channel.unary_stream(
+                '/lipsync.v1.LipSync/GetAvatar',
+                request_serializer=lipsync_dot_v1_dot_lipsync__pb2.GetAvatarRequest.SerializeToString,
+                response_deserializer=lipsync_dot_v1_dot_lipsync__pb2.AvatarFrame.FromString,
+                _registered_method=True)
 
 
 class LipSyncServicer:
@@ -139,6 +144,14 @@ class LipSyncServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAvatar(self, request, context):
+        """The avatar's own frames (JPEG) and crop rectangles, one message per frame: what a client that asks for SQUARE
+        output pastes the generated squares onto. Fetched once per model (and JPEG quality).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LipSyncServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +194,11 @@ def add_LipSyncServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=lipsync_dot_v1_dot_lipsync__pb2.HealthRequest.FromString,
                     response_serializer=lipsync_dot_v1_dot_lipsync__pb2.HealthResponse.SerializeToString,
+            ),
+            'GetAvatar': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetAvatar,
+                    request_deserializer=lipsync_dot_v1_dot_lipsync__pb2.GetAvatarRequest.FromString,
+                    response_serializer=lipsync_dot_v1_dot_lipsync__pb2.AvatarFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +417,33 @@ class LipSync:
             '/lipsync.v1.LipSync/Health',
             lipsync_dot_v1_dot_lipsync__pb2.HealthRequest.SerializeToString,
             lipsync_dot_v1_dot_lipsync__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAvatar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lipsync.v1.LipSync/GetAvatar',
+            lipsync_dot_v1_dot_lipsync__pb2.GetAvatarRequest.SerializeToString,
+            lipsync_dot_v1_dot_lipsync__pb2.AvatarFrame.FromString,
             options,
             channel_credentials,
             insecure,
