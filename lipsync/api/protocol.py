@@ -94,19 +94,8 @@ def server_streaming(method: Callable[..., AsyncIterator]):
 
     @functools.wraps(method)
     async def call(self, request, context: grpc.aio.ServicerContext):
-        status = "OK"
-        try:
-            async for response in method(self, request, context):
-                yield response
-        except asyncio.CancelledError:
-            status = "CANCELLED"
-            raise
-        except Exception as exc:
-            code, message = _failed(rpc, exc)
-            status = code.name
-            await context.abort(code, message)
-        finally:
-            metrics.REQUESTS.labels(rpc, status).inc()
+        async for response in _mapped(rpc, method(self, request, context), context):
+            yield response
     return call
 
 
@@ -153,7 +142,8 @@ async def first_config(requests: AsyncIterator, rpc: str, timeout_s: float):
     return first.config
 
 
-async def _mapped(rpc: str, body: AsyncIterator, context: grpc.aio.ServicerContext, call: OpenCall) -> AsyncIterator:
+async def _mapped(rpc: str, body: AsyncIterator, context: grpc.aio.ServicerContext,
+                  call: OpenCall | None = None) -> AsyncIterator:
     """A streaming RPC's responses, with `unary`'s status mapping and counting; a call the server ended
     (`OpenCall.end`) gets the status of its reason."""
     status = "OK"
@@ -162,7 +152,7 @@ async def _mapped(rpc: str, body: AsyncIterator, context: grpc.aio.ServicerConte
             async for response in body:
                 yield response
         except asyncio.CancelledError:
-            if call.ended_by is None:
+            if call is None or call.ended_by is None:
                 raise
             raise call.ended_by from None
     except asyncio.CancelledError:
