@@ -28,7 +28,6 @@ from lipsync_client import (
     get_avatar,
     is_local_target,
     open_stream,
-    pb,
     percentile,
     routing,
     stream,
@@ -37,6 +36,7 @@ from lipsync_client import (
     worker_lost,
     worker_of,
 )
+from lipsync_client.avatar import OUTPUTS
 
 from lipsync import timebase
 from lipsync.apps.options import add_connection_options, command_parser
@@ -107,9 +107,6 @@ def save_frames(jpegs: list[tuple[int, bytes]], frames_out: str) -> None:
     for index, data in jpegs:
         (folder / f"{index:06d}.jpg").write_bytes(data)
     print(f"frames: {folder}")
-
-
-OUTPUTS = {"full": pb.FULL_FRAME, "square": pb.SQUARE}
 
 
 async def _compositor(stub: LipSyncStub, args: argparse.Namespace) -> Compositor | None:

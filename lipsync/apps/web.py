@@ -35,7 +35,7 @@ from aiortc.mediastreams import MediaStreamError
 from lipsync import timebase
 from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-from lipsync.apps.client import Credentials, channel, open_stream, routing
+from lipsync.apps.client import OUTPUTS, Compositor, Credentials, channel, get_avatar, open_stream, routing
 from lipsync.codec import audio
 from lipsync.codec.jpeg import decode_rgb
 from lipsync.config import ConfigError, Section, limit, section, setting
@@ -60,6 +60,9 @@ class WebConfig(Section):
     keyfile: str = setting("", "the HTTPS certificate's private key")
     sample_rate: int = setting(48000, "session audio in and out (WebRTC's Opus runs at 48 kHz)")
     jpeg_quality: int = limit(0, low=0, high=100, help="0: the server's default")
+    output: str = limit("square", choices=tuple(OUTPUTS), help="frames the server sends this bridge: square (each "
+                        "speech frame's generated square, pasted here onto the avatar's frames, fetched once per "
+                        "session; about a third of the server's JPEG work) or full (whole JPEG frames)")
     video_backlog: int = limit(3, low=1, help="frames waiting for this bridge's video encoder before the oldest is "
                                               "dropped")
     audio_backlog: int = limit(25, low=1, help="40 ms audio frames waiting for the Opus encoder before the oldest is "
@@ -188,9 +191,11 @@ class SpeechGate:
 
 
 # --------------------------------------------------------------------------- session frames → WebRTC tracks
-def jpeg_to_video_frame(jpeg: bytes, index: int) -> av.VideoFrame:
-    frame = av.VideoFrame.from_ndarray(decode_rgb(jpeg).numpy(), format="rgb24")
-    frame.pts, frame.time_base = index * VIDEO_CLOCK // timebase.FPS, fractions.Fraction(1, VIDEO_CLOCK)
+def to_video_frame(live: pb.LiveFrame, compositor: Compositor | None) -> av.VideoFrame:
+    """A session frame as a video frame: a full frame's JPEG decoded, or (SQUARE output) its square pasted."""
+    rgb = compositor.rgb(live) if compositor is not None else decode_rgb(live.jpeg).numpy()
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+    frame.pts, frame.time_base = live.index * VIDEO_CLOCK // timebase.FPS, fractions.Fraction(1, VIDEO_CLOCK)
     return frame
 
 
@@ -222,19 +227,20 @@ class QueuedTrack(MediaStreamTrack):
 
 
 class SessionVideoTrack(QueuedTrack):
-    """The session's frames, (index, JPEG) items, as a video track: the encoder takes them as they arrive (the server
-    paces them)."""
+    """The session's frames (LiveFrame items) as a video track: the encoder takes them as they arrive (the server
+    paces them). SQUARE output: `compositor` pastes each square onto its avatar frame."""
     kind = "video"
 
     def __init__(self, backlog: int):
         super().__init__(backlog)
         self.sent = 0
         self.decode_ms = 0.0  # JPEG → frame, mean
+        self.compositor: Compositor | None = None
 
     async def recv(self) -> av.VideoFrame:
-        index, jpeg = await self.next_item()
+        live = await self.next_item()
         started = time.perf_counter()
-        frame = await asyncio.to_thread(jpeg_to_video_frame, jpeg, index)
+        frame = await asyncio.to_thread(to_video_frame, live, self.compositor)
         self.sent += 1
         self.decode_ms += ((time.perf_counter() - started) * 1e3 - self.decode_ms) / min(self.sent, 100)
         return frame
@@ -293,9 +299,13 @@ class BrowserSession:
         rate = self.config.sample_rate
         self.requests.put_nowait(pb.ConverseRequest(config=pb.ConverseConfig(
             model_id=self.model, jpeg_quality=self.config.jpeg_quality, output_sample_rate=rate,
-            format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=rate, channels=1))))
-        self.call = open_stream(self.stub.Converse, self._messages(), metadata=routing(self.model))
+            format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=rate, channels=1),
+            output=OUTPUTS[self.config.output])))
         try:
+            if self.config.output == "square":
+                self.video.compositor = Compositor(await get_avatar(self.stub, self.model, self.config.jpeg_quality),
+                                                   keep=8)
+            self.call = open_stream(self.stub.Converse, self._messages(), metadata=routing(self.model))
             first = await self.call.read()
         except grpc.aio.AioRpcError as exc:
             raise WebError(HTTP_STATUS.get(exc.code(), 502), f"{exc.code().name}: {exc.details()}") from None
@@ -338,7 +348,7 @@ class BrowserSession:
                 scheduled = now - frame.index * interval  # the session's start, as this frame's arrival implies
                 self.first_arrival = scheduled if self.first_arrival is None else min(self.first_arrival, scheduled)
                 self.lag_ms = (now - self.first_arrival - frame.index * interval) * 1e3
-                self.video.put((frame.index, frame.jpeg))
+                self.video.put(frame)
                 self.audio.put(frame.audio)
                 kind = pb.FrameKind.Name(frame.kind).lower()
                 self.counts[kind] += 1
