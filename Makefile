@@ -73,7 +73,7 @@ bench: setup
 
 ## gpu-check: on a CUDA machine, the CUDA tests + every benchmark → benchmarks/results/*-cuda-<gpu>.json
 ##   (NO_SETUP=1 PY=python3 uses an existing environment instead of .venv; STEPS=tests,engines picks steps)
-STEPS ?= tests,engines,pipeline,server,live
+STEPS ?= tests,engines,pipeline,server,server-square,live
 gpu-check: $(if $(NO_SETUP),,setup)
 	$(PY) benchmarks/gpu_check.py --steps $(STEPS)
 

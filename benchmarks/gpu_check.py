@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-STEPS = ("tests", "engines", "pipeline", "server", "live")
+STEPS = ("tests", "engines", "pipeline", "server", "server-square", "live")
 
 
 def slug(name: str) -> str:
@@ -97,7 +97,7 @@ def targets(results: Path, tag: str) -> dict:
     def read(name: str) -> dict | None:
         path = results / f"{name}-cuda-{tag}.json"
         return json.loads(path.read_text()) if path.is_file() else None
-    pipeline, server, live = read("pipeline"), read("server"), read("live")
+    pipeline, server, live, square = read("pipeline"), read("server"), read("live"), read("server-square")
     best_pipeline = max((r["fps"] for r in pipeline["results"]), default=None) if pipeline else None
     flat = [r for r in server["results"] if not r["paced"]] if server else []
     best_server = max((r["fps"] for r in flat), default=None)
@@ -109,7 +109,12 @@ def targets(results: Path, tag: str) -> dict:
             "server_vs_pipeline_target": 0.9,
             "server_fps": best_server, "server_fps_target": 2000,
             "live_sessions_real_time": live["max_real_time_sessions"] if live else None, "live_sessions_target": 80,
-            "event_loop_cpu_ms_per_frame": min((x for x in loop_ms if x is not None), default=None)}
+            "event_loop_cpu_ms_per_frame": min((x for x in loop_ms if x is not None), default=None),
+            # SQUARE output (each frame's generated square only): frames/s and JPEG bytes per frame, flat out
+            "square_server_fps": max((r["fps"] for r in square["results"]), default=None) if square else None,
+            "square_jpeg_bytes_per_frame": square["results"][-1].get("jpeg_bytes_per_frame")
+            if square and square["results"] else None,
+            "full_jpeg_bytes_per_frame": flat[-1].get("jpeg_bytes_per_frame") if flat else None}
 
 
 def main() -> int:
@@ -142,6 +147,10 @@ def main() -> int:
                      "--out", str(results / f"pipeline-cuda-{tag}.json")],
         "server": [py, str(BENCH / "bench_server.py"), "--device", "cuda", "--streams", args.streams,
                    "--out", str(results / f"server-cuda-{tag}.json")],
+        # the same server with SQUARE output, flat out only: frames/s per GPU and bytes per frame the other way
+        "server-square": [py, str(BENCH / "bench_server.py"), "--device", "cuda", "--streams", "16,48",
+                          "--seconds", "4", "--modes", "flat", "--output", "square", "--no-reference",
+                          "--out", str(results / f"server-square-cuda-{tag}.json")],
         # three compiled batch shapes instead of seven: the server loads in a minute, not four
         "live": [py, str(BENCH / "bench_live.py"), "--device", "cuda", "--sessions", args.sessions, "--seconds", "20",
                  "--out", str(results / f"live-cuda-{tag}.json"), "engine.batch_buckets=[8,16,32]"],

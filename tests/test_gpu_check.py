@@ -33,4 +33,14 @@ def test_targets_without_results_are_none(tmp_path):
     got = gpu_check.targets(tmp_path, "h200")
     assert {k: v for k, v in got.items() if not k.endswith("_target")} == {
         "server_vs_pipeline": None, "server_vs_pipeline_at_its_batch": None, "server_fps": None,
-        "live_sessions_real_time": None, "event_loop_cpu_ms_per_frame": None}
+        "live_sessions_real_time": None, "event_loop_cpu_ms_per_frame": None, "square_server_fps": None,
+        "square_jpeg_bytes_per_frame": None, "full_jpeg_bytes_per_frame": None}
+
+
+def test_targets_put_square_output_beside_full_frames(tmp_path):
+    _write(tmp_path, "server", {"results": [{"paced": False, "fps": 900.0, "jpeg_bytes_per_frame": 21000}]})
+    _write(tmp_path, "server-square", {"results": [{"paced": False, "fps": 1100.0, "jpeg_bytes_per_frame": 1900},
+                                                   {"paced": False, "fps": 1400.0, "jpeg_bytes_per_frame": 1850}]})
+    got = gpu_check.targets(tmp_path, "h200")
+    assert (got["square_server_fps"], got["square_jpeg_bytes_per_frame"], got["full_jpeg_bytes_per_frame"]) == \
+        (1400.0, 1850, 21000)
