@@ -293,12 +293,14 @@ def test_browser_page_plays_speaks_and_interrupts(bridge, tiny_avatar, speech, t
         # that can take more than half a second: wait (at most 5 s) until the page shows an idle mouth, then it
         # must stay idle
         deadline = time.monotonic() + 5.0
-        while distance(mouths(1)[0], idle) >= 12 and time.monotonic() < deadline:
+        while distance(mouths(1)[0], idle) >= 16 and time.monotonic() < deadline:
             pass
         after = mouths(5)
-        # back to the avatar's own frames: the typical snapshot as idle as the idle ones (the same median rule as
-        # above: VP8 may lower a snapshot's quality), and none of them anywhere near a speaking mouth (> 25)
-        assert np.median([distance(m, idle) for m in after]) < 12 and max(distance(m, idle) for m in after) < 20
+        # back to the avatar's own frames: the typical snapshot near the idle ones, none anywhere near a speaking
+        # mouth (> 25). VP8 may encode these at another quality than the references of the session's first seconds
+        # (seen on a loaded machine: 10 / 14.6 alternating, against < 10 unloaded), so the bound sits between that
+        # and speech
+        assert np.median([distance(m, idle) for m in after]) < 16 and max(distance(m, idle) for m in after) < 20
         final = stats()
         assert final["utterances_interrupted"] == 1 and final["error"] == "", final
     finally:
