@@ -282,3 +282,28 @@ def test_square_output_is_the_rectangle_of_the_full_frame(pipeline):
         pasted = avatar.frames[f].float().clone()
         pasted[:, y1:y2, x1:x2] = patch
         assert psnr(pasted, decoded(whole)) >= 40
+
+
+def test_a_batch_of_several_qualities_gives_each_job_its_own_frames(pipeline):
+    """Jobs at JPEG qualities 90, 60, 90 share one batch (the 90s' rows are not adjacent): every job gets the
+    frames of its own features and avatar frames, as when rendered alone (PSNR >= 40 dB), at its own quality."""
+    from conftest import decoded, psnr
+
+    features = [torch.rand(2, 32, 16, 16, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    ids = [pipeline.avatar.frames_for(k, 0, 2) for k in range(3)]
+    qualities = [90, 60, 90]
+
+    async def render(together: bool):
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=6 if together else 2, max_delay_ms=50)
+        scheduler.start()
+        if together:
+            out = await asyncio.gather(*[scheduler.submit(f, i, q) for f, i, q in zip(features, ids, qualities)])
+        else:
+            out = [await scheduler.submit(f, i, q) for f, i, q in zip(features, ids, qualities)]
+        await scheduler.stop()
+        return [jpegs for jpegs, _ in out], scheduler.batches
+    (together, batches), (alone, _) = asyncio.run(render(True)), asyncio.run(render(False))
+    assert batches == 1
+    for mine, reference in zip(together, alone):
+        for a, b in zip(mine, reference):
+            assert psnr(decoded(a), decoded(b)) >= 40

@@ -664,21 +664,19 @@ class ModelScheduler:
         for s in batch:  # rows by (JPEG quality, SQUARE output)
             groups.setdefault((s.job.quality, s.job.square), []).extend(range(offset, offset + s.hi - s.lo))
             offset += s.hi - s.lo
-        whole = [row for (_, square), rows in groups.items() if not square for row in rows]
-        with clock.stage("composite"):
-            frames, squares = None, {}
-            if whole:
-                frames = self.pipeline.compose(*self._rows(predictions, ids, whole))
-            if len(whole) < len(ids):
-                picked = sorted(set(range(len(ids))) - set(whole))
-                squares = dict(zip(picked, self.pipeline.squares(*self._rows(predictions, ids, picked))))
+        # batch rows in batch order: `frames` and `squares` are indexed through them, never by a group's order
+        whole = sorted(row for (_, square), rows in groups.items() if not square for row in rows)
+        parts = sorted(row for (_, square), rows in groups.items() if square for row in rows)
+        with clock.stage("composite"):  # whole frames where asked, crop rectangles only (SQUARE) where asked
+            frames = self.pipeline.compose(*self._rows(predictions, ids, whole)) if whole else None
+            squares = dict(zip(parts, self.pipeline.squares(*self._rows(predictions, ids, parts)))) if parts else {}
+        at = {row: k for k, row in enumerate(whole)}  # a batch row → its row in `frames`
         jpegs: list[Any] = [b""] * len(ids)
         with clock.stage("encode"):
             for (quality, square), rows in groups.items():
                 if square:
                     out = jpeg.encode_images([squares[row] for row in rows], quality)
                 else:
-                    at = {row: k for k, row in enumerate(whole)}
                     chosen = frames if len(rows) == len(whole) else frames[[at[row] for row in rows]]
                     # quality None: the frames themselves (offline rendering to video or PNG), on the host
                     out = jpeg.encode_frames(chosen, quality) if quality is not None else chosen.cpu()
