@@ -34,6 +34,14 @@ MAX_UTTERANCE_ID = 256  # characters of a client's utterance id kept (it is echo
 
 
 # --------------------------------------------------------------------------- requests → domain
+def square_output(output: int) -> bool:
+    """A request's FrameOutput: whether it asked for SQUARE output (an unknown enum value is refused by name)."""
+    if output not in (pb.FULL_FRAME, pb.SQUARE):
+        raise InvalidRequest(f"output {output} is not a FrameOutput; use FULL_FRAME ({pb.FULL_FRAME}) or SQUARE "
+                             f"({pb.SQUARE})")
+    return output == pb.SQUARE
+
+
 def audio_format(limits: Limits, fmt: pb.AudioFormat, allow_wav: bool) -> AudioFormat:
     """A request's audio format, checked (an unknown enum value is refused by name)."""
     return limits.audio_format(ENCODING_NAMES.get(fmt.encoding), fmt.sample_rate, fmt.channels, allow_wav)

@@ -104,12 +104,6 @@ class Limits:
             raise InvalidRequest(f"jpeg_quality {q} is outside {MIN_QUALITY}..{MAX_QUALITY}")
         return q
 
-    def square(self, output: int) -> bool:
-        """A request's FrameOutput: whether it asked for SQUARE output (only the generated square of each frame)."""
-        if output not in (0, 1):
-            raise InvalidRequest(f"output {output} is not a FrameOutput; use FULL_FRAME (0) or SQUARE (1)")
-        return output == 1
-
     def start_frame(self, n: int) -> int:
         if not 0 <= n <= self.max_start_frame:
             raise InvalidRequest(f"start_frame {n} is outside 0..{self.max_start_frame}")

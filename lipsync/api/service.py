@@ -37,7 +37,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
     async def Synthesize(self, request: pb.SynthesizeRequest, context, started: float) -> pb.SynthesizeResponse:
         limits = self.s.limits
         quality, start = limits.quality(request.jpeg_quality), limits.start_frame(request.start_frame)
-        square = limits.square(request.output)
+        square = convert.square_output(request.output)
         fmt = convert.audio_format(limits, request.format, allow_wav=True)
         self.s.registry.entry(checked_model_id(request.model_id))
         wave = await asyncio.to_thread(self.s.decode_audio, request.audio, fmt)
@@ -81,7 +81,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
     async def _stream(self, requests, context) -> AsyncIterator[pb.StreamResponse]:
         s, limits = self.s, self.s.limits
         requests, cfg, quality, start, fmt = await self._opened(requests, "Stream")
-        lookahead, square = limits.lookahead(cfg.lookahead_frames), limits.square(cfg.output)
+        lookahead, square = limits.lookahead(cfg.lookahead_frames), convert.square_output(cfg.output)
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
             await s.accept(context)
             session = StreamSession(entry.scheduler, fmt, start, quality, lookahead, limits.stream_buffer_frames,
@@ -112,7 +112,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
     async def _converse(self, requests, context) -> AsyncIterator[pb.ConverseResponse]:
         s, limits = self.s, self.s.limits
         requests, cfg, quality, start, fmt = await self._opened(requests, "Converse")
-        square = limits.square(cfg.output)
+        square = convert.square_output(cfg.output)
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
             scheduler = entry.scheduler
             await scheduler.calibrate()
