@@ -23,9 +23,7 @@ from lipsync_client import (
     SessionResult,
     channel,
     converse,
-    decode_rgb,
     explain,
-    get_avatar,
     is_local_target,
     open_stream,
     percentile,
@@ -36,7 +34,7 @@ from lipsync_client import (
     worker_lost,
     worker_of,
 )
-from lipsync_client.avatar import OUTPUTS
+from lipsync_client.avatar import OUTPUTS, compositor_for, frame_rgb
 
 from lipsync import timebase
 from lipsync.apps.options import add_connection_options, command_parser
@@ -89,8 +87,7 @@ def write_mp4(frames: list, out: str, wave_16k_or_pcm, sample_rate: int | None =
     from lipsync.codec.video import Mp4Writer
 
     def image(frame) -> torch.Tensor:
-        rgb = compositor.rgb(frame) if compositor is not None else decode_rgb(frame.jpeg)
-        return torch.from_numpy(rgb).permute(2, 0, 1)[None]
+        return torch.from_numpy(frame_rgb(frame, compositor)).permute(2, 0, 1)[None]
     first = image(frames[0])
     writer = Mp4Writer(out, first.shape[3], first.shape[2], **({"sample_rate": sample_rate} if sample_rate else {}))
     for frame in frames:
@@ -111,9 +108,7 @@ def save_frames(jpegs: list[tuple[int, bytes]], frames_out: str) -> None:
 
 async def _compositor(stub: LipSyncStub, args: argparse.Namespace) -> Compositor | None:
     """SQUARE output: the avatar's frames, fetched once, for pasting the squares back (--out)."""
-    if args.output != "square" or not args.out:
-        return None
-    return Compositor(await get_avatar(stub, args.model, args.quality, args.timeout))
+    return await compositor_for(stub, args.model, args.output, args.quality, args.timeout) if args.out else None
 
 
 async def run_converse(args: argparse.Namespace) -> dict:

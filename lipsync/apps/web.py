@@ -31,11 +31,12 @@ import torch
 from aiohttp import web
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from lipsync_client.avatar import OUTPUTS, Compositor, compositor_for
 
 from lipsync import timebase
 from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
-from lipsync.apps.client import OUTPUTS, Compositor, Credentials, channel, get_avatar, open_stream, routing
+from lipsync.apps.client import Credentials, channel, open_stream, routing
 from lipsync.codec import audio
 from lipsync.codec.jpeg import decode_rgb
 from lipsync.config import ConfigError, Section, limit, section, setting
@@ -302,9 +303,8 @@ class BrowserSession:
             format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=rate, channels=1),
             output=OUTPUTS[self.config.output])))
         try:
-            if self.config.output == "square":
-                self.video.compositor = Compositor(await get_avatar(self.stub, self.model, self.config.jpeg_quality),
-                                                   keep=8)
+            self.video.compositor = await compositor_for(self.stub, self.model, self.config.output,
+                                                         self.config.jpeg_quality, keep=8)
             self.call = open_stream(self.stub.Converse, self._messages(), metadata=routing(self.model))
             first = await self.call.read()
         except grpc.aio.AioRpcError as exc:

@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 OUTPUTS = {"full": pb.FULL_FRAME, "square": pb.SQUARE}  # the integrations' `output=` names
 
 
+def output_value(output: str) -> int:
+    """An integration's `output=` name as the FrameOutput it asks the server for."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output {output!r}: use one of {', '.join(OUTPUTS)}")
+    return OUTPUTS[output]
+
+
 @dataclass
 class Avatar:
     """A model's avatar as GetAvatar sends it: each frame's JPEG and crop rectangle (x, y, width, height)."""
@@ -85,3 +92,16 @@ class Compositor:
                                  "frame")
             picture[r.y:r.y + r.height, r.x:r.x + r.width] = patch
         return picture
+
+
+async def compositor_for(stub: pb_grpc.LipSyncStub, model: str, output: str, quality: int = 0,
+                         timeout: float | None = None, keep: int = 64) -> Compositor | None:
+    """The Compositor a session of `output` needs: the avatar fetched once for "square", none for "full"."""
+    if output_value(output) != pb.SQUARE:
+        return None
+    return Compositor(await get_avatar(stub, model, quality, timeout), keep)
+
+
+def frame_rgb(frame: pb.Frame | pb.LiveFrame, compositor: Compositor | None) -> np.ndarray:
+    """A frame's whole picture, uint8 RGB [H, W, 3]: pasted by `compositor` (SQUARE output) or decoded."""
+    return compositor.rgb(frame) if compositor is not None else decode_rgb(frame.jpeg)

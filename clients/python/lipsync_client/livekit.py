@@ -21,9 +21,8 @@ except ModuleNotFoundError as missing:  # the extra is not installed: say which
 
 from lipsync_client._proto import lipsync_pb2 as pb
 from lipsync_client._proto import lipsync_pb2_grpc as pb_grpc
-from lipsync_client.avatar import OUTPUTS, Compositor, get_avatar
+from lipsync_client.avatar import compositor_for, frame_rgb, output_value
 from lipsync_client.connection import Credentials, channel, open_stream, routing
-from lipsync_client.jpeg import decode_rgb
 
 
 class LipsyncVideoGenerator(VideoGenerator):
@@ -34,8 +33,7 @@ class LipsyncVideoGenerator(VideoGenerator):
                  output: str = "full"):
         """`output`: "full" (whole JPEG frames) or "square" (the server sends each speech frame's generated square
         only, about a tenth of the bytes; this generator pastes it onto the avatar's frames, fetched once)."""
-        if output not in OUTPUTS:
-            raise ValueError(f"output {output!r}: use one of {', '.join(OUTPUTS)}")
+        output_value(output)  # a name it knows, checked here rather than once the session opens
         self.output, self._compositor = output, None
         self.server, self.model, self.sample_rate, self.channels = server, model, sample_rate, channels
         self.credentials, self.jpeg_quality, self.start_frame = credentials, jpeg_quality, start_frame
@@ -51,18 +49,17 @@ class LipsyncVideoGenerator(VideoGenerator):
         """Open the live session; returns its SessionInfo (fps, frame interval, avatar frames, device)."""
         self._channel = channel(self.server, credentials=self.credentials)
         config = pb.ConverseConfig(model_id=self.model, start_frame=self.start_frame, jpeg_quality=self.jpeg_quality,
-                                   output_sample_rate=self.sample_rate, output=OUTPUTS[self.output],
+                                   output_sample_rate=self.sample_rate, output=output_value(self.output),
                                    format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=self.sample_rate,
                                                          channels=self.channels))
         stub = pb_grpc.LipSyncStub(self._channel)
-        if self.output == "square":
-            self._compositor = Compositor(await get_avatar(stub, self.model, self.jpeg_quality))
+        self._compositor = await compositor_for(stub, self.model, self.output, self.jpeg_quality)
         self._requests.put_nowait(pb.ConverseRequest(config=config))
         self._call = open_stream(stub.Converse, self._messages(), metadata=routing(self.model))
         self._responses = self._call.__aiter__()
         self.session = (await self._responses.__anext__()).session
         self._first = await self._responses.__anext__()  # frame 0: its size is the video's (AvatarOptions)
-        self.height, self.width = self._rgb(self._first.frame).shape[:2]
+        self.height, self.width = frame_rgb(self._first.frame, self._compositor).shape[:2]
         return self.session
 
     async def _messages(self) -> AsyncIterator[pb.ConverseRequest]:
@@ -105,7 +102,7 @@ class LipsyncVideoGenerator(VideoGenerator):
     async def _frames(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
         async for response in self._responses_from_start():
             live = response.frame
-            rgb = self._rgb(live)
+            rgb = frame_rgb(live, self._compositor)
             yield rtc.VideoFrame(rgb.shape[1], rgb.shape[0], rtc.VideoBufferType.RGB24, rgb.tobytes())
             if live.utterance_id and live.audio:  # an utterance's audio (idle frames carry silence: not sent)
                 yield rtc.AudioFrame(live.audio, self.session.output_sample_rate, 1, len(live.audio) // 2)
@@ -114,9 +111,6 @@ class LipsyncVideoGenerator(VideoGenerator):
                 if finished is not None and not finished.interrupted and \
                         finished.utterance_id not in self._interrupted:
                     yield AudioSegmentEnd()
-
-    def _rgb(self, live: pb.LiveFrame):
-        return self._compositor.rgb(live) if self._compositor is not None else decode_rgb(live.jpeg)
 
     async def aclose(self) -> None:
         """End the session (the server closes it when the request stream ends)."""

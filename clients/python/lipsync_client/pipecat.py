@@ -35,9 +35,8 @@ except ModuleNotFoundError as missing:  # the extra is not installed: say which
 from lipsync_client._proto import lipsync_pb2 as pb
 from lipsync_client._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync_client.audio import MonoResampler
-from lipsync_client.avatar import OUTPUTS, Compositor, get_avatar
+from lipsync_client.avatar import compositor_for, frame_rgb, output_value
 from lipsync_client.connection import Credentials, channel, open_stream, routing
-from lipsync_client.jpeg import decode_rgb
 
 
 class LipsyncVideoService(AIService):
@@ -50,8 +49,7 @@ class LipsyncVideoService(AIService):
         another rate is resampled to it. On `EndFrame` the utterances already sent play to their end (at most
         `end_timeout_s`) before the session closes. `output`: "full" (whole JPEG frames) or "square" (the server
         sends each speech frame's generated square only; pasted here onto the avatar's frames, fetched once)."""
-        if output not in OUTPUTS:
-            raise ValueError(f"output {output!r}: use one of {', '.join(OUTPUTS)}")
+        output_value(output)  # a name it knows, checked here rather than once the pipeline starts
         super().__init__(settings=ServiceSettings(model=None), **kwargs)
         self.output, self._compositor = output, None
         self.server, self.model, self.credentials = server, model, credentials
@@ -74,13 +72,12 @@ class LipsyncVideoService(AIService):
         self.sample_rate = self.sample_rate or setup.audio_out_sample_rate
         self._channel = channel(self.server, credentials=self.credentials)
         config = pb.ConverseConfig(model_id=self.model, start_frame=self.start_frame, jpeg_quality=self.jpeg_quality,
-                                   output_sample_rate=self.sample_rate, output=OUTPUTS[self.output],
+                                   output_sample_rate=self.sample_rate, output=output_value(self.output),
                                    format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=self.sample_rate,
                                                          channels=1))
         stub = pb_grpc.LipSyncStub(self._channel)
         try:
-            if self.output == "square":
-                self._compositor = Compositor(await get_avatar(stub, self.model, self.jpeg_quality))
+            self._compositor = await compositor_for(stub, self.model, self.output, self.jpeg_quality)
             self._requests.put_nowait(pb.ConverseRequest(config=config))
             self._call = open_stream(stub.Converse, self._messages(), metadata=routing(self.model))
             first = await self._call.read()
@@ -175,7 +172,7 @@ class LipsyncVideoService(AIService):
         try:
             while (response := await self._call.read()) is not grpc.aio.EOF:
                 live = response.frame
-                rgb = self._compositor.rgb(live) if self._compositor is not None else decode_rgb(live.jpeg)
+                rgb = frame_rgb(live, self._compositor)
                 image = OutputImageRawFrame(image=rgb.tobytes(),
                                             size=(rgb.shape[1], rgb.shape[0]), format="RGB")
                 image.pts = int(live.pts_ms * 1e6)
