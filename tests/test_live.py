@@ -222,6 +222,7 @@ def test_admission_refuses_sessions_beyond_measured_capacity(live_server):
       pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny"))], "only be sent once"),
     ([pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", format=pb.AudioFormat(encoding=pb.WAV)))],
      "WAV is not accepted"),
+    ([pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", output=2))], "output 2 is not a FrameOutput"),
 ])
 def test_bad_live_sessions(live_server, messages, text):
     async def main():

@@ -206,11 +206,37 @@ def test_square_output_pasted_on_the_avatar_is_the_full_frame(server, pcm, unary
     assert not unary.frames[0].HasField("square")  # FULL_FRAME output names no rectangle
 
 
-def test_get_avatar_of_an_unknown_model_is_not_found(server):
+@pytest.mark.parametrize("model,quality,code,text", [
+    ("nobody", 0, grpc.StatusCode.NOT_FOUND, "unknown model 'nobody'"),
+    ("tiny", 101, grpc.StatusCode.INVALID_ARGUMENT, "jpeg_quality 101"),
+    ("missing", 0, grpc.StatusCode.FAILED_PRECONDITION, "model 'missing' cannot be loaded"),
+])
+def test_bad_get_avatar_requests(server, model, quality, code, text):
     import lipsync_client as ls
 
-    got, details = _code(server, lambda s, m: ls.get_avatar(s, "nobody"))
-    assert got == grpc.StatusCode.NOT_FOUND and "unknown model 'nobody'" in details
+    got, details = _code(server, lambda s, m: ls.get_avatar(s, model, quality))
+    assert got == code and text in details and "/" not in details, (got, details)
+    assert_healthy(server)
+
+
+def test_a_square_that_does_not_fit_its_avatar_frame_is_refused_by_the_client():
+    """A client never writes outside the picture, whatever a server sends: a square whose size or place does not
+    fit is a ValueError naming the frame."""
+    import lipsync_client as ls
+    import simplejpeg
+
+    frame = np.zeros((48, 64, 3), np.uint8)
+    avatar = ls.Avatar(64, 48, [simplejpeg.encode_jpeg(frame, colorspace="RGB")], [(8, 8, 16, 16)])
+    patch = simplejpeg.encode_jpeg(np.full((16, 16, 3), 200, np.uint8), colorspace="RGB")
+    compositor = ls.Compositor(avatar)
+    good = pb.Frame(index=0, avatar_frame=0, jpeg=patch, square=pb.Rect(x=8, y=8, width=16, height=16))
+    assert compositor.rgb(good)[8:24, 8:24].mean() > 150
+    for rect in (pb.Rect(x=56, y=8, width=16, height=16), pb.Rect(x=8, y=8, width=20, height=16),
+                 pb.Rect(x=-4, y=0, width=16, height=16)):
+        with pytest.raises(ValueError, match="frame 7"):
+            compositor.rgb(pb.Frame(index=7, avatar_frame=0, jpeg=patch, square=rect))
+    with pytest.raises(ValueError, match="avatar frame 3"):
+        compositor.rgb(pb.Frame(index=1, avatar_frame=3))
 
 
 def test_stream_resamples_stereo_float_at_44k(server):
@@ -411,6 +437,8 @@ BAD_STREAMS = [
      "jpeg_quality 300"),
     ("stream at 96 kHz", [pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=pb.AudioFormat(
         encoding=pb.PCM_S16LE, sample_rate=96000)))], "96000"),
+    ("unknown output", [pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", output=-3))],
+     "output -3 is not a FrameOutput"),
 ]
 
 
