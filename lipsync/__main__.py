@@ -1,5 +1,3 @@
-import sys
+from lipsync.apps.cli import run
 
-from lipsync.apps.cli import main
-
-sys.exit(main())
+run()

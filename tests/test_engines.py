@@ -183,3 +183,33 @@ def test_cuda_backends_match_eager(weights, backend, extra):
     net = load_generator(weights["328"])
     engine = build_engine(net, [(6, 320, 320), (32, 16, 16)], config, "cuda", "g")
     assert engine.precision == "fp16" and engine.max_error <= 2e-2
+
+
+class _CountingEncoder(AudioEncoder):
+    """The audio encoder counting the forward passes run on it (its engine's copy counts its own)."""
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_eager_reference_is_computed_once_per_weights_and_probe(tmp_path):
+    """The gate's eager fp32 output is cached by the weights' digest and the probe: a second load of the same
+    checkpoint holds its engine to the stored output without running eager again; a changed probe or checkpoint
+    digest computes it anew, and an engine that drifts from it is still refused."""
+    config = EngineConfig.from_dict({"backend": "eager", "cache_dir": str(tmp_path)})
+    gates = []
+    for digest, seed in [("a" * 64, 3), ("a" * 64, 3), ("b" * 64, 3), ("a" * 64, 4)]:
+        torch.manual_seed(0)  # the same weights every time
+        net = _CountingEncoder().eval()
+        probe = [torch.rand(2, 1, 80, 16, generator=torch.Generator().manual_seed(seed)) * 8 - 4]
+        engine = build_engine(net, [(1, 80, 16)], config, "cpu", "encoder", {"checkpoint": digest}, probe=probe)
+        gates.append((net.calls, engine.max_error))
+    assert [calls for calls, _ in gates] == [1, 0, 1, 1]
+    assert gates[0][1] == gates[1][1] <= 1e-4
+    assert len(list(tmp_path.glob("encoder-reference-*/output.pt"))) == 3
+    torch.manual_seed(1)  # other weights under a digest already measured: held to the stored output, refused
+    with pytest.raises(EngineError, match="refusing it"):
+        build_engine(_CountingEncoder().eval(), [(1, 80, 16)], config, "cpu", "encoder", {"checkpoint": "a" * 64},
+                     probe=probe)

@@ -10,10 +10,12 @@ the winner.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lipsync.model.engines import (
+    BUILD_REVISION,
     ONNX_RUNTIMES,
     Engine,
     EngineConfig,
@@ -70,15 +73,29 @@ def machine_key(device: torch.device) -> dict[str, Any]:
     """Everything about this machine a measurement depends on."""
     versions: dict[str, Any] = {"torch": torch.__version__}
     for module in (*ONNX_RUNTIMES, "torch_tensorrt"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:
-            versions[module] = None
+        versions[module] = _installed_version(module)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return {"gpu": props.name, "capability": f"{props.major}.{props.minor}", **versions}
     return {"cpu": cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(), "bf16": cpu_bf16_supported(),
             "threads": torch.get_num_threads(), **versions}
+
+
+# The distributions that may provide each optional engine module (onnxruntime ships CPU and GPU builds).
+DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"),
+                 "openvino": ("openvino",), "torch_tensorrt": ("torch-tensorrt", "torch_tensorrt")}
+
+
+def _installed_version(module: str) -> str | None:
+    """The installed version of an engine module, read from its distribution's metadata: importing onnxruntime
+    only to read `__version__` cost 0.3 s of every warm load (2-core EPYC), and this runs on each one."""
+    for distribution in DISTRIBUTIONS.get(module, (module,)):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    loaded = sys.modules.get(module)  # a module on the path without metadata (a source build)
+    return getattr(loaded, "__version__", None) if loaded is not None else None
 
 
 def available(candidate: str, device: torch.device) -> tuple[bool, str]:
@@ -195,7 +212,8 @@ def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
     batches = sorted(batches or config.tune_batches.get(device.type, [config.max_batch]))
     if not candidates:
         raise EngineError(f"{name}: no engine candidates configured for {device.type} (engine.candidates)")
-    key = cache_key(machine=machine_key(device), model=key_parts, shapes=sample_shapes, candidates=candidates,
+    key = cache_key(machine=machine_key(device), builds=BUILD_REVISION, model=key_parts, shapes=sample_shapes,
+                    candidates=candidates,
                     batches=batches, margin=[config.tune_margin, config.probe_margin],
                     gates=[config.tolerance, config.min_psnr_db],
                     options=[config.channels_last, config.onnxruntime_threads, config.onnxruntime_spinning,
