@@ -398,26 +398,32 @@ def _onnx_file(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Eng
         return copy.deepcopy(net)  # the caller's network stays as it was
 
     def save(module: nn.Module, path: Path) -> None:
-        module, example = module.float().eval(), tuple(torch.rand(2, *shape) for shape in sample_shapes)
-        with warnings.catch_warnings():  # the exporters' deprecation and shape notes are not the user's concern
-            warnings.simplefilter("ignore")
-            try:
-                # The TorchScript exporter: the same graph for these convolutional networks in a quarter of the
-                # time (the demo generator: 4.9 s against 20.8 s for the dynamo exporter on 2 cores; onnxruntime
-                # runs both at the same speed), which is most of a first load.
-                torch.onnx.export(module, example, str(path), input_names=names, output_names=["output"],
-                                  dynamic_axes={n: {0: "batch"} for n in [*names, "output"]}, opset_version=18,
-                                  dynamo=False)
-            except Exception as exc:  # a network it cannot trace, or a torch without it
-                log.info("%s: the TorchScript ONNX exporter failed (%s); using the dynamo exporter", name, exc)
-                batch = torch.export.Dim("batch", min=1, max=1024)
-                torch.onnx.export(module, example, str(path), input_names=names, output_names=["output"],
-                                  dynamic_shapes=tuple({0: batch} for _ in sample_shapes), opset_version=18,
-                                  dynamo=True, external_data=False, verbose=False)
+        export_onnx(module, tuple(torch.rand(2, *shape) for shape in sample_shapes), path, names, "output", name)
 
     cache = EngineCache(config.cache_dir)
     path = cache.get_or_build(cache_key(**parts), name, build, save, lambda p: p, parts, file="model.onnx")
     return path if isinstance(path, Path) else cache.path(cache_key(**parts), name, "model.onnx")
+
+
+def export_onnx(net: nn.Module, example: tuple[Tensor, ...], path: Path, input_names: list[str], output_name: str,
+                name: str, opset: int = 18, max_batch: int = 1024) -> None:
+    """`net` (fp32, eval) to an ONNX file at `path` with a dynamic batch axis. The TorchScript exporter first: the
+    same graph for these convolutional networks in a quarter of the time (the demo generator: 4.9 s against 20.8 s
+    for the dynamo exporter on 2 cores; onnxruntime and OpenVINO run both at the same speed), which is most of a
+    first load and of `lipsync export`; the dynamo exporter where it cannot trace the network."""
+    net = net.float().eval()
+    with warnings.catch_warnings():  # the exporters' deprecation and shape notes are not the user's concern
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(net, example, str(path), input_names=input_names, output_names=[output_name],
+                              dynamic_axes={n: {0: "batch"} for n in [*input_names, output_name]},
+                              opset_version=opset, dynamo=False)
+        except Exception as exc:  # a network it cannot trace, or a torch without it
+            log.info("%s: the TorchScript ONNX exporter failed (%s); using the dynamo exporter", name, exc)
+            batch = torch.export.Dim("batch", min=1, max=max_batch)
+            torch.onnx.export(net, example, str(path), input_names=input_names, output_names=[output_name],
+                              dynamic_shapes=tuple({0: batch} for _ in example), opset_version=opset,
+                              dynamo=True, external_data=False, verbose=False)
 
 
 def onnx_input_names(sample_shapes: list[tuple[int, ...]]) -> list[str]:

@@ -8,20 +8,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lipsync.model.engines import export_onnx
+
 log = logging.getLogger(__name__)
 OPSET = 18
 MAX_EXPORT_BATCH = 1024
 
 
-def _export(net: nn.Module, example: tuple[torch.Tensor, ...], arg_names: list[str], input_names: list[str],
-            output_name: str, path: Path) -> Path:
+def _export(net: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str], output_name: str,
+            path: Path) -> Path:
     import onnx
 
-    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(net.eval(), example, str(path), input_names=input_names, output_names=[output_name],
-                      dynamic_shapes={name: {0: batch} for name in arg_names}, opset_version=OPSET, dynamo=True,
-                      external_data=False, verbose=False)
+    export_onnx(net, example, path, input_names, output_name, path.name, opset=OPSET, max_batch=MAX_EXPORT_BATCH)
     onnx.checker.check_model(str(path))
     return path
 
@@ -29,12 +28,11 @@ def _export(net: nn.Module, example: tuple[torch.Tensor, ...], arg_names: list[s
 def export_generator(net: nn.Module, path: str | Path) -> Path:
     size = 320 if net.variant == "328" else 160
     example = (torch.rand(2, 6, size, size), torch.rand(2, 32, 16, 16))
-    return _export(net, example, ["visual", "audio"], ["input", "audio"], "output", Path(path))
+    return _export(net, example, ["input", "audio"], "output", Path(path))
 
 
 def export_audio_encoder(net: nn.Module, path: str | Path) -> Path:
-    return _export(net, (torch.rand(2, 1, 80, 16),), ["mel_windows"], ["mel_spectrogram"], "audio_features",
-                   Path(path))
+    return _export(net, (torch.rand(2, 1, 80, 16),), ["mel_spectrogram"], "audio_features", Path(path))
 
 
 def max_error_onnxruntime(path: Path, net: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
