@@ -33,4 +33,14 @@ def test_uv_is_given_pips_indexes_and_its_best_version_rule():
     assert {("--extra-index-url", "file:///a/simple"), ("--extra-index-url", "file:///b/simple"),
             ("--find-links", "/opt/wheels"), ("--constraint", "/etc/pip/constraints.txt")} <= set(pairs)
     assert "/opt/old" not in command and "--no-index" not in command and "60" not in command
-    assert command[-2:] == ["-e", ".[dev]"]
+    assert command[-2:] == ["-e", ".[dev]"] and "--compile-bytecode" in command
+
+
+def test_installed_packages_are_imported_from_bytecode():
+    """make setup compiles site-packages: with PYTHONDONTWRITEBYTECODE set (as in CI), a package without its .pyc
+    files is compiled from source by every process that imports it (import torch: 3.5 s instead of 1.7 on 2 cores)."""
+
+    import grpc
+    import torch
+    for module in (torch, torch.nn.modules.conv, grpc):
+        assert Path(importlib.util.cache_from_source(module.__file__)).is_file(), module.__name__
