@@ -99,10 +99,10 @@ def pipeline(tiny_spec):
 # the longest first, so that no worker starts a long file while the others are finishing (longest processing time
 # first), as ranked by their seconds in a `make test` on a 2-core EPYC (2026-12-07, AVX-512); files not listed
 # follow in their usual order.
-LONGEST_FIRST = ["test_security.py", "test_docs.py", "test_live.py", "test_hardening.py", "test_cluster.py",
-                 "test_engines.py", "test_light_client.py", "test_render.py", "test_web.py", "test_server.py",
-                 "test_demo_model.py", "test_autotune.py", "test_livekit.py", "test_pipecat.py", "test_pipeline.py",
-                 "test_registry.py"]
+LONGEST_FIRST = ["test_live.py", "test_docs.py", "test_light_client.py", "test_security.py", "test_cluster.py",
+                 "test_hardening.py", "test_server.py", "test_web.py", "test_engines.py", "test_demo_model.py",
+                 "test_autotune.py", "test_render.py", "test_pipeline.py", "test_pipecat.py", "test_livekit.py",
+                 "test_scheduler.py", "test_streaming.py", "test_registry.py"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -459,7 +459,8 @@ def flood_server(weights, tiny_avatar, tmp_path_factory):
 def test_a_flooding_session_leaves_other_clients_served(flood_server, speech):
     """A live session sends 16 utterances of 10 s at once: what passes server.live.max_queued_speech_s (60 s)
     ends with an event, and another client's Synthesize during its speech stays within a few times its latency
-    on an idle server (the session renders only its horizon ahead, so its frames cannot fill the queue)."""
+    on the server without it, before and after (the session renders only its horizon ahead, so its frames cannot
+    fill the queue)."""
     short = pcm_of(speech[:8000])
     long = pcm_of(speech.repeat(4)[:16000 * 10])
 
@@ -474,7 +475,9 @@ def test_a_flooding_session_leaves_other_clients_served(flood_server, speech):
         async with channel(flood_server.target) as ch:
             stub = pb_grpc.LipSyncStub(ch)
             await synthesize_s(stub)
-            idle = sorted([await synthesize_s(stub) for _ in range(3)])[1]
+            # each figure is the best of three: on a machine shared with other test workers a burst of their load
+            # can slow any one call, while a session that held the generator would slow all three
+            idle = min([await synthesize_s(stub) for _ in range(3)])
             speaking, done = asyncio.Event(), asyncio.Event()
 
             async def requests():
@@ -502,11 +505,12 @@ def test_a_flooding_session_leaves_other_clients_served(flood_server, speech):
                 return frames, finished
             task = asyncio.ensure_future(flood())
             await asyncio.wait_for(speaking.wait(), 120)
-            loaded = sorted([await synthesize_s(stub) for _ in range(3)])[1]
+            loaded = min([await synthesize_s(stub) for _ in range(3)])
             speaking_after = task.done() is False
             done.set()
             frames, finished = await task
-            return idle, loaded, frames, finished, speaking_after
+            after = min([await synthesize_s(stub) for _ in range(3)])  # the machine's load now, without the flood
+            return max(idle, after), loaded, frames, finished, speaking_after
     idle, loaded, frames, finished, speaking_after = asyncio.run(main())
     print(f"Synthesize of 0.5 s: {idle * 1e3:.0f} ms idle, {loaded * 1e3:.0f} ms beside the flooding session")
     refused = sorted(int(u[1:]) for u, f in finished.items() if "max_queued_speech_s" in f.error)
