@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lipsync.model import audio_features
-from lipsync.runtime.scheduler import DeviceWorkers, ModelScheduler, QueueFull
+from lipsync.runtime.scheduler import CALIBRATION_BATCHES, DeviceWorkers, ModelScheduler, QueueFull
 
 
 def test_sessions_share_encoder_and_generator_calls(pipeline, speech):
@@ -93,7 +93,7 @@ def test_concurrent_first_sessions_share_one_capacity_measurement(pipeline):
         await alone.stop()
         return scheduler, alone, rates
     scheduler, alone, rates = asyncio.run(main())
-    assert scheduler.batches == alone.batches == 2  # one measurement: its two full batches
+    assert scheduler.batches == alone.batches == CALIBRATION_BATCHES  # one measurement: its full batches
     assert len(set(rates)) == 1 and rates[0] > 0
 
 

@@ -38,6 +38,10 @@ from lipsync.model.pipeline import Pipeline, StageClock
 from lipsync.threads import named_pool
 
 log = logging.getLogger(__name__)
+# Batches timed when a model's capacity is first measured (the fastest counts). Two left a CPU model's first figure
+# at two thirds of its steady rate (70 ms against 45 ms a batch: OpenVINO and the JPEG encoder were still warming),
+# so the first utterance of the first live session buffered 4.7 s instead of about 1.
+CALIBRATION_BATCHES = 4
 
 
 class QueueFull(ResourceExhausted):
@@ -275,7 +279,7 @@ class ModelScheduler:
         ids = self.pipeline.avatar.frames_for(0, 0, n)
         features = torch.zeros(n, *self.pipeline.generator_audio_shape, device=self.pipeline.device)
         seconds = math.inf
-        for _ in range(2):  # the first call may still pay one-time costs; the faster one is the device's speed
+        for _ in range(CALIBRATION_BATCHES):  # the first calls still pay one-time costs: the fastest is the speed
             t0 = time.perf_counter()
             await self.submit(features, ids, 75)
             seconds = min(seconds, time.perf_counter() - t0)
