@@ -103,6 +103,19 @@ def test_mixed_frame_sizes(tiny_avatar, tmp_path):
         load_avatar(bad)
 
 
+def test_undecodable_frame_is_named_and_the_rest_keep_their_order(tiny_avatar, tmp_path):
+    """Frames decode on several threads: a broken one still stops the load naming its file, and a good avatar's
+    frames come out in their files' order (each equal to OpenCV's decode of its file)."""
+    bad = _copy(tiny_avatar, tmp_path / "a")
+    (bad / "frame_0004.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(AvatarError, match="cannot decode image .*frame_0004.jpg"):
+        load_avatar(bad)
+    avatar = load_avatar(tiny_avatar)
+    for i in range(avatar.frame_count):
+        reference = cv2.cvtColor(cv2.imread(str(tiny_avatar / f"frame_{i:04d}.jpg")), cv2.COLOR_BGR2RGB)
+        assert np.abs(avatar.frames[i].permute(1, 2, 0).numpy().astype(int) - reference).max() <= 2
+
+
 def test_missing_landmarks(synctalk_dataset, tmp_path):
     bad = _copy(synctalk_dataset, tmp_path / "d")
     (bad / "landmarks" / "4.lms").unlink()
