@@ -29,6 +29,7 @@ import numpy as np
 from common import ThreadCPU, assets, environment, figure, model_override, save_figure, write
 
 from lipsync import timebase
+from lipsync._proto import lipsync_pb2 as pb
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync.apps.client import Say, channel, converse, percentile
 from lipsync.apps.serve import spawn
@@ -75,14 +76,14 @@ def pacing(result) -> tuple[list[float], int]:
 
 
 async def run_point(target: str, server_pid: int, sessions: int, seconds: float, duty: float,
-                    channels: int) -> dict:
+                    channels: int, model: str = "bench", output: int = pb.FULL_FRAME) -> dict:
     async with contextlib.AsyncExitStack() as stack:
         stubs = [pb_grpc.LipSyncStub(await stack.enter_async_context(channel(target))) for _ in range(channels)]
 
         async def one(k: int):
             try:
-                return await converse(stubs[k % channels], "bench", script(1000 * sessions + k, seconds, duty),
-                                      seconds, keep_images=False)
+                return await converse(stubs[k % channels], model, script(1000 * sessions + k, seconds, duty),
+                                      seconds, keep_images=False, output=output)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     return None
@@ -147,16 +148,27 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--engine", default="auto")
     parser.add_argument("--variant", choices=("328", "160"), default="328", help="SyncTalk_2D generator variant")
+    parser.add_argument("--model", help="a model declared in conf/models/NAME.yaml (e.g. demo, the trained "
+                        "presenter: its engine is chosen for its own weights) instead of seeded weights")
+    parser.add_argument("--output", choices=("full", "square"), default="full",
+                        help="frames the sessions ask for: whole frames, or the pasted square only (SQUARE)")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--out")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for the server")
     args = parser.parse_args()
 
-    files = assets(args.width, args.height, variant=args.variant)
     device = pick_device(args.device)
-    overrides = [f"engine={args.engine}", "models=none", model_override(files, args.variant),
-                 f"device={device}", "server.metrics_port=-1", f"server.live.time_scale={args.time_scale}"]
+    if args.model:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", args.model):
+            parser.error(f"--model {args.model!r}: must name a file conf/models/NAME.yaml")
+        model, declared = args.model, [f"models={args.model}", f"+models.{args.model}.preload=true"]
+    else:
+        model, declared = "bench", ["models=none", model_override(assets(args.width, args.height,
+                                                                         variant=args.variant), args.variant)]
+    output = pb.SQUARE if args.output == "square" else pb.FULL_FRAME
+    overrides = [f"engine={args.engine}", *declared, f"device={device}", "server.metrics_port=-1",
+                 f"server.live.time_scale={args.time_scale}"]
     if not args.admission:
         overrides.append("server.live.headroom=1.0")
         overrides.append("server.live.duty_cycle=0.001")
@@ -167,7 +179,8 @@ def main() -> None:
     try:
         for n in [int(s) for s in args.sessions.split(",")]:
             logged = server_log.stat().st_size
-            row = asyncio.run(run_point(f"127.0.0.1:{port}", proc.pid, n, args.seconds, args.duty, args.channels))
+            row = asyncio.run(run_point(f"127.0.0.1:{port}", proc.pid, n, args.seconds, args.duty, args.channels,
+                                        model, output))
             time.sleep(0.5)  # the sessions' close lines
             row["server_pacing_ms"] = server_pacing(server_log, logged)
             rows.append(row)
@@ -184,9 +197,12 @@ def main() -> None:
     real_time = [r["sessions"] for r in rows if r["late_frames"] == 0 and r["refused"] == 0]
     write({"benchmark": "live", "environment": environment(device), "seconds_per_session": args.seconds,
            "duty_cycle": args.duty, "time_scale": args.time_scale, "admission_control": args.admission,
-           "output": f"{args.width}x{args.height} JPEG", "variant": args.variant,
+           "output": f"{args.width}x{args.height} JPEG" if args.output == "full" else "SQUARE (pasted squares)",
+           "model": args.model or "seeded weights", "variant": args.variant if not args.model else None,
            "max_real_time_sessions": max(real_time, default=0),
-           "note": "seeded untrained weights; speed does not depend on the weights", "results": rows}, args.out)
+           "note": f"conf/models/{args.model}.yaml" if args.model else "seeded untrained weights: the engine `auto` "
+                   "chooses can differ from a trained model's (int8 passes the gate on them)", "results": rows},
+          args.out)
     if args.out and rows:
         plot(rows, Path(args.out).with_suffix(".png"))
 
