@@ -378,8 +378,11 @@ class LiveSession:
         for first, rows in u.waiting:
             n = rows.shape[0] - context
             now = max(0, min(n, until - first))
-            if now:
-                self._submit(u, first, audio_features.features_from_rows(rows[:now + context]))
+            if not now:  # not due yet (asked every slot): kept as it is, no tensor view made
+                if n > 0:
+                    keep.append((first, rows))
+                continue
+            self._submit(u, first, audio_features.features_from_rows(rows[:now + context]))
             if now < n:
                 rest = rows[now:]
                 if rest.untyped_storage().nbytes() > 2 * rest.numel() * rest.element_size():
