@@ -373,15 +373,18 @@ class LiveSession:
         rows (a flood of queued speech costs the generator nothing until it is nearly due)."""
         assert u.start_pos is not None
         until = self.pos - u.start_pos + u.horizon  # frames k < until show within the horizon
+        if not u.waiting or u.waiting[0][0] >= until:
+            return  # nothing due this slot (the common case while speech is queued)
         context = CONTEXT_ROWS
-        keep = []
-        for first, rows in u.waiting:
+        keep: list[tuple[int, torch.Tensor]] = []
+        for i, (first, rows) in enumerate(u.waiting):
+            if first >= until:  # in frame order: this and every later chunk are not due yet (asked every slot),
+                keep += u.waiting[i:]  # kept as they are, no tensor view made
+                break
             n = rows.shape[0] - context
             now = max(0, min(n, until - first))
-            if not now:  # not due yet (asked every slot): kept as it is, no tensor view made
-                if n > 0:
-                    keep.append((first, rows))
-                continue
+            if not now:
+                continue  # context rows only: no frame to render
             self._submit(u, first, audio_features.features_from_rows(rows[:now + context]))
             if now < n:
                 rest = rows[now:]
