@@ -28,6 +28,7 @@ from tqdm import tqdm
 from lipsync.model.engines import (
     BUILD_REVISION,
     ONNX_RUNTIMES,
+    Calibration,
     Engine,
     EngineConfig,
     EngineError,
@@ -194,16 +195,16 @@ def _config_for(config: EngineConfig, candidate: str, batch: int) -> EngineConfi
                                cuda_graphs=config.cuda_graphs or backend == "compile")
 
 
-def _calibrated(candidate: str, calibration: Callable[[], list[list[Tensor]]] | None) -> dict[str, Any]:
-    """The calibration argument of an int8 candidate's build (computed only for it)."""
-    return {"calibration": calibration()} if candidate.endswith("/int8") and calibration else {}
+def _calibrated(candidate: str, calibration: Calibration | None) -> dict[str, Any]:
+    """The calibration argument of an int8 candidate's build (its inputs computed only if it quantizes)."""
+    return {"calibration": calibration} if candidate.endswith("/int8") and calibration else {}
 
 
 def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, device: torch.device,
                  name: str, key_parts: dict[str, Any], probe: list[Tensor] | None = None,
                  batches: list[int] | None = None, progress: bool = False,
                  build: Callable[..., Engine] = build_engine,
-                 calibration: Callable[[], list[list[Tensor]]] | None = None) -> tuple[Engine, Decision]:
+                 calibration: Calibration | None = None) -> tuple[Engine, Decision]:
     """The fastest engine for `net` on `device` that passes the accuracy gate, and the decision behind it (reused
     from the cache when this machine, model and candidate list were measured before). `calibration` gives the
     inputs an int8 candidate is quantized on; it is called only when one is built."""

@@ -15,6 +15,10 @@ from torch import Tensor
 from lipsync.model.audio_features import Encoder, frame_features
 from lipsync.timebase import SAMPLE_RATE
 
+# Names how calibration inputs are made (the sound, its length, the pairing): bumped when any of it changes, since
+# a cached int8 model is found by this and the inputs' sources, not by the inputs themselves.
+CALIBRATION_RECIPE = 1
+
 
 def speech_like(seconds: float, seed: int = 0) -> Tensor:
     """[N] float32 16 kHz mono in [-1, 1]: voiced syllables, fricatives and pauses."""

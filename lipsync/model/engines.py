@@ -450,9 +450,27 @@ def _onnxruntime(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
     return run
 
 
+@dataclass
+class Calibration:
+    """The inputs an int8 engine is quantized on, named by what they are made of: a cached quantized model is
+    found by `key` without computing `inputs()` (the demo's: the audio encoder over synthesised speech, ~0.3 s
+    of every warm load on 2 cores)."""
+    key: str
+    inputs: Callable[[], list[list[Tensor]]]
+
+    @staticmethod
+    def of(samples: list[list[Tensor]]) -> Calibration:
+        """A calibration set given as its inputs, named by their bytes."""
+        digest = hashlib.sha256()
+        for sample in samples:
+            for x in sample:
+                digest.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+        return Calibration(digest.hexdigest()[:16], lambda: samples)
+
+
 def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, name: str,
               key_parts: dict[str, Any], precision: str,
-              calibration: list[list[Tensor]] | None = None) -> Callable[..., Tensor]:
+              calibration: Calibration | None = None) -> Callable[..., Tensor]:
     """The ONNX export compiled by OpenVINO's CPU plugin: fp32, bf16 inference precision (AMX/AVX512-BF16), or int8
     (the export quantized by NNCF on `calibration`); inputs and outputs stay fp32. One infer request, used by one
     thread at a time."""
@@ -461,7 +479,9 @@ def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
     path = _onnx_file(net, sample_shapes, config, name, key_parts)
     model: Any = str(path)
     if precision == "int8":
-        model = _int8_model(path, calibration or [], config, name, key_parts)
+        if calibration is None:
+            raise EngineError(f"{name}: int8 needs calibration inputs (the pipeline passes the avatar's frames)")
+        model = _int8_model(path, calibration, config, name, key_parts)
     compiled = openvino.Core().compile_model(model, "CPU", {
         # int8: the layers left in floating point compute in bf16 where the CPU has it natively (2-core AVX512
         # EPYC, seeded 328 generator at batch 2: 33 frames/s against 20 with them in fp32 and 26 for all-bf16)
@@ -481,19 +501,13 @@ def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
     return run
 
 
-def _int8_model(onnx_file: Path, calibration: list[list[Tensor]], config: EngineConfig, name: str,
+def _int8_model(onnx_file: Path, calibration: Calibration, config: EngineConfig, name: str,
                 key_parts: dict[str, Any]) -> Path:
     """The ONNX export quantized to int8 by NNCF's post-training quantization on `calibration` (the model's own
     inputs), cached as OpenVINO IR (model.xml + model.bin) by export and calibration digest. The first and last two
     convolutions stay in floating point (they carry the image itself), and NNCF's overflow fix is on: without it,
     on CPUs lacking VNNI, the demo generator fell to 17 dB PSNR."""
-    if not calibration:
-        raise EngineError(f"{name}: int8 needs calibration inputs (the pipeline passes the avatar's frames)")
-    digest = hashlib.sha256()
-    for sample in calibration:
-        for x in sample:
-            digest.update(x.float().contiguous().numpy().tobytes())
-    parts = {**key_parts, "onnx": file_digest(onnx_file), "calibration": digest.hexdigest()[:16],
+    parts = {**key_parts, "onnx": file_digest(onnx_file), "calibration": calibration.key,
              "format": "openvino-int8"}
 
     def build() -> Any:
@@ -501,10 +515,13 @@ def _int8_model(onnx_file: Path, calibration: list[list[Tensor]], config: Engine
         import openvino
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
+        samples = calibration.inputs()
+        if not samples:
+            raise EngineError(f"{name}: int8 needs calibration inputs (the pipeline passes the avatar's frames)")
         nncf.set_log_level(logging.WARNING)  # its INFO lines (one per layer) are not the user's concern
         BUILDS["openvino-int8"] += 1
         log.info("%s: quantizing to int8 on %d calibration inputs (once per checkpoint; cached)", name,
-                 len(calibration))
+                 len(samples))
         model = openvino.Core().read_model(str(onnx_file))
         convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
                         if op.get_type_name() == "Convolution"]
@@ -514,8 +531,8 @@ def _int8_model(onnx_file: Path, calibration: list[list[Tensor]], config: Engine
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             return nncf.quantize(
-                model, nncf.Dataset(calibration, lambda sample: [x.numpy() for x in sample]),
-                preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration), fast_bias_correction=True,
+                model, nncf.Dataset(samples, lambda sample: [x.numpy() for x in sample]),
+                preset=nncf.QuantizationPreset.MIXED, subset_size=len(samples), fast_bias_correction=True,
                 ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
                 advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE))
 
@@ -548,7 +565,8 @@ def load_tensorrt_artefact(path: str | Path) -> Callable[..., Tensor]:
 def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig,
                  device: str | torch.device, name: str = "net", key_parts: dict[str, Any] | None = None,
                  artefact: str | Path | None = None, progress: bool = False,
-                 probe: list[Tensor] | None = None, calibration: list[list[Tensor]] | None = None) -> Engine:
+                 probe: list[Tensor] | None = None,
+                 calibration: Calibration | list[list[Tensor]] | None = None) -> Engine:
     """Wrap `net` (eval, fp32) for `device` with the configured backend; warm up and check accuracy against eager
     fp32 on `probe` (the model's reference input; seeded random inputs when not given). `calibration`: the inputs
     an int8 engine is quantized on (the probe when not given)."""
@@ -589,8 +607,10 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
     elif backend == "onnxruntime":
         run = _onnxruntime(working, sample_shapes, config, name, key_parts or {})
     elif backend == "openvino":
-        run = _openvino(working, sample_shapes, config, name, key_parts or {}, precision,
-                        calibration or [[x[i:i + 1].cpu() for x in probe] for i in range(probe[0].shape[0])])
+        if calibration is None or isinstance(calibration, list):
+            calibration = Calibration.of(calibration or [[x[i:i + 1].cpu() for x in probe]
+                                                         for i in range(probe[0].shape[0])])
+        run = _openvino(working, sample_shapes, config, name, key_parts or {}, precision, calibration)
         dtype = torch.float32  # the exported graph takes fp32; bf16 is OpenVINO's inference precision
     elif artefact is not None:
         run = load_tensorrt_artefact(artefact)

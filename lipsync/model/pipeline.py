@@ -5,6 +5,7 @@ Between decoded PCM and JPEG bytes every tensor stays on the model's device.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -19,8 +20,18 @@ from lipsync.config import ConfigError, Section, limit, section, setting, settin
 from lipsync.model import audio_features, compose
 from lipsync.model.autotune import tuned_engine
 from lipsync.model.avatar import COMPOSE_MODES, Avatar, AvatarError, find_source, load_avatar
-from lipsync.model.calibration import calibration_inputs
-from lipsync.model.engines import ONNX_RUNTIMES, Engine, EngineConfig, EngineError, build_engine, file_digest, sized
+from lipsync.model.calibration import CALIBRATION_RECIPE, calibration_inputs
+from lipsync.model.engines import (
+    ONNX_RUNTIMES,
+    Calibration,
+    Engine,
+    EngineConfig,
+    EngineError,
+    build_engine,
+    cache_key,
+    file_digest,
+    sized,
+)
 from lipsync.model.networks import AUDIO_FEATURE_SHAPE, INPUT_SIZE, CheckpointError, load_audio_encoder, load_generator
 
 log = logging.getLogger(__name__)
@@ -235,10 +246,15 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     _check_engine_file(spec)
     shapes = [(6, size, size), AUDIO_FEATURE_SHAPE[spec.asr]]
     name = f"{spec.name}/generator"
-    def calibration() -> list[list[Tensor]]:  # int8 engines only: the avatar's frames, speech-like audio
-        n = avatar.frame_count
-        ids = [round(i * (n - 1) / max(CALIBRATION_INPUTS - 1, 1)) for i in range(CALIBRATION_INPUTS)]
-        return calibration_inputs(avatar.model_inputs(ids), encoder_net, CALIBRATION_INPUTS)
+    n = avatar.frame_count
+    ids = [round(i * (n - 1) / max(CALIBRATION_INPUTS - 1, 1)) for i in range(CALIBRATION_INPUTS)]
+    # int8 engines only: the avatar's frames with speech-like audio through this audio encoder, named by what
+    # they are made of (the frames' crops, the encoder's file, the recipe) and computed only to quantize
+    crops = hashlib.sha256(avatar.templates[avatar.index(ids)].cpu().contiguous().numpy().tobytes()).hexdigest()
+    encoder_digest = file_digest(spec.audio_encoder)
+    calibration = Calibration(cache_key(crops=crops, variant=spec.variant, encoder=encoder_digest,
+                                        count=CALIBRATION_INPUTS, recipe=CALIBRATION_RECIPE),
+                              lambda: calibration_inputs(avatar.model_inputs(ids), encoder_net, CALIBRATION_INPUTS))
 
     if tune:
         generator, decision = tuned_engine(generator_net, shapes, engine_config, device, name, key,
@@ -250,10 +266,10 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     else:
         generator = build_engine(generator_net, shapes, engine_config, device, name, key, spec.engine_file, progress,
                                  probe=reference_input(avatar, shapes[1]),
-                                 calibration=calibration() if engine_config.precision == "int8" else None)
+                                 calibration=calibration if engine_config.precision == "int8" else None)
     encoder = build_engine(encoder_net, [(1, 80, 16)],
                            encoder_config(engine_config, generator, device, configured_max_batch), device,
-                           f"{spec.name}/audio_encoder", {"checkpoint": file_digest(spec.audio_encoder)}, None,
+                           f"{spec.name}/audio_encoder", {"checkpoint": encoder_digest}, None,
                            progress)
     pipeline = Pipeline(generator, encoder, avatar, device, micro_batch, spec.name, weights, spec.asr)
     log.info("model %s loaded on %s in %.1f s (%d avatar frames %dx%d, micro-batch %d)", spec.name, device,
