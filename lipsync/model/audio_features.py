@@ -33,6 +33,12 @@ def _mel_basis(device: torch.device) -> tuple[Tensor, Tensor]:
     return fbank, window
 
 
+def prepare(device: torch.device) -> None:
+    """Fixed work at load: the mel filter bank and window on `device` (built on the host once, then cached), so
+    that no request pays for it or copies from the host for it."""
+    _mel_basis(torch.device(device))
+
+
 def _mel_from_frames(padded: Tensor) -> Tensor:
     """Pre-emphasised, padded signal → normalised log-mel frames [M,80] for each hop-spaced 800-sample frame."""
     fbank, window = _mel_basis(padded.device)

@@ -154,6 +154,7 @@ class Pipeline:
         self.generator, self.encoder, self.avatar, self.device = generator, encoder, avatar, device
         self.micro_batch, self.name, self.weight_bytes = micro_batch, name, weight_bytes
         self.generator_audio_shape = AUDIO_FEATURE_SHAPE[asr]  # per-frame audio input of the generator
+        audio_features.prepare(device)
 
     # -- stages
     def features(self, wave: Tensor) -> Tensor:
