@@ -213,3 +213,16 @@ def test_eager_reference_is_computed_once_per_weights_and_probe(tmp_path):
     with pytest.raises(EngineError, match="refusing it"):
         build_engine(_CountingEncoder().eval(), [(1, 80, 16)], config, "cpu", "encoder", {"checkpoint": "a" * 64},
                      probe=probe)
+
+
+def test_an_unwritable_cache_does_not_stop_an_eager_engine(tmp_path, caplog):
+    """The eager backend needs no file: where the cache directory cannot be made, the gate's reference is computed
+    (and the engine held to it) with a warning, as before the reference was cached."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory would be")
+    config = EngineConfig.from_dict({"backend": "eager", "cache_dir": str(blocked / "engines")})
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING):
+        engine = build_engine(_CountingEncoder().eval(), [(1, 80, 16)], config, "cpu", "encoder",
+                              {"checkpoint": "c" * 64})
+    assert engine.max_error <= 1e-4 and "cannot be cached" in caplog.text
