@@ -24,7 +24,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -138,11 +138,11 @@ def choose_backend(config: EngineConfig, device: torch.device) -> tuple[str, str
     return "eager", "CPU device: eager fp32 (TensorRT and CUDA graphs need CUDA)"
 
 
-# CPU backends that run our own ONNX export, and the precisions each computes in.
 # Bumped whenever what a backend/precision candidate builds changes (e.g. int8's floating-point layers in bf16),
 # so that decisions measured on the older builds are measured again.
 BUILD_REVISION = 2
 
+# CPU backends that run our own ONNX export, and the precisions each computes in.
 ONNX_RUNTIMES = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16", "int8")}
 
 
@@ -243,6 +243,16 @@ def file_digest(path: str | Path) -> str:
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def tensor_digest(tensors: Iterable[Tensor]) -> str:
+    """Stable hash of tensors' shapes, dtypes and values (any device): what a cache entry built from them is named
+    by."""
+    digest = hashlib.sha256()
+    for x in tensors:
+        digest.update(str((tuple(x.shape), x.dtype)).encode())
+        digest.update(x.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -460,17 +470,12 @@ class Calibration:
 
     @staticmethod
     def of(samples: list[list[Tensor]]) -> Calibration:
-        """A calibration set given as its inputs, named by their bytes."""
-        digest = hashlib.sha256()
-        for sample in samples:
-            for x in sample:
-                digest.update(x.detach().float().cpu().contiguous().numpy().tobytes())
-        return Calibration(digest.hexdigest()[:16], lambda: samples)
+        """A calibration set given as its inputs, named by their values."""
+        return Calibration(tensor_digest(x for sample in samples for x in sample)[:16], lambda: samples)
 
 
 def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: EngineConfig, name: str,
-              key_parts: dict[str, Any], precision: str,
-              calibration: Calibration | None = None) -> Callable[..., Tensor]:
+              key_parts: dict[str, Any], precision: str, calibration: Calibration) -> Callable[..., Tensor]:
     """The ONNX export compiled by OpenVINO's CPU plugin: fp32, bf16 inference precision (AMX/AVX512-BF16), or int8
     (the export quantized by NNCF on `calibration`); inputs and outputs stay fp32. One infer request, used by one
     thread at a time."""
@@ -479,8 +484,6 @@ def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
     path = _onnx_file(net, sample_shapes, config, name, key_parts)
     model: Any = str(path)
     if precision == "int8":
-        if calibration is None:
-            raise EngineError(f"{name}: int8 needs calibration inputs (the pipeline passes the avatar's frames)")
         model = _int8_model(path, calibration, config, name, key_parts)
     compiled = openvino.Core().compile_model(model, "CPU", {
         # int8: the layers left in floating point compute in bf16 where the CPU has it natively (2-core AVX512
@@ -656,12 +659,8 @@ def eager_reference(reference: nn.Module, probe: list[Tensor], config: EngineCon
 
     if not key_parts or "checkpoint" not in key_parts:
         return compute()
-    digest = hashlib.sha256()
-    for x in probe:
-        digest.update(str((tuple(x.shape), x.dtype)).encode())
-        digest.update(x.detach().float().cpu().contiguous().numpy().tobytes())
     device = probe[0].device
-    parts = {**key_parts, "probe": digest.hexdigest()[:24], "torch": torch.__version__, "format": "eager-fp32-output",
+    parts = {**key_parts, "probe": tensor_digest(probe)[:24], "torch": torch.__version__, "format": "eager-fp32-output",
              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
     computed: list[Tensor] = []
 

@@ -5,7 +5,6 @@ Between decoded PCM and JPEG bytes every tensor stays on the model's device.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from lipsync.model.engines import (
     cache_key,
     file_digest,
     sized,
+    tensor_digest,
 )
 from lipsync.model.networks import AUDIO_FEATURE_SHAPE, INPUT_SIZE, CheckpointError, load_audio_encoder, load_generator
 
@@ -247,15 +247,17 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     _check_engine_file(spec)
     shapes = [(6, size, size), AUDIO_FEATURE_SHAPE[spec.asr]]
     name = f"{spec.name}/generator"
-    n = avatar.frame_count
-    ids = [round(i * (n - 1) / max(CALIBRATION_INPUTS - 1, 1)) for i in range(CALIBRATION_INPUTS)]
-    # int8 engines only: the avatar's frames with speech-like audio through this audio encoder, named by what
-    # they are made of (the frames' crops, the encoder's file, the recipe) and computed only to quantize
-    crops = hashlib.sha256(avatar.templates[avatar.index(ids)].cpu().contiguous().numpy().tobytes()).hexdigest()
     encoder_digest = file_digest(spec.audio_encoder)
-    calibration = Calibration(cache_key(crops=crops, variant=spec.variant, encoder=encoder_digest,
-                                        count=CALIBRATION_INPUTS, recipe=CALIBRATION_RECIPE),
-                              lambda: calibration_inputs(avatar.model_inputs(ids), encoder_net, CALIBRATION_INPUTS))
+    calibration = None
+    if device.type == "cpu":  # int8 engines (OpenVINO, CPU) only: the avatar's frames with speech-like audio
+        # through this audio encoder, named by what they are made of (the frames' crops, the encoder's file, the
+        # recipe) and computed only to quantize
+        n = avatar.frame_count
+        ids = [round(i * (n - 1) / max(CALIBRATION_INPUTS - 1, 1)) for i in range(CALIBRATION_INPUTS)]
+        calibration = Calibration(
+            cache_key(crops=tensor_digest([avatar.templates[avatar.index(ids)]]), variant=spec.variant,
+                      encoder=encoder_digest, count=CALIBRATION_INPUTS, recipe=CALIBRATION_RECIPE),
+            lambda: calibration_inputs(avatar.model_inputs(ids), encoder_net, CALIBRATION_INPUTS))
 
     if tune:
         generator, decision = tuned_engine(generator_net, shapes, engine_config, device, name, key,
