@@ -71,11 +71,11 @@ web: setup
 bench: setup
 	$(PY) benchmarks/bench_pipeline.py --out benchmarks/results/pipeline-$$($(PY) -c 'import torch;print("cuda" if torch.cuda.is_available() else "cpu")').json
 
-## gpu-check: on a CUDA machine, the CUDA tests + every benchmark → benchmarks/results/*-cuda-<gpu>.json
-##   (NO_SETUP=1 PY=python3 uses an existing environment instead of .venv; STEPS=tests,engines picks steps)
-STEPS ?= tests,engines,pipeline,server,server-square,live
+## gpu-check: on a CUDA machine, the CUDA tests + every benchmark → benchmarks/results/*-cuda-<gpu>.json, in one
+##   device call (9 min budget; NO_SETUP=1 PY=python3 uses an existing environment instead of .venv; STEPS=live,engines
+##   picks steps)
 gpu-check: $(if $(NO_SETUP),,setup)
-	$(PY) benchmarks/gpu_check.py --steps $(STEPS)
+	$(PY) benchmarks/gpu_check.py $(if $(STEPS),--steps $(STEPS))
 
 clean:
 	rm -rf out .pytest_cache

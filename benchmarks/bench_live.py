@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from common import ThreadCPU, assets, environment, figure, model_override, save_figure, write
+from common import ThreadCPU, assets, environment, figure, model_override, save_figure, write, write_partial
 
 from lipsync import timebase
 from lipsync._proto import lipsync_pb2 as pb
@@ -135,6 +135,17 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, [a, b], path)
 
 
+def summary(args: argparse.Namespace, device, rows: list[dict]) -> dict:
+    real_time = [r["sessions"] for r in rows if r["late_frames"] == 0 and r["refused"] == 0]
+    return {"benchmark": "live", "environment": environment(device), "seconds_per_session": args.seconds,
+            "duty_cycle": args.duty, "time_scale": args.time_scale, "admission_control": args.admission,
+            "output": f"{args.width}x{args.height} JPEG" if args.output == "full" else "SQUARE (pasted squares)",
+            "model": args.model or "seeded weights", "variant": args.variant if not args.model else None,
+            "max_real_time_sessions": max(real_time, default=0),
+            "note": f"conf/models/{args.model}.yaml" if args.model else "seeded untrained weights: the engine `auto` "
+                    "chooses can differ from a trained model's (int8 passes the gate on them)", "results": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", default="1,2,4,8,16")
@@ -184,6 +195,7 @@ def main() -> None:
             time.sleep(0.5)  # the sessions' close lines
             row["server_pacing_ms"] = server_pacing(server_log, logged)
             rows.append(row)
+            write_partial(summary(args, device, rows), args.out)
             print(f"{n:3d} sessions: late {row['late_frames']:5d}/{row['frames']:6d}  first frame p50 "
                   f"{row['first_frame_latency_ms']['p50']:7.1f} ms p95 {row['first_frame_latency_ms']['p95']:7.1f} ms"
                   f"  refused {row['refused']}  pacing p99 {row['pacing_late_ms']['p99']:.1f} ms at the client, "
@@ -194,15 +206,7 @@ def main() -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
         server_log.unlink()
-    real_time = [r["sessions"] for r in rows if r["late_frames"] == 0 and r["refused"] == 0]
-    write({"benchmark": "live", "environment": environment(device), "seconds_per_session": args.seconds,
-           "duty_cycle": args.duty, "time_scale": args.time_scale, "admission_control": args.admission,
-           "output": f"{args.width}x{args.height} JPEG" if args.output == "full" else "SQUARE (pasted squares)",
-           "model": args.model or "seeded weights", "variant": args.variant if not args.model else None,
-           "max_real_time_sessions": max(real_time, default=0),
-           "note": f"conf/models/{args.model}.yaml" if args.model else "seeded untrained weights: the engine `auto` "
-                   "chooses can differ from a trained model's (int8 passes the gate on them)", "results": rows},
-          args.out)
+    write(summary(args, device, rows), args.out)
     if args.out and rows:
         plot(rows, Path(args.out).with_suffix(".png"))
 

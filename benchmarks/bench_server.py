@@ -2,6 +2,10 @@
 
     python benchmarks/bench_server.py --streams 1,4,8,16,32 --seconds 4 --out benchmarks/results/server-gpu.json
 
+`--workers K` runs K `lipsync serve` processes on the one device (a process layout: K full workers per GPU, each
+batching its own sessions, as `lipsync cluster --workers K device=cuda:0` runs them behind Envoy) and deals the
+streams to them in turn; figures are the layout's (frames/s of all workers, CPU summed over them).
+
 Per point: aggregate frames/s, frame latency p50/p95/p99 (from the moment the audio a frame needs was sent),
 for paced runs whether every stream kept up with real time (25 fps each), and the server's CPU per delivered
 frame by thread (event-loop: gRPC, sessions, scheduling, messages; infer-<device>: mel, encoder, generator;
@@ -14,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from common import ThreadCPU, assets, environment, figure, model_override, save_figure, write
+from common import ThreadCPU, assets, environment, figure, model_override, save_figure, write, write_partial
 
 from lipsync import timebase
 from lipsync._proto import lipsync_pb2_grpc as pb_grpc
@@ -41,15 +47,15 @@ def speech_pcm(seconds: float) -> bytes:
     return (wave.numpy() * 32767).astype(np.int16).tobytes()
 
 
-async def run_point(target: str, server_pid: int, sessions: int, pcm: bytes, paced: bool, chunk_ms: float,
-                    output: int = 0) -> dict:
+async def run_point(targets: list[str], server_pids: list[int], sessions: int, pcm: bytes, paced: bool,
+                    chunk_ms: float, output: int = 0) -> dict:
     fmt = audio.AudioFormat("s16le", timebase.SAMPLE_RATE, 1)
-    async with channel(target) as ch:
-        stub = pb_grpc.LipSyncStub(ch)
-        with ThreadCPU(server_pid) as cpu:
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = [pb_grpc.LipSyncStub(await stack.enter_async_context(channel(target))) for target in targets]
+        with ThreadCPU(*server_pids) as cpu:
             t0 = time.perf_counter()
-            results = await asyncio.gather(*[stream(stub, "bench", pcm, fmt, chunk_ms, paced, output=output)
-                                             for _ in range(sessions)])
+            results = await asyncio.gather(*[stream(stubs[k % len(stubs)], "bench", pcm, fmt, chunk_ms, paced,
+                                                    output=output) for k in range(sessions)])
             wall = time.perf_counter() - t0
     summary = summarize(list(results), wall)
     summary["server_cpu_ms_per_frame"] = cpu.per_frame_ms(summary["frames"])
@@ -100,6 +106,17 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, [a, b], path)
 
 
+def summary(args: argparse.Namespace, device, synthesize_p50_ms: float, reference: dict | None,
+            rows: list[dict]) -> dict:
+    paced = [r for r in rows if r["paced"] and r["real_time_streams"] == r["streams"]]
+    return {"benchmark": "server", "environment": environment(device), "audio_s_per_stream": args.seconds,
+            "chunk_ms": args.chunk_ms, "output": f"{args.width}x{args.height} JPEG" if args.output == "full" else
+            f"SQUARE: the crop rectangle's JPEG of a {args.width}x{args.height} frame", "variant": args.variant,
+            "workers": args.workers, "synthesize_24_frames_p50_ms": round(synthesize_p50_ms, 1),
+            "pipeline_reference": reference,
+            "max_real_time_streams_sustained": max((r["streams"] for r in paced), default=0), "results": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="1,4,8,16,32")
@@ -111,6 +128,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=("328", "160"), default="328", help="SyncTalk_2D generator variant")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--workers", type=int, default=1, help="lipsync serve processes on the device, streams "
+                        "dealt to them in turn (a process layout)")
     parser.add_argument("--no-reference", action="store_true", help="skip the in-process pipeline reference")
     parser.add_argument("--output", choices=tuple(OUTPUTS), default="full", help="frames the server sends: whole "
                         "pictures, or each frame's generated square (FrameOutput SQUARE)")
@@ -122,26 +141,38 @@ def main() -> None:
     device = pick_device(args.device)
     overrides = [f"engine={args.engine}", "models=none", model_override(files, args.variant), f"device={device}",
                  "server.metrics_port=-1", "server.max_audio_seconds=3600", *args.overrides]
-    proc, port = spawn(overrides)
-    target = f"127.0.0.1:{port}"
+    if not 1 <= args.workers <= 16:
+        parser.error(f"--workers {args.workers}: must be 1..16")
+    with ThreadPoolExecutor(args.workers) as starting:  # the workers load (and compile) side by side
+        started = [starting.submit(spawn, overrides) for _ in range(args.workers)]
+    servers = [f.result() for f in started if not f.exception()]
+    if len(servers) < args.workers:  # none is left running when one failed to start
+        for proc, _ in servers:
+            proc.kill()
+        raise next(f.exception() for f in started if f.exception())
+    targets, pids = [f"127.0.0.1:{port}" for _, port in servers], [proc.pid for proc, _ in servers]
     pcm = speech_pcm(args.seconds)
     rows = []
     try:
-        p50 = asyncio.run(synthesize_p50(target, speech_pcm(24 * 0.04)[: 640 * 24 * 2 - 2 * 640 * 2],
+        p50 = asyncio.run(synthesize_p50(targets[0], speech_pcm(24 * 0.04)[: 640 * 24 * 2 - 2 * 640 * 2],
                                          5 if device.type == "cpu" else 30))
         for mode in args.modes.split(","):
             for n in [int(s) for s in args.streams.split(",")]:
-                row = asyncio.run(run_point(target, proc.pid, n, pcm, mode == "paced", args.chunk_ms,
+                row = asyncio.run(run_point(targets, pids, n, pcm, mode == "paced", args.chunk_ms,
                                             OUTPUTS[args.output]))
+                row["workers"] = args.workers
                 rows.append(row)
+                write_partial(summary(args, device, p50, None, rows), args.out)
                 cpu = row["server_cpu_ms_per_frame"]
                 print(f"{mode:6s} {n:3d} streams: {row['fps']:8.1f} frames/s  p95 {row['latency_ms']['p95']:9.1f} ms"
                       + (f"  real-time {row['real_time_streams']}/{n}" if row["paced"] else "")
                       + f"  server CPU ms/frame: event loop {cpu.get('event-loop', 0):.3f}, all {cpu['total']:.3f}",
                       flush=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
+        for proc, _ in servers:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers:
+            proc.wait(120)
     reference = None
     if not args.no_reference:  # after the server has stopped: the two never share the device or the cores
         reference = pipeline_reference(overrides, device, 32 if device.type == "cuda" else 16)
@@ -152,13 +183,7 @@ def main() -> None:
               f"{reference['fps']:.1f} frames/s; flat-out server: "
               + ", ".join(f"{r['streams']} streams {r['share_of_pipeline']:.0%}" for r in rows if not r["paced"]),
               flush=True)
-    paced = [r for r in rows if r["paced"] and r["real_time_streams"] == r["streams"]]
-    write({"benchmark": "server", "environment": environment(device), "audio_s_per_stream": args.seconds,
-           "chunk_ms": args.chunk_ms, "output": f"{args.width}x{args.height} JPEG" if args.output == "full" else
-           f"SQUARE: the crop rectangle's JPEG of a {args.width}x{args.height} frame", "variant": args.variant,
-           "synthesize_24_frames_p50_ms": round(p50, 1), "pipeline_reference": reference,
-           "max_real_time_streams_sustained": max((r["streams"] for r in paced), default=0),
-           "results": rows}, args.out)
+    write(summary(args, device, p50, reference, rows), args.out)
     if args.out and rows:
         plot(rows, Path(args.out).with_suffix(".png"))
 

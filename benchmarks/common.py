@@ -86,6 +86,15 @@ def write(result: dict, out: str | None) -> None:
         print(f"wrote {path.resolve()}", file=sys.stderr)
 
 
+def write_partial(result: dict, out: str | None) -> None:
+    """The result so far, marked partial, written quietly after each point: a run stopped part-way (gpu-check's
+    time budget) keeps the points it finished."""
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, "partial": "stopped before its last point"}, indent=2) + "\n")
+
+
 def figure(columns: int = 1, size: tuple[float, float] = (7, 4.5)):
     """A matplotlib figure (headless backend) with `columns` axes side by side."""
     import matplotlib
@@ -129,21 +138,25 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
 
 
 class ThreadCPU:
-    """CPU a server process spends per delivered frame, by thread name, over one measured stretch:
-    `with ThreadCPU(pid) as cpu: ...run...`, then `cpu.per_frame_ms(frames)`."""
+    """CPU the server processes spend per delivered frame, by thread name (summed over the processes: a layout of
+    several workers on one device is one server), over one measured stretch: `with ThreadCPU(pid, ...) as cpu:
+    ...run...`, then `cpu.per_frame_ms(frames)`."""
 
-    def __init__(self, pid: int):
-        self.pid = pid
+    def __init__(self, *pids: int):
+        self.pids = pids
         self.before: dict[int, tuple[str, float]] = {}
         self.seconds: dict[str, float] = {}
 
+    def _threads(self) -> dict[int, tuple[str, float]]:
+        return {tid: row for pid in self.pids for tid, row in thread_cpu(pid).items()}  # thread ids are unique
+
     def __enter__(self) -> "ThreadCPU":
-        self.before = thread_cpu(self.pid)
+        self.before = self._threads()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = {}
-        for tid, (name, seconds) in thread_cpu(self.pid).items():
+        for tid, (name, seconds) in self._threads().items():
             used = seconds - self.before.get(tid, (name, 0.0))[1]
             self.seconds[name] = self.seconds.get(name, 0.0) + used
 

@@ -34,6 +34,7 @@ def test_targets_without_results_are_none(tmp_path):
     assert {k: v for k, v in got.items() if not k.endswith("_target")} == {
         "server_vs_pipeline": None, "server_vs_pipeline_at_its_batch": None, "server_fps": None,
         "live_sessions_real_time": None, "event_loop_cpu_ms_per_frame": None, "square_server_fps": None,
+        "layout_server_fps": None, "best_layout": None,
         "square_jpeg_bytes_per_frame": None, "full_jpeg_bytes_per_frame": None}
 
 
@@ -44,3 +45,51 @@ def test_targets_put_square_output_beside_full_frames(tmp_path):
     got = gpu_check.targets(tmp_path, "h200")
     assert (got["square_server_fps"], got["square_jpeg_bytes_per_frame"], got["full_jpeg_bytes_per_frame"]) == \
         (1400.0, 1850, 21000)
+
+
+def test_targets_compare_process_layouts(tmp_path):
+    _write(tmp_path, "server", {"workers": 1, "results": [{"paced": False, "fps": 900.0, "workers": 1},
+                                                          {"paced": True, "fps": 2500.0, "workers": 1}]})
+    _write(tmp_path, "server-workers", {"workers": 2, "results": [{"paced": False, "fps": 1500.0, "workers": 2},
+                                                                  {"paced": False, "fps": 1300.0, "workers": 2}]})
+    got = gpu_check.targets(tmp_path, "h200")
+    assert got["layout_server_fps"] == {"1 process": 900.0, "2 process": 1500.0}
+    assert got["best_layout"] == "2 process" and got["server_fps"] == 900.0  # server_fps stays the one process's
+
+
+def test_steps_fit_the_budget_and_are_sized_for_one_device_call(tmp_path):
+    """Every step a run can name has a command; the servers compile three batch shapes and run flat out only;
+    the layout step runs the workers asked for."""
+    args = gpu_check.argparse.Namespace(streams="16,48", sessions="8,32", workers=3)
+    commands = gpu_check.step_commands("python3", "h200", tmp_path, tmp_path, args)
+    assert set(commands) == set(gpu_check.STEPS)
+    for name in ("server", "server-workers", "server-square", "live"):
+        assert gpu_check.SERVER_BUCKETS in commands[name], name
+    assert commands["server-workers"][commands["server-workers"].index("--workers") + 1] == "3"
+    assert all(c[c.index("--modes") + 1] == "flat" for n, c in commands.items() if n.startswith("server"))
+
+
+def test_a_step_out_of_time_is_stopped_with_what_it_started(tmp_path):
+    """A step that runs past its time is stopped with its whole process group: a server it spawned does not
+    outlive it (it would hold the GPU through the next step)."""
+    import os
+    import time
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    row = gpu_check.run_step("sleepy", [sys.executable, "-c", script], 3, tmp_path)
+    assert row["status"].startswith("timed out after 3 s")
+    child = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break  # a zombie: exited, waiting for init to reap it
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step's child {child} outlived it")
