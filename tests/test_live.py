@@ -22,7 +22,7 @@ from lipsync.apps.client import Say, channel, converse, open_stream
 from lipsync.codec import audio, jpeg
 from lipsync.model import audio_features
 from lipsync.model.avatar import load_avatar
-from lipsync.runtime.live import LiveConfig, LiveSession
+from lipsync.runtime.live import SUBMIT_FRAMES, LiveConfig, LiveSession
 from lipsync.runtime.scheduler import DeviceWorkers, ModelScheduler, Priority
 
 TIME_SCALE = 3.0
@@ -373,8 +373,9 @@ def _feed(session: LiveSession, utterance: str, pcm: bytes, piece: int = 6400) -
 
 def test_a_flood_of_queued_speech_is_held_within_its_bound(pipeline, speech):
     """Five 2-s utterances sent at once against a 6-s bound: three are kept, the rest end with an event that says
-    why; at no slot does the session have more frames waiting for the generator than its horizon, and what it
-    holds stays within `memory_bound`."""
+    why; at no slot does the session have more frames waiting for the generator than its horizon (and one
+    submission beyond it), and what it holds stays within `memory_bound`. Speech queued ahead of the clock goes to
+    the scheduler SUBMIT_FRAMES at a time, not as a job per slot."""
     config = LiveConfig(time_scale=1.0, render_ahead_s=0.4, max_queued_speech_s=6.0)
     pcm = pcm_of(speech[:32000])
 
@@ -383,6 +384,13 @@ def test_a_flood_of_queued_speech_is_held_within_its_bound(pipeline, speech):
         scheduler.start()
         idle = await scheduler.idle_jpegs(75)
         session = LiveSession(scheduler, config, S16, 16000, 0, 75, idle)
+        submit = scheduler.submit
+
+        def counted(features, *args, **kwargs):  # the real scheduler's submit, counting the live jobs' sizes
+            jobs.append(features.shape[0])
+            return submit(features, *args, **kwargs)
+        jobs: list[int] = []
+        scheduler.submit = counted
         peak_queue, peak_held, horizon, finished = 0, 0, 0, {}
         async for frame, events in session.frames():
             if frame.index == 0:
@@ -396,11 +404,13 @@ def test_a_flood_of_queued_speech_is_held_within_its_bound(pipeline, speech):
                 session.close()
         bound = session.memory_bound(max(len(j) for j in idle) * 2)
         await scheduler.stop()
-        return peak_queue, peak_held, bound, horizon, finished, session.horizon
-    peak_queue, peak_held, bound, horizon, finished, base = asyncio.run(main())
-    print(f"peak queue {peak_queue} frames (horizon {horizon}), held {peak_held / 1e6:.2f} MB of {bound / 1e6:.2f} MB")
+        return peak_queue, peak_held, bound, horizon, finished, session.horizon, jobs
+    peak_queue, peak_held, bound, horizon, finished, base, jobs = asyncio.run(main())
+    print(f"peak queue {peak_queue} frames (horizon {horizon}), held {peak_held / 1e6:.2f} MB of {bound / 1e6:.2f} MB;"
+          f" live jobs of {jobs} frames")
     assert base == 10 and horizon >= base
-    assert peak_queue <= horizon, (peak_queue, horizon)
+    assert peak_queue <= horizon + SUBMIT_FRAMES - 1, (peak_queue, horizon)
+    assert sum(jobs) >= 30 and len(jobs) <= sum(jobs) / SUBMIT_FRAMES + 3, jobs  # one job per slot before: ~38
     assert 0 < peak_held <= bound, (peak_held, bound)
     for k in (3, 4):
         assert finished[f"u{k}"]["interrupted"] and "server.live.max_queued_speech_s" in finished[f"u{k}"]["error"]

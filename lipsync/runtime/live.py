@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 IDLE, SPEECH, HELD = "idle", "speech", "held"
 CONTEXT_ROWS = audio_features.CONTEXT_BEFORE + audio_features.CONTEXT_AFTER - 1  # rows a chunk has past its frames
 MERGE_FRAMES = 64  # waiting feature chunks shorter than this are merged with the next (their context rows cost)
+# Frames a session hands to the scheduler at once while queued speech comes due (one per slot otherwise): each job
+# is a future, a heap entry and callbacks on the event loop, and speech sent ahead of real time (as a TTS sends
+# it) would make one per frame. 8 frames (320 ms) ahead of the horizon are a few % of it.
+SUBMIT_FRAMES = 8
 
 
 class SessionError(InvalidRequest):
@@ -211,14 +215,14 @@ class LiveSession:
     def memory_bound(self, jpeg_bytes: int) -> int:
         """The most `held_bytes` can reach, for JPEGs of at most `jpeg_bytes`: per second of queued speech its
         input audio (until decoded), its carried audio at the output rate and its feature rows (25 × 2 KB); the
-        rendered frames of one horizon, plus the frames of one utterance's lead."""
+        rendered frames of one horizon (and one submission beyond it), plus the frames of one utterance's lead."""
         context = CONTEXT_ROWS
         per_second = self.in_format.sample_rate * self.in_format.frame_bytes + self.out_rate * 2 + \
             timebase.FPS * 512 * 4 * 2 * (1 + context / MERGE_FRAMES)  # rows (storage up to twice what waits)
         utterances = self.config.max_queued_utterances + 2
         horizon = max([self.horizon, *(u.horizon for u in self.queue)])
         return int(self.config.max_queued_speech_s * per_second + utterances * 2 * context * 512 * 4
-                   + (horizon + self.scheduler.max_batch) * jpeg_bytes)
+                   + (horizon + SUBMIT_FRAMES + self.scheduler.max_batch) * jpeg_bytes)
 
     def held_bytes(self) -> int:
         """Memory this session holds for its utterances: audio not yet decoded, features not yet rendered (as
@@ -375,6 +379,7 @@ class LiveSession:
         until = self.pos - u.start_pos + u.horizon  # frames k < until show within the horizon
         if not u.waiting or u.waiting[0][0] >= until:
             return  # nothing due this slot (the common case while speech is queued)
+        until += SUBMIT_FRAMES - 1  # due now: the next frames go with it, as one job
         context = CONTEXT_ROWS
         keep: list[tuple[int, torch.Tensor]] = []
         for i, (first, rows) in enumerate(u.waiting):
