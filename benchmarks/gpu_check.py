@@ -152,14 +152,16 @@ def step_commands(py: str, tag: str, results: Path, logs: Path, args: argparse.N
     server = [py, str(BENCH / "bench_server.py"), "--device", "cuda", "--modes", "flat", "--seconds", "4"]
     return {
         "tests": [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rfEs",
-                  *(["-n", "4"] if xdist else []), f"--junitxml={logs / 'junit.xml'}"],
+                  *(["-n", "4", "--dist", "loadfile"] if xdist else []), f"--junitxml={logs / 'junit.xml'}"],
         "server": [*server, "--streams", args.streams, "--out", str(results / f"server-cuda-{tag}.json"),
                    SERVER_BUCKETS],
         # another process layout: several full workers on the one GPU, the streams dealt to them in turn
         "server-workers": [*server, "--streams", args.streams, "--workers", str(args.workers), "--no-reference",
                            "--out", str(results / f"server-workers-cuda-{tag}.json"), SERVER_BUCKETS],
+        # the server's session cap (64 by default) above the largest point, so that none is refused by it
         "live": [py, str(BENCH / "bench_live.py"), "--device", "cuda", "--sessions", args.sessions, "--seconds", "15",
-                 "--out", str(results / f"live-cuda-{tag}.json"), SERVER_BUCKETS],
+                 "--out", str(results / f"live-cuda-{tag}.json"), SERVER_BUCKETS,
+                 f"server.live.max_sessions={2 * max(int(n) for n in args.sessions.split(','))}"],
         # the same server with SQUARE output: frames/s per GPU and bytes per frame the other way
         "server-square": [*server, "--streams", "16,48", "--output", "square", "--no-reference",
                           "--out", str(results / f"server-square-cuda-{tag}.json"), SERVER_BUCKETS],

@@ -67,6 +67,7 @@ def test_steps_fit_the_budget_and_are_sized_for_one_device_call(tmp_path):
         assert gpu_check.SERVER_BUCKETS in commands[name], name
     assert commands["server-workers"][commands["server-workers"].index("--workers") + 1] == "3"
     assert all(c[c.index("--modes") + 1] == "flat" for n, c in commands.items() if n.startswith("server"))
+    assert "server.live.max_sessions=64" in commands["live"]  # twice the largest point: none refused by the cap
 
 
 def test_a_step_out_of_time_is_stopped_with_what_it_started(tmp_path):
