@@ -400,8 +400,8 @@ def test_a_flood_of_queued_speech_is_held_within_its_bound(pipeline, speech):
             peak_held = max(peak_held, session.held_bytes())
             horizon = max([horizon, *(u.horizon for u in session.queue)])
             finished.update({e.fields["utterance_id"]: e.fields for e in events if e.kind == "finished"})
-            if frame.index >= 75:
-                session.close()
+            if frame.index >= 75 and (sum(jobs) >= 3 * SUBMIT_FRAMES or frame.index >= 300):
+                session.close()  # on a loaded machine the first utterance starts later (a longer lead)
         bound = session.memory_bound(max(len(j) for j in idle) * 2)
         await scheduler.stop()
         return peak_queue, peak_held, bound, horizon, finished, session.horizon, jobs
@@ -410,7 +410,8 @@ def test_a_flood_of_queued_speech_is_held_within_its_bound(pipeline, speech):
           f" live jobs of {jobs} frames")
     assert base == 10 and horizon >= base
     assert peak_queue <= horizon + SUBMIT_FRAMES - 1, (peak_queue, horizon)
-    assert sum(jobs) >= 30 and len(jobs) <= sum(jobs) / SUBMIT_FRAMES + 3, jobs  # one job per slot before: ~38
+    # one job per slot before ([8, 1, 1, ...]): 17 or more for these 24 frames
+    assert sum(jobs) >= 3 * SUBMIT_FRAMES and len(jobs) <= sum(jobs) / SUBMIT_FRAMES + 3, jobs
     assert 0 < peak_held <= bound, (peak_held, bound)
     for k in (3, 4):
         assert finished[f"u{k}"]["interrupted"] and "server.live.max_queued_speech_s" in finished[f"u{k}"]["error"]
