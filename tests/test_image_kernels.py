@@ -35,6 +35,17 @@ def test_jpeg_bytes_equal_torchvision_and_decode_like_opencv(frames):
         assert np.abs(rgb.numpy().astype(int) - reference.astype(int)).max() <= 1  # libjpeg builds round alike
 
 
+def test_interleaved_frames_encode_to_the_same_bytes_without_a_copy(frames):
+    """The CPU avatar holds its frames channels-last (HWC in memory), which libjpeg reads as they are: the same
+    JPEG bytes as the planar frames, and the avatar (as load_avatar makes it) keeps that layout."""
+    from lipsync.model.avatar import Avatar
+
+    interleaved = frames.contiguous(memory_format=torch.channels_last)
+    assert encode_frames(interleaved, quality=80) == encode_frames(frames, quality=80)
+    held = Avatar(frames, [[8, 8, 40, 40]] * 2, variant="160").frames
+    assert held.is_contiguous(memory_format=torch.channels_last) and torch.equal(held, frames)
+
+
 def test_files_round_trip_as_torchvision_reads_them(frames, tmp_path):
     import torchvision.io as tvio
 

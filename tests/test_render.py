@@ -130,22 +130,27 @@ def test_help_shows_defaults(command, default, capsys):
     assert done.value.code == 0 and default in " ".join(capsys.readouterr().out.split())
 
 
-def test_mp4_writer_keeps_each_colour_in_its_channel(tmp_path):
-    """Frames go to x264 as planar G,B,R straight from the CHW tensor; decoded, each channel is where it was
-    (against OpenCV's own colour conversion of the decoded frame, not ours). An odd size is cropped to even."""
+@pytest.mark.parametrize("width,height,layout", [(67, 49, "planar"), (68, 50, "interleaved"), (67, 49, "interleaved")])
+def test_mp4_writer_keeps_each_colour_in_its_channel(tmp_path, width, height, layout):
+    """Frames go to x264 as planar G,B,R straight from a planar CHW tensor, or as packed RGB from one interleaved
+    in memory (the CPU avatar's); decoded, each channel is where it was (against OpenCV's own colour conversion of
+    the decoded frame, not ours). An odd size is cropped to even."""
     import torch
 
     from lipsync.codec.video import Mp4Writer
-    y, x = torch.meshgrid(torch.linspace(0, 1, 49), torch.linspace(0, 1, 67), indexing="ij")
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
     frame = (torch.stack([x, y, 1 - x * y]) * 255).round().to(torch.uint8)  # R, G, B: three different ramps
-    writer = Mp4Writer(tmp_path / "colours.mp4", 67, 49, with_audio=False, crf=10)
-    writer.write(frame[None].repeat(3, 1, 1, 1))
+    frames = frame[None].repeat(3, 1, 1, 1)
+    if layout == "interleaved":
+        frames = frames.contiguous(memory_format=torch.channels_last)
+    writer = Mp4Writer(tmp_path / "colours.mp4", width, height, with_audio=False, crf=10)
+    writer.write(frames)
     writer.close()
     with av.open(str(tmp_path / "colours.mp4")) as container:
         decoded = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
     assert len(decoded) == 3
     rgb = cv2.cvtColor(decoded[0], cv2.COLOR_YUV2RGB_I420).transpose(2, 0, 1).astype(np.float64)
-    expected = frame[:, :48, :66].numpy().astype(np.float64)
+    expected = frame[:, :height - height % 2, :width - width % 2].numpy().astype(np.float64)
     assert rgb.shape == expected.shape
     for channel in range(3):  # every channel within a few levels of its ramp (x264 at crf 10, 4:2:0 chroma)
         assert np.abs(rgb[channel] - expected[channel]).mean() < 6, channel

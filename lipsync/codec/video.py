@@ -32,14 +32,18 @@ class Mp4Writer:
     def write(self, frames: torch.Tensor) -> None:
         w, h = self.video.width, self.video.height
         for image in frames[:, :, :h, :w].cpu():
-            # Planar G, B, R straight from the CHW tensor: no interleaving copy (it cost more than the swscale
-            # conversion to yuv420p that the encoder does next).
-            frame = av.VideoFrame(w, h, "gbrp")
-            for plane, channel in zip(frame.planes, (1, 2, 0)):
-                rows = image[channel].numpy()
-                if plane.line_size != w:  # rows padded for alignment
-                    rows = np.pad(rows, ((0, 0), (0, plane.line_size - w)))
-                plane.update(np.ascontiguousarray(rows))
+            pixels = image.permute(1, 2, 0)
+            if pixels.is_contiguous():  # interleaved in memory (the CPU avatar's frames): handed over as they are
+                frame = av.VideoFrame.from_ndarray(pixels.numpy(), format="rgb24")
+            else:
+                # Planar G, B, R straight from the CHW tensor: no interleaving copy (it cost more than the swscale
+                # conversion to yuv420p that the encoder does next).
+                frame = av.VideoFrame(w, h, "gbrp")
+                for plane, channel in zip(frame.planes, (1, 2, 0)):
+                    rows = image[channel].numpy()
+                    if plane.line_size != w:  # rows padded for alignment
+                        rows = np.pad(rows, ((0, 0), (0, plane.line_size - w)))
+                    plane.update(np.ascontiguousarray(rows))
             frame.pts = self.frames
             self.frames += 1
             for packet in self.video.encode(frame):

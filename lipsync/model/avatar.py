@@ -156,12 +156,15 @@ def _read_video(path: Path, progress: bool) -> list[Tensor]:
 
 # --------------------------------------------------------------------------- the loaded avatar
 class Avatar:
-    """Frames [F,3,H,W] uint8 RGB on the device, rectangles, crop templates [F,3,T,T] and optional alpha."""
+    """Frames [F,3,H,W] uint8 RGB on the device (channels-last in memory on the CPU), rectangles, crop templates
+    [F,3,T,T] and optional alpha."""
 
     def __init__(self, frames: Tensor, rects: list[list[int]], variant: str = "328", sequence: str = "pingpong",
                  alpha: Tensor | None = None, name: str = "avatar", progress: bool = False):
         if sequence not in SEQUENCES:
             raise AvatarError(f"unknown sequence {sequence!r}; expected one of {SEQUENCES}")
+        if frames.device.type == "cpu":  # held interleaved (HWC in memory): the CPU's JPEG and H.264 encoders read
+            frames = frames.contiguous(memory_format=torch.channels_last)  # pixels so (see codec.jpeg)
         self.frames, self.rects, self.variant, self.sequence, self.name = frames, rects, variant, sequence, name
         self.size = INPUT_SIZE[variant]
         self.template_size = TEMPLATE_SIZE[variant]
