@@ -37,6 +37,20 @@ def test_composite_matches_opencv_and_leaves_the_rest(tiny_avatar):
         assert np.array_equal(ours[outside], img[outside])
 
 
+def test_composite_into_a_reused_buffer_equals_a_fresh_one(tiny_avatar):
+    """The server composites CPU frames into one buffer batch after batch: each batch equals a fresh composite,
+    with nothing left over from the batch before (a larger one, other frames), in the avatar's layout."""
+    avatar = load_avatar(tiny_avatar)
+    buffer = torch.full((4, *avatar.frames.shape[1:]), 77, dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(1)
+    for ids in ([0, 3, 5, 2], [5, 1], [4]):
+        pred = torch.rand(len(ids), 3, 320, 320, generator=generator)
+        got = composite(avatar, pred, ids, out=buffer)
+        assert got.data_ptr() == buffer.data_ptr() and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, composite(avatar, pred, ids))
+
+
 def test_alpha_one_equals_hard_paste(tiny_avatar):
     hard = load_avatar(tiny_avatar)
     soft = load_avatar(tiny_avatar)

@@ -51,10 +51,15 @@ def _pasted(avatar: Avatar, predictions: Tensor, frame_ids: list[int], index: Te
                 yield b, (alpha * patch.float() + (1 - alpha) * region).round_().to(torch.uint8)
 
 
-def composite(avatar: Avatar, predictions: Tensor, frame_ids: list[int]) -> Tensor:
-    """Paste each prediction into its avatar frame: [B,3,S,S] BGR float → frames [B,3,H,W] uint8 RGB."""
+def composite(avatar: Avatar, predictions: Tensor, frame_ids: list[int], out: Tensor | None = None) -> Tensor:
+    """Paste each prediction into its avatar frame: [B,3,S,S] BGR float → frames [B,3,H,W] uint8 RGB. `out`:
+    frames [≥B,3,H,W] to write them into, a buffer its owner reuses (on the CPU a fresh 1280×720 frame costs its
+    page faults: 1.9 ms to gather one against 0.4 into memory already touched)."""
     index = avatar.index(frame_ids)
-    out = avatar.frames[index]
+    if out is None:
+        out = avatar.frames[index]
+    else:
+        out = torch.index_select(avatar.frames, 0, index, out=out[:len(frame_ids)])
     for b, square in _pasted(avatar, predictions, frame_ids, index):
         x1, y1, x2, y2 = avatar.rects[frame_ids[b]]
         out[b, :, y1:y2, x1:x2] = square

@@ -167,8 +167,8 @@ class Pipeline:
             visual = self.avatar.model_inputs(frame_ids)
         return self.generator(visual, features.to(self.device))
 
-    def compose(self, predictions: Tensor, frame_ids: list[int]) -> Tensor:
-        return compose.composite(self.avatar, predictions, frame_ids)
+    def compose(self, predictions: Tensor, frame_ids: list[int], out: Tensor | None = None) -> Tensor:
+        return compose.composite(self.avatar, predictions, frame_ids, out)
 
     def squares(self, predictions: Tensor, frame_ids: list[int]) -> list[Tensor]:
         """SQUARE output: each frame's crop rectangle as `compose` finishes it, [3,h,w] uint8 RGB."""

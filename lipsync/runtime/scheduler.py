@@ -227,6 +227,7 @@ class ModelScheduler:
         self.capacity_fps: float | None = None
         self._calibration: asyncio.Future | None = None  # the one measurement in progress (calibrate)
         self._idle_jpegs: collections.OrderedDict[int, asyncio.Future] = collections.OrderedDict()
+        self._frames_out: Tensor | None = None  # whole frames composited for JPEG on the CPU (_frames_buffer)
         self._idle_lock = asyncio.Lock()
         self.live_sessions: set[Any] = set()  # open live sessions of this model (admission control)
 
@@ -671,8 +672,12 @@ class ModelScheduler:
         # batch rows in batch order: `frames` and `squares` are indexed through them, never by a group's order
         whole = sorted(row for (_, square), rows in groups.items() if not square for row in rows)
         parts = sorted(row for (_, square), rows in groups.items() if square for row in rows)
+        # JPEG-bound whole frames on the CPU are composited into one buffer reused batch after batch (frames for
+        # offline rendering, quality None, leave with the caller: those get their own)
+        reuse = self.pipeline.device.type == "cpu" and all(q is not None for q, square in groups if not square)
         with clock.stage("composite"):  # whole frames where asked, crop rectangles only (SQUARE) where asked
-            frames = self.pipeline.compose(*self._rows(predictions, ids, whole)) if whole else None
+            frames = self.pipeline.compose(*self._rows(predictions, ids, whole),
+                                           out=self._frames_buffer(len(whole)) if reuse else None) if whole else None
             squares = dict(zip(parts, self.pipeline.squares(*self._rows(predictions, ids, parts)))) if parts else {}
         at = {row: k for k, row in enumerate(whole)}  # a batch row → its row in `frames`
         jpegs: list[Any] = [b""] * len(ids)
@@ -687,6 +692,17 @@ class ModelScheduler:
                 for row, data in zip(rows, out):
                     jpegs[row] = data
         return jpegs, clock.result()
+
+    def _frames_buffer(self, frames: int) -> Tensor:
+        """Whole frames for `_finish` to composite into, on the encode thread only (one per device, so one batch
+        at a time uses it): [≥frames,3,H,W] uint8, laid out as the avatar's frames are."""
+        if self._frames_out is None or self._frames_out.shape[0] < frames:
+            held = self.pipeline.avatar.frames
+            layout = torch.channels_last if held.is_contiguous(memory_format=torch.channels_last) \
+                else torch.contiguous_format
+            self._frames_out = torch.empty((max(frames, self.max_batch), *held.shape[1:]), dtype=held.dtype,
+                                           device=held.device, memory_format=layout)
+        return self._frames_out
 
     @staticmethod
     def _rows(predictions: Tensor, ids: list[int], rows: list[int]) -> tuple[Tensor, list[int]]:
