@@ -49,7 +49,7 @@ CONTEXT_ROWS = audio_features.CONTEXT_BEFORE + audio_features.CONTEXT_AFTER - 1 
 MERGE_FRAMES = 64  # waiting feature chunks shorter than this are merged with the next (their context rows cost)
 # Frames a session hands to the scheduler at once while queued speech comes due (one per slot otherwise): each job
 # is a future, a heap entry and callbacks on the event loop, and speech sent ahead of real time (as a TTS sends
-# it) would make one per frame. 8 frames (320 ms) ahead of the horizon are a few % of it.
+# it) would make one per frame. 8 frames (320 ms) past the horizon: a sixth of the default 2-s one.
 SUBMIT_FRAMES = 8
 
 
