@@ -5,9 +5,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lipsync.codec.jpeg import encode_frames
-from lipsync.model.avatar import BLEND_INSET, BLEND_RAMP, blend_mask, load_avatar
+from lipsync.model.avatar import BLEND_INSET, BLEND_RAMP, Avatar, blend_mask, load_avatar
 from lipsync.model.compose import composite
 
 
@@ -88,6 +89,61 @@ def test_blend_keeps_the_squares_edge_from_the_frame_and_the_mouth_from_the_gene
     assert row[:BLEND_INSET].max() == 0 and row[BLEND_INSET + BLEND_RAMP:164].min() == 1
     assert (row[:165].diff() >= 0).all()  # rises without a step back: no ring
     assert torch.equal(alpha, alpha.flip(0)) and torch.equal(alpha, alpha.T)
+
+
+def mixed_avatar() -> Avatar:
+    """Four 128×96 noise frames whose crop rectangles have three sizes, with the blend alpha."""
+    frames = torch.randint(0, 256, (4, 3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    rects = [[10, 8, 50, 48], [60, 20, 96, 62], [70, 40, 110, 80], [4, 30, 58, 90]]  # 40×40, 36×42, 40×40, 54×60
+    return Avatar(frames, rects, alpha=blend_mask(328))
+
+
+def test_blended_batch_of_mixed_sizes_matches_opencv():
+    """Frames whose rectangles differ in size, in one batch: each is the OpenCV paste blended over the frame's own
+    pixels with the alpha resized by OpenCV (bilinear), within one level."""
+    avatar = mixed_avatar()
+    ids = [0, 1, 2, 3, 1, 0]
+    pred = torch.rand(len(ids), 3, 320, 320, generator=torch.Generator().manual_seed(3))
+    frames = composite(avatar, pred, ids)
+    alpha = blend_mask(328).numpy()
+    for b, f in enumerate(ids):
+        img = avatar.frames[f].permute(1, 2, 0).numpy()[..., ::-1].copy()
+        x1, y1, x2, y2 = avatar.rects[f]
+        pasted = opencv_paste(img, avatar.rects[f], pred[b].permute(1, 2, 0).numpy())[y1:y2, x1:x2]
+        a = cv2.resize(alpha, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)[..., None]
+        ref = np.round(a * pasted + (1 - a) * img[y1:y2, x1:x2])
+        ours = frames[b].permute(1, 2, 0).numpy()[..., ::-1]
+        assert np.abs(ours[y1:y2, x1:x2].astype(int) - ref.astype(int)).max() <= 1
+        outside = np.ones(img.shape[:2], bool)
+        outside[y1:y2, x1:x2] = False
+        assert np.array_equal(ours[outside], img[outside])
+
+
+class DeviceCalls(TorchDispatchMode):
+    """Counts the tensor operations that do work (on a GPU, launch a kernel): every aten call but views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def test_compositing_costs_each_frame_one_device_call():
+    """Host work per frame: after the batch's calls per rectangle size (gather, resize, blend), each further frame
+    of a size adds only its paste — on a GPU, one kernel launch, not one per step of the blend."""
+    avatar = mixed_avatar()
+
+    def device_calls(ids: list[int]) -> int:
+        pred = torch.rand(len(ids), 3, 320, 320)
+        with DeviceCalls() as calls:
+            composite(avatar, pred, ids)
+        return calls.count
+
+    small, large = device_calls([0, 1, 3]), device_calls([0, 1, 3] + [0, 2] * 4)
+    assert (large - small) / 8 <= 1.5, (small, large)
 
 
 def test_jpeg_batch_decodes_in_rgb_order():

@@ -27,10 +27,12 @@ def predictions_to_rgb8(predictions: Tensor) -> Tensor:
     return (predictions.float() * 255.0).to(torch.uint8).flip(1)
 
 
-def _pasted(avatar: Avatar, predictions: Tensor, frame_ids: list[int], index: Tensor) -> Iterator[tuple[int, Tensor]]:
-    """(row, finished pixels of its crop rectangle [3,h,w] uint8 RGB) for each prediction: the template with the
-    prediction inside, resized to the rectangle (rectangles of one size in one call), alpha-blended over the frame's
-    own pixels where the avatar has an alpha (§8 steps 1–4)."""
+def _pasted(avatar: Avatar, predictions: Tensor, frame_ids: list[int], index: Tensor) \
+        -> Iterator[tuple[list[int], Tensor]]:
+    """(rows, finished pixels of their crop rectangles [G,3,h,w] uint8 RGB) for each rectangle size of the batch:
+    the templates with the predictions inside, resized to the rectangle, alpha-blended over the frames' own pixels
+    where the avatar has an alpha (§8 steps 1–4). Each step runs once per size, not once per frame: a frame costs
+    its share of a few batched calls (on a GPU, of their kernel launches) whatever its compose mode."""
     side, border = avatar.size, TEMPLATE_BORDER
     templates = avatar.templates[index]  # advanced indexing: already a copy
     templates[:, :, border:border + side, border:border + side] = predictions_to_rgb8(predictions)
@@ -38,17 +40,20 @@ def _pasted(avatar: Avatar, predictions: Tensor, frame_ids: list[int], index: Te
     for b, f in enumerate(frame_ids):
         x1, y1, x2, y2 = avatar.rects[f]
         groups.setdefault((y2 - y1, x2 - x1), []).append(b)
-    for size, members in groups.items():
-        patches = resize_bicubic(templates[members], size)
-        for patch, b in zip(patches, members):
-            f = frame_ids[b]
-            if avatar.alpha is None:
-                yield b, patch
-            else:
-                x1, y1, x2, y2 = avatar.rects[f]
-                alpha = avatar.alpha[f]
-                region = avatar.frames[f, :, y1:y2, x1:x2].float()
-                yield b, (alpha * patch.float() + (1 - alpha) * region).round_().to(torch.uint8)
+    for size, rows in groups.items():
+        patches = resize_bicubic(templates[rows], size)
+        if avatar.alpha is not None:
+            ids = [frame_ids[b] for b in rows]
+            alpha = torch.stack([avatar.alpha[f] for f in ids])
+            region = torch.stack([_rectangle(avatar, f) for f in ids]).float()
+            patches = patches.float().mul_(alpha).add_(region.mul_(1 - alpha)).round_().to(torch.uint8)
+        yield rows, patches
+
+
+def _rectangle(avatar: Avatar, frame: int) -> Tensor:
+    """The avatar frame's own pixels inside its crop rectangle [3,h,w] (a view)."""
+    x1, y1, x2, y2 = avatar.rects[frame]
+    return avatar.frames[frame, :, y1:y2, x1:x2]
 
 
 def composite(avatar: Avatar, predictions: Tensor, frame_ids: list[int], out: Tensor | None = None) -> Tensor:
@@ -60,9 +65,10 @@ def composite(avatar: Avatar, predictions: Tensor, frame_ids: list[int], out: Te
         out = avatar.frames[index]
     else:
         out = torch.index_select(avatar.frames, 0, index, out=out[:len(frame_ids)])
-    for b, square in _pasted(avatar, predictions, frame_ids, index):
-        x1, y1, x2, y2 = avatar.rects[frame_ids[b]]
-        out[b, :, y1:y2, x1:x2] = square
+    for rows, finished in _pasted(avatar, predictions, frame_ids, index):
+        for b, square in zip(rows, finished):
+            x1, y1, x2, y2 = avatar.rects[frame_ids[b]]
+            out[b, :, y1:y2, x1:x2] = square
     return out
 
 
@@ -70,6 +76,7 @@ def squares(avatar: Avatar, predictions: Tensor, frame_ids: list[int]) -> list[T
     """The finished pixels of each frame's crop rectangle only ([3,h,w] uint8 RGB each): exactly what `composite`
     writes there, without copying whole frames (SQUARE output; the client pastes them onto the avatar's frames)."""
     found: list[Tensor] = [predictions.new_empty(0)] * len(frame_ids)
-    for b, square in _pasted(avatar, predictions, frame_ids, avatar.index(frame_ids)):
-        found[b] = square
+    for rows, finished in _pasted(avatar, predictions, frame_ids, avatar.index(frame_ids)):
+        for b, square in zip(rows, finished):
+            found[b] = square
     return found
