@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import torch
-from common import assets, environment, sync, write
+from common import TensorOps, assets, environment, sync, write
 
 from lipsync.model.engines import EngineConfig
 from lipsync.model.pipeline import ModelSpec, load_pipeline, pick_device
@@ -49,9 +49,22 @@ async def run(pipeline, wave, batches: list[int], args, device) -> tuple[list[di
         await scheduler.stop()
         rows.append({"batch": batch, "frames": total, "fps": round(total / wall, 2),
                      "ms_per_frame": {k: round(v / total, 3) for k, v in stages.items() if k in STAGES} |
-                     {"total": round(wall * 1e3 / total, 3)}})
+                     {"total": round(wall * 1e3 / total, 3)},
+                     "composite_ops_per_frame": composite_ops_per_frame(pipeline, batch)})
         print(f"batch {batch:3d}: {total / wall:8.2f} frames/s", flush=True)
     return rows, audio_ms
+
+
+def composite_ops_per_frame(pipeline, batch: int) -> float:
+    """Tensor operations per frame of compositing one batch, untimed: on a GPU each is a kernel launch its Python
+    thread pays for, so what stays as the batch grows is per-frame host work. (torchvision's JPEG encoder is not
+    seen by the count: one call per batch on CUDA, one per frame on the CPU.)"""
+    ids = pipeline.avatar.frames_for(0, 0, batch)
+    side = pipeline.avatar.size
+    predictions = torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(0)).to(pipeline.device)
+    with TensorOps() as ops:
+        pipeline.compose(predictions, ids)
+    return round(ops.count / batch, 2)
 
 
 def main() -> None:

@@ -9,12 +9,26 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lipsync.model.demo import make_avatar, make_weights  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent.parent / "out" / "bench_assets"
+
+
+class TensorOps(TorchDispatchMode):
+    """Counts the tensor operations that do work, in this thread: every aten call but views. On a GPU each is a
+    kernel launch its Python thread pays for, so a count per frame is host work a CPU can measure for a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 def assets(width: int = 1280, height: int = 720, frames: int = 24, variant: str = "328") -> dict[str, Path]:

@@ -1,15 +1,20 @@
 """Compositing and JPEG (SPEC §8) against an OpenCV transcription of SyncTalk_2D's paste-back."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lipsync.codec.jpeg import encode_frames
 from lipsync.model.avatar import BLEND_INSET, BLEND_RAMP, Avatar, blend_mask, load_avatar
 from lipsync.model.compose import composite
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from common import TensorOps  # noqa: E402
 
 
 def opencv_paste(img_bgr: np.ndarray, rect, pred_bgr: np.ndarray) -> np.ndarray:
@@ -119,18 +124,6 @@ def test_blended_batch_of_mixed_sizes_matches_opencv():
         assert np.array_equal(ours[outside], img[outside])
 
 
-class DeviceCalls(TorchDispatchMode):
-    """Counts the tensor operations that do work (on a GPU, launch a kernel): every aten call but views."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
 def test_compositing_costs_each_frame_one_device_call():
     """Host work per frame: after the batch's calls per rectangle size (gather, resize, blend), each further frame
     of a size adds only its paste — on a GPU, one kernel launch, not one per step of the blend."""
@@ -138,7 +131,7 @@ def test_compositing_costs_each_frame_one_device_call():
 
     def device_calls(ids: list[int]) -> int:
         pred = torch.rand(len(ids), 3, 320, 320)
-        with DeviceCalls() as calls:
+        with TensorOps() as calls:
             composite(avatar, pred, ids)
         return calls.count
 
