@@ -34,14 +34,16 @@ def _pasted(avatar: Avatar, predictions: Tensor, frame_ids: list[int], index: Te
     where the avatar has an alpha (§8 steps 1–4). Each step runs once per size, not once per frame: a frame costs
     its share of a few batched calls (on a GPU, of their kernel launches) whatever its compose mode."""
     side, border = avatar.size, TEMPLATE_BORDER
-    templates = avatar.templates[index]  # advanced indexing: already a copy
+    templates = avatar.templates.index_select(0, index)  # a copy (and on the CPU 20× faster than indexing)
     templates[:, :, border:border + side, border:border + side] = predictions_to_rgb8(predictions)
     groups: dict[tuple[int, int], list[int]] = {}
     for b, f in enumerate(frame_ids):
         x1, y1, x2, y2 = avatar.rects[f]
         groups.setdefault((y2 - y1, x2 - x1), []).append(b)
     for size, rows in groups.items():
-        patches = resize_bicubic(templates[rows], size)
+        members = templates if len(rows) == len(frame_ids) else \
+            templates.index_select(0, torch.tensor(rows, device=templates.device))
+        patches = resize_bicubic(members, size)
         if avatar.alpha is not None:
             ids = [frame_ids[b] for b in rows]
             alpha = torch.stack([avatar.alpha[f] for f in ids])
@@ -62,9 +64,8 @@ def composite(avatar: Avatar, predictions: Tensor, frame_ids: list[int], out: Te
     page faults: 1.9 ms to gather one against 0.4 into memory already touched)."""
     index = avatar.index(frame_ids)
     if out is None:
-        out = avatar.frames[index]
-    else:
-        out = torch.index_select(avatar.frames, 0, index, out=out[:len(frame_ids)])
+        out = avatar.empty_frames(len(frame_ids))
+    out = torch.index_select(avatar.frames, 0, index, out=out[:len(frame_ids)])
     for rows, finished in _pasted(avatar, predictions, frame_ids, index):
         for b, square in zip(rows, finished):
             x1, y1, x2, y2 = avatar.rects[frame_ids[b]]

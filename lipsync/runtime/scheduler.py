@@ -697,11 +697,7 @@ class ModelScheduler:
         """Whole frames for `_finish` to composite into, on the encode thread only (one per device, so one batch
         at a time uses it): [≥frames,3,H,W] uint8, laid out as the avatar's frames are."""
         if self._frames_out is None or self._frames_out.shape[0] < frames:
-            held = self.pipeline.avatar.frames
-            layout = torch.channels_last if held.is_contiguous(memory_format=torch.channels_last) \
-                else torch.contiguous_format
-            self._frames_out = torch.empty((max(frames, self.max_batch), *held.shape[1:]), dtype=held.dtype,
-                                           device=held.device, memory_format=layout)
+            self._frames_out = self.pipeline.avatar.empty_frames(max(frames, self.max_batch))
         return self._frames_out
 
     @staticmethod
