@@ -183,3 +183,17 @@ def test_stream_resampler_equals_whole_resample(rate):
         pos, i = pos + sizes[i % 5], i + 1
     out.append(resampler.finish())
     torch.testing.assert_close(torch.cat(out), A.resample(x, rate), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100])
+def test_empty_chunks_change_nothing(rate):
+    """Clients may send empty audio messages, before any audio or between chunks: the same samples come out, and
+    a stream of empty chunks alone ends with none."""
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal(rate // 2).astype(np.float32))
+    empty = x[:0]
+    resampler = A.StreamResampler(rate)
+    out = [resampler.push(empty), resampler.push(x[:1000]), resampler.push(empty), resampler.push(x[1000:]),
+           resampler.push(empty), resampler.finish()]
+    torch.testing.assert_close(torch.cat(out), A.resample(x, rate), atol=1e-5, rtol=0)
+    silent = A.StreamResampler(rate)
+    assert silent.push(empty).numel() == 0 and silent.finish().numel() == 0

@@ -236,8 +236,8 @@ class StreamResampler:
 
     def push(self, wave: Tensor) -> Tensor:
         self.device = wave.device
-        if self.rate == self.new_rate:
-            return wave
+        if self.rate == self.new_rate or not wave.numel():  # an empty chunk (a client may send one) adds nothing:
+            return wave  # a tail of no samples would reach torchaudio's resample at finish(), which cannot take one
         self.total_in += wave.numel()
         self.tail = wave if self.tail is None else torch.cat([self.tail, wave])
         if not self.polyphase:
