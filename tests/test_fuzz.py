@@ -24,7 +24,8 @@ BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DAT
 
 
 class Hostile:
-    """Requests drawn from a seeded generator: each field valid most of the time, else one of its edge cases."""
+    """Requests drawn from a seeded generator: valid ones, most of them with one field (or one message) replaced by
+    an edge case, so that every check along the way is reached, not only the first."""
 
     def __init__(self, seed: int):
         self.rng = random.Random(seed)
@@ -32,95 +33,93 @@ class Hostile:
     def pick(self, *options):
         return self.rng.choice(options)
 
-    def often(self, valid, *bad):
-        return valid if self.rng.random() < 0.75 else self.pick(*bad)
-
-    def number(self) -> int:
-        return self.pick(-2**31, -1, 0, 1, 3, 101, 7999, 48001, 10**6, 2**31 - 1)
-
-    def model(self) -> str:
-        return self.often("tiny", "", "nope", "../../etc/passwd", "a" * 5000, "\x00", "TINY", "tiny ", "é")
+    def mutated(self, valid: dict, edges: dict) -> dict:
+        """`valid` fields, most of the time with one of them replaced by one of its edge cases."""
+        fields = dict(valid)
+        if self.rng.random() < 0.7:
+            key = self.pick(*edges)
+            fields[key] = self.pick(*edges[key])
+        return fields
 
     def audio_format(self) -> pb.AudioFormat:
-        if self.rng.random() < 0.85:
-            return pb.AudioFormat(encoding=self.pick(0, 1, 2), sample_rate=self.pick(0, 8000, 22050, 48000),
-                                  channels=self.pick(0, 1, 2))
-        return pb.AudioFormat(encoding=self.pick(3, 4, -1), sample_rate=self.number(),
-                              channels=self.pick(-1, 3, 1000))
+        return pb.AudioFormat(**self.mutated(
+            dict(encoding=self.pick(0, 1, 2), sample_rate=self.pick(0, 8000, 22050, 48000),
+                 channels=self.pick(0, 1, 2)),
+            dict(encoding=(3, 4, -1), sample_rate=(-1, 1, 7999, 48001, 2**31 - 1), channels=(-1, 3, 1000))))
 
     def samples(self) -> bytes:
-        """Up to 2 s of 16 kHz s16 audio: silence, full-scale, noise, NaN floats, or a stray byte count."""
-        n = self.pick(0, 1, 3, 640, 6400, 64000, self.rng.randrange(0, 64001))
-        kind = self.pick("silence", "noise", "full", "nan")
+        """Up to 2 s of audio whose size fits every PCM format (silence, noise or full scale), or one that does not:
+        empty, a stray byte count, NaN floats."""
+        n = 8 * self.rng.randrange(1, 8000)
+        kind = self.pick("silence", "noise", "full", "silence", "noise", "full", "empty", "stray", "nan")
         if kind == "noise":
             return self.rng.randbytes(n)
+        if kind == "full":
+            return struct.pack("<hh", 32767, -32768) * (n // 4)
         if kind == "nan":
-            return (struct.pack("<f", float("nan")) * (n // 4 + 1))[:n]
-        return bytes(n) if kind == "silence" else (struct.pack("<hh", 32767, -32768) * (n // 4 + 1))[:n]
+            return struct.pack("<f", float("nan")) * (n // 4)
+        return {"silence": bytes(n), "empty": b"", "stray": bytes(self.pick(1, 3, 5, n + 1))}[kind]
 
     def wav(self) -> bytes:
         """A RIFF/WAVE file whose header fields may lie."""
         data = self.samples()
-        fmt = struct.pack("<HHIIHH", self.pick(1, 3, 0, 65535), self.pick(1, 2, 0, 65535),
-                          self.number() & 0xFFFFFFFF, self.number() & 0xFFFFFFFF, self.pick(2, 4, 0),
-                          self.pick(16, 32, 8, 0))
-        return (b"RIFF" + struct.pack("<I", self.pick(36 + len(data), 0, 2**32 - 1)) + b"WAVEfmt "
-                + struct.pack("<I", self.pick(16, 0, 1000)) + fmt + b"data"
-                + struct.pack("<I", self.pick(len(data), 2**32 - 1, len(data) + 10)) + data)
-
-    def quality(self) -> int:
-        return self.often(self.pick(0, 1, 100), -1, 101, 2**31 - 1)
-
-    def output(self) -> int:
-        return self.often(self.pick(0, 1), 2, -1)
+        header = self.mutated(dict(tag=1, channels=1, rate=16000, byte_rate=32000, align=2, bits=16, size=len(data)),
+                              dict(tag=(3, 0, 65535), channels=(0, 2, 65535), rate=(0, 7, 2**32 - 1),
+                                   byte_rate=(0, 2**32 - 1), align=(0, 4), bits=(0, 8, 32), size=(0, 2**32 - 1)))
+        fmt = struct.pack("<HHIIHH", header["tag"], header["channels"], header["rate"], header["byte_rate"],
+                          header["align"], header["bits"])
+        return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + b"data"
+                + struct.pack("<I", header["size"]) + data)
 
     def synthesize(self) -> pb.SynthesizeRequest:
         fmt = self.audio_format()
-        audio = self.wav() if fmt.encoding == 3 else self.samples()
-        return pb.SynthesizeRequest(model_id=self.model(), audio=audio, format=fmt, output=self.output(),
-                                    start_frame=self.often(5, -1, 2**31 - 1), jpeg_quality=self.quality())
+        fields = self.mutated(dict(model_id="tiny", start_frame=5, jpeg_quality=self.pick(0, 1, 100),
+                                   output=self.pick(0, 1)), EDGES)
+        return pb.SynthesizeRequest(audio=self.wav() if fmt.encoding == 3 else self.samples(), format=fmt, **fields)
 
     def stream(self) -> list[pb.StreamRequest]:
-        messages = []
-        if self.rng.random() < 0.9:
-            messages.append(pb.StreamRequest(config=pb.StreamConfig(
-                model_id=self.model(), format=self.audio_format(), start_frame=self.often(0, -1),
-                jpeg_quality=self.quality(), lookahead_frames=self.often(self.pick(0, 1, 6), -1, 2**31 - 1),
-                output=self.output())))
-        for _ in range(self.rng.randrange(0, 8)):
-            r = self.rng.random()
-            messages.append(pb.StreamRequest(audio=self.often(bytes(6400), self.samples())) if r < 0.75 else
-                            pb.StreamRequest(end_of_audio=True) if r < 0.9 else
-                            pb.StreamRequest(config=pb.StreamConfig(model_id="tiny")))
-        return messages
+        config = pb.StreamConfig(format=self.audio_format(), **self.mutated(
+            dict(model_id="tiny", start_frame=0, jpeg_quality=75, output=self.pick(0, 1),
+                 lookahead_frames=self.pick(0, 1, 6)), {**EDGES, "lookahead_frames": (-1, 7, 2**31 - 1)}))
+        return self.session(pb.StreamRequest(config=config), lambda: pb.StreamRequest(audio=self.samples()),
+                            [pb.StreamRequest(end_of_audio=True), pb.StreamRequest(config=config)])
 
     def converse(self) -> list[pb.ConverseRequest]:
-        messages = []
-        if self.rng.random() < 0.9:
-            messages.append(pb.ConverseRequest(config=pb.ConverseConfig(
-                model_id=self.model(), format=self.audio_format(), start_frame=self.often(0, -1),
-                jpeg_quality=self.quality(), output=self.output(),
-                output_sample_rate=self.often(self.pick(0, 16000, 48000), 1, -16000, 2**31 - 1))))
+        config = pb.ConverseConfig(format=self.audio_format(), **self.mutated(
+            dict(model_id="tiny", start_frame=0, jpeg_quality=75, output=self.pick(0, 1),
+                 output_sample_rate=self.pick(0, 16000, 48000)),
+            {**EDGES, "output_sample_rate": (1, -16000, 16001, 2**31 - 1)}))
+        opening = pb.UtteranceStart(utterance_id=self.pick("", "u1", "x" * 100_000, "\x00"),
+                                    interrupt=self.pick(True, False))
+        return self.session(pb.ConverseRequest(config=config), lambda: pb.ConverseRequest(audio=self.samples()),
+                            [pb.ConverseRequest(end_utterance=True), pb.ConverseRequest(start_utterance=opening),
+                             pb.ConverseRequest(interrupt=True), pb.ConverseRequest(config=config)])
+
+    def session(self, config, audio: Callable[[], object], others: list) -> list:
+        """A stream's messages: usually its config first, then audio chunks with other messages among them."""
+        messages = [config] if self.rng.random() < 0.9 else []
         for _ in range(self.rng.randrange(0, 8)):
-            r = self.rng.random()
-            messages.append(
-                pb.ConverseRequest(audio=self.often(bytes(6400), self.samples())) if r < 0.5 else
-                pb.ConverseRequest(end_utterance=True) if r < 0.65 else
-                pb.ConverseRequest(start_utterance=pb.UtteranceStart(
-                    utterance_id=self.pick("", "u1", "x" * 100_000, "\x00"), interrupt=self.pick(True, False)))
-                if r < 0.8 else pb.ConverseRequest(interrupt=True) if r < 0.9 else
-                pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny")))
-        return messages
+            messages.append(audio() if self.rng.random() < 0.6 else self.pick(*others))
+        return messages + ([others[0]] if self.rng.random() < 0.7 else [])  # usually ended as a client would
 
     def composite_batch(self) -> mono.CompositeBatchRequest:
         """The Go server's call: batch size, visual inputs, float audio and features of any size."""
-        batch = self.often(self.pick(1, 4), 0, -1, 33, 2**31 - 1)
-        visual = self.often(b"", bytes(min(max(batch, 0), 8) * 6 * 160 * 160 * 4), self.rng.randbytes(999))
-        return mono.CompositeBatchRequest(
-            model_id=self.model(), batch_size=batch, visual_frames=visual,
-            raw_audio=self.often(bytes(6400 * 2), self.samples()),
-            audio_features=self.often(b"", bytes(8192 * 4), self.rng.randbytes(100)),
-            start_frame_idx=self.often(0, -1, 2**31 - 1), sample_rate=self.often(16000, 0, -1, 7, 10**6))
+        fields = self.mutated(
+            dict(model_id="tiny", batch_size=self.pick(1, 4), visual_frames=b"", raw_audio=bytes(4 * 16000),
+                 audio_features=b"", start_frame_idx=0, sample_rate=16000),
+            dict(model_id=EDGES["model_id"], batch_size=(0, -1, 33, 2**31 - 1),
+                 visual_frames=(bytes(6 * 160 * 160 * 4), self.rng.randbytes(999)),
+                 raw_audio=(b"", bytes(3), struct.pack("<f", float("nan")) * 640),
+                 audio_features=(bytes(8192 * 4), self.rng.randbytes(100)), start_frame_idx=(-1, 2**31 - 1),
+                 sample_rate=(-1, 7, 10**6)))
+        return mono.CompositeBatchRequest(**fields)
+
+    def model(self) -> str:
+        return self.pick(*EDGES["model_id"], "tiny", "tiny", "tiny")
+
+
+EDGES = dict(model_id=("", "nope", "../../etc/passwd", "a" * 5000, "\x00", "TINY", "tiny ", "é"),
+             start_frame=(-1, 2**31 - 1), jpeg_quality=(-1, 101, 2**31 - 1), output=(2, -1))
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +188,42 @@ def test_hostile_requests_get_actionable_statuses(target, weights, tiny_avatar):
     assert answers.get("OK", 0) >= 10 and answers.get("INVALID_ARGUMENT", 0) >= 10, answers  # both kinds reached
     assert health.healthy and health.queued_frames == 0
     assert target.proc.poll() is None and "Traceback" not in target.logs()
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 48000])
+def test_empty_audio_then_the_end_at_any_rate(target, rate):
+    """Edge cases the random mix reaches rarely, each on its own: a stream or an utterance whose only audio is an
+    empty message, at a rate that is resampled, ends cleanly — the stream with the frames of no audio at 16 kHz
+    (SPEC §3 pads short audio)."""
+    with grpc.insecure_channel(target.target) as channel:
+        stub = pb_grpc.LipSyncStub(channel)
+
+        def frames_of_an_empty_stream(rate: int) -> int:
+            fmt = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=rate)
+            responses = list(stub.Stream(iter([
+                pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=fmt)),
+                pb.StreamRequest(audio=b""), pb.StreamRequest(end_of_audio=True)]), timeout=60))
+            assert responses[-1].end_of_stream
+            return sum(len(r.frames) for r in responses)
+
+        assert frames_of_an_empty_stream(rate) == frames_of_an_empty_stream(16000)
+        fmt = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=rate)
+        ended = threading.Event()
+
+        def conversation():
+            yield pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", format=fmt))
+            yield pb.ConverseRequest(start_utterance=pb.UtteranceStart(utterance_id="empty"))
+            yield pb.ConverseRequest(audio=b"")
+            yield pb.ConverseRequest(end_utterance=True)
+            ended.wait(30)
+
+        call = stub.Converse(conversation(), timeout=60)
+        finished, frames = None, 0
+        for response in call:
+            frames += response.HasField("frame")
+            finished = next((e.finished for e in response.events if e.HasField("finished")), None)
+            if finished is not None or frames > 75:  # an utterance of no frames ends at once; 3 s is plenty
+                break
+        ended.set()
+        call.cancel()
+    assert finished is not None and finished.utterance_id == "empty" and not finished.error, (finished, frames)
