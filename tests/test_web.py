@@ -347,7 +347,9 @@ def test_option_like_text_never_reaches_espeak_as_an_option(guarded_bridge, tmp_
     canary = tmp_path / "canary.txt"
     canary.write_text("intact")
     spoken = tmp_path / "spoken.txt"
-    spoken.write_text("this file must not be spoken " * 12)  # ~20 s of speech if it were read
+    # ~65 s of speech if it were read: far longer than the option's own text, whose length grows with pytest's
+    # temporary path (a clean clone's xdist worker path read as ~10 s, and 12 repeats, ~20 s, were too close)
+    spoken.write_text("this file must not be spoken " * 40)
     texts = (f"--phonout={canary}", f"-w {canary}", f"-f {spoken}", f"--path={tmp_path}")
 
     def espeak_seconds(text: str) -> float:
