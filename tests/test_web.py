@@ -342,6 +342,29 @@ def test_malformed_json_on_every_post_route_is_a_400(guarded_bridge):
     assert guarded_bridge.proc.poll() is None
 
 
+def test_offers_that_cannot_be_answered_are_a_400(guarded_bridge):
+    """The SDP is the page's input: bytes that are no SDP, an offer cut short, an offer whose media have no
+    direction get a 400 with a message (they once reached aiortc's negotiation and came back as a bare 500), and
+    the bridge goes on serving."""
+    async def main():
+        async with _http(guarded_bridge) as http:
+            pc, offer = await _offer()
+            directionless = "".join(line for line in offer["sdp"].splitlines(keepends=True)
+                                    if line.strip() not in ("a=sendrecv", "a=sendonly", "a=recvonly"))
+            try:
+                for sdp in ("\x00" * 10, offer["sdp"][:200], directionless):
+                    response = await http.post("/api/sessions", json={**offer, "sdp": sdp, "model": "tiny"})
+                    text = await response.json()
+                    assert response.status == 400 and "offer" in text["error"], (sdp[:40], response.status, text)
+                response = await http.post("/api/sessions", json={**offer, "model": "tiny"})
+                assert response.status == 200
+                await http.post(f"/api/sessions/{(await response.json())['session']}/close", json={})
+            finally:
+                await pc.close()
+    asyncio.run(main())
+    assert guarded_bridge.proc.poll() is None
+
+
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (Debian: apt install espeak-ng)")
 def test_option_like_text_never_reaches_espeak_as_an_option(guarded_bridge, tmp_path):
     canary = tmp_path / "canary.txt"

@@ -327,10 +327,15 @@ class BrowserSession:
             if pc.connectionState in ("failed", "closed"):
                 await self.close()
 
-        await pc.setRemoteDescription(offer)
-        pc.addTrack(self.video)
-        pc.addTrack(self.audio)
-        await pc.setLocalDescription(await pc.createAnswer())
+        try:
+            await pc.setRemoteDescription(offer)
+            pc.addTrack(self.video)
+            pc.addTrack(self.audio)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:  # noqa: BLE001 - the offer is the page's input: failing to negotiate it is a 400
+            log.info("session %s: the offer could not be answered: %r", self.id, exc)
+            raise WebError(400, f"the offer is not a WebRTC offer this bridge can answer "
+                                f"({type(exc).__name__})") from None
         self.tasks.append(asyncio.ensure_future(self._read()))
         return pc.localDescription
 
