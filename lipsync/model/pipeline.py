@@ -255,8 +255,9 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
         n = avatar.frame_count
         ids = [round(i * (n - 1) / max(CALIBRATION_INPUTS - 1, 1)) for i in range(CALIBRATION_INPUTS)]
         calibration = Calibration(
-            cache_key(crops=tensor_digest([avatar.templates[avatar.index(ids)]]), variant=spec.variant,
-                      encoder=encoder_digest, count=CALIBRATION_INPUTS, recipe=CALIBRATION_RECIPE),
+            cache_key(crops=tensor_digest([avatar.templates.index_select(0, avatar.index(ids))]),
+                      variant=spec.variant, encoder=encoder_digest, count=CALIBRATION_INPUTS,
+                      recipe=CALIBRATION_RECIPE),
             lambda: calibration_inputs(avatar.model_inputs(ids), encoder_net, CALIBRATION_INPUTS))
 
     if tune:
