@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test docs conf protos demo demo-model web bench gpu-check clean
+.PHONY: setup test docs conf protos demo demo-model web bench gpu-bundle gpu-check gpu-rehearsal clean
 
 ## setup: .venv with the pinned torch 2.11 family, lipsync (and lipsync_client) editable with the dev extras (idempotent;
 ##   uv from pip's indexes, seconds once its cache holds the wheels, pip where uv fails: tools/install.py)
@@ -71,11 +71,28 @@ web: setup
 bench: setup
 	$(PY) benchmarks/bench_pipeline.py --out benchmarks/results/pipeline-$$($(PY) -c 'import torch;print("cuda" if torch.cuda.is_available() else "cpu")').json
 
+## gpu-bundle: the wheels a GPU host without network lacks (tools/gpu-bundle.txt, derived from pyproject.toml: hydra,
+##   the standard gRPC health and reflection services, the client's codecs; ~1 MiB) into .whl/, downloaded here for
+##   CPython 3.12 on manylinux x86_64. Carry .whl/ with the checkout to the GPU host
+gpu-bundle:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_bundle.py fetch
+
 ## gpu-check: on a CUDA machine, the CUDA tests + every benchmark → benchmarks/results/*-cuda-<gpu>.json, in one
-##   device call (9 min budget; NO_SETUP=1 PY=python3 uses an existing environment instead of .venv; STEPS=live,engines
-##   picks steps)
+##   device call (9 min budget; STEPS=live,engines picks steps). NO_SETUP=1 PY=python3 runs on the host's own
+##   Python instead of .venv: the device bundle (make gpu-bundle) is installed into out/gpu-site first, offline,
+##   and the checkout's lipsync and lipsync_client are put on PYTHONPATH
+GPU_SITE := out/gpu-site
 gpu-check: $(if $(NO_SETUP),,setup)
-	$(PY) benchmarks/gpu_check.py $(if $(STEPS),--steps $(STEPS))
+	$(if $(NO_SETUP),$(PY) tools/gpu_bundle.py install --target $(GPU_SITE))
+	PYTHONPATH=$(if $(NO_SETUP),$(CURDIR)/$(GPU_SITE):)$(CURDIR)/clients/python:$(CURDIR) \
+		$(PY) benchmarks/gpu_check.py $(if $(STEPS),--steps $(STEPS))
+
+## gpu-rehearsal: what gpu-check meets, on this machine's CPU: a Python 3.12 venv holding only the GPU host's packages
+##   (tools/gpu-image-requirements.txt; built once into out/gpu-rehearsal/venv), the bundle installed as gpu-check
+##   installs it, the in-process GPU path imported on the bare image, the CUDA tests collected, every gpu-check step
+##   run at the smallest sizes (~3 min once the venv exists)
+gpu-rehearsal: setup
+	$(PY) tools/gpu_rehearsal.py $(if $(STEPS),--steps $(STEPS))
 
 clean:
 	rm -rf out .pytest_cache

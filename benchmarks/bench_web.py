@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import environment, write  # noqa: E402
-from lipsync.apps.web import jpeg_to_video_frame  # noqa: E402
+from lipsync.apps.web.bridge import jpeg_to_video_frame  # noqa: E402
 from lipsync.model.demo import _draw_frame  # noqa: E402
 
 

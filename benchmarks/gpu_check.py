@@ -8,16 +8,22 @@ the figures as JSON (with the device name and the command) into benchmarks/resul
 The whole run fits one device call (`--budget`, 540 s by default: a lent GPU gives a session ~15 minutes, start-up
 included): steps run in the order of what is needed most (the CUDA tests, then issue 22's server figures with the
 pipeline beside them, the two-worker layout, live sessions, SQUARE output, the pipeline's batch sweep, the engine
-alone), each within what is left of the budget, and a step that no longer
-fits is recorded as not run. The servers compile three batch shapes, not seven (`SERVER_BUCKETS`).
+alone), each with its budget stated (STEP_BUDGET_S); a step whose budget no longer fits is not started and is
+recorded as not run. The servers compile three batch shapes, not seven (`SERVER_BUCKETS`), into one inductor cache
+that every step shares.
 
 Each step runs as its own process with a time limit, so one failing step never hides the others. The summary,
 `gpu-check-<gpu>.json`, lists every step with its status, duration, command and the tail of its output, and for
 the tests every CUDA test's outcome (a skipped test carries its reason, e.g. TensorRT not installed).
+
+`--rehearsal` runs every step on the CPU at the smallest sizes (seconds each; results under out/gpu-rehearsal/):
+`make gpu-rehearsal` does so in a Python 3.12 environment holding only the GPU host's packages and the device
+bundle, so that whatever would stop the GPU run at an import, a collection or a start-up stops it here first.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -34,7 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 STEPS = ("tests", "server", "server-workers", "live", "server-square", "pipeline", "engines")  # most needed first
 SERVER_BUCKETS = "engine.batch_buckets=[8,16,32]"  # the servers' compiled batch shapes: loads in ~1 min, not ~4
-MIN_STEP_S = 45  # a step is started only with this much of the budget left (a server load alone takes ~30 s)
+# Each step's budget (seconds), stated: a step starts only if its budget fits in what is left of the run's, and runs
+# at most that long (the last to start may have the rest). The tests include tests/test_cuda_serving.py's servers and
+# its compiled two-model server; the server steps each load a model and compile three batch shapes (from the shared
+# inductor cache after the first), then run their points. Sums to 540 s: one device call.
+STEP_BUDGET_S = {"tests": 200, "server": 90, "server-workers": 60, "live": 70, "server-square": 40, "pipeline": 30,
+                 "engines": 50}
+REHEARSAL_STEP_S = 120  # --rehearsal: the CPU at the smallest sizes (and the CUDA-serving tests' bodies: ~150 s)
 
 
 def slug(name: str) -> str:
@@ -47,11 +59,19 @@ def device_facts() -> dict:
 
     facts = {"python": platform.python_version(), "torch": torch.__version__,
              "cuda_available": torch.cuda.is_available(), "cuda": torch.version.cuda}
-    for module in ("torchvision", "torchaudio", "torch_tensorrt", "tensorrt", "grpc", "onnxruntime"):
+    # what the run imports beside torch: each package's version, or why it is unavailable (the device bundle's among
+    # them, so a summary says whether the bundle was installed)
+    for module, dist in (("torchvision", "torchvision"), ("torchaudio", "torchaudio"),
+                         ("torch_tensorrt", "torch-tensorrt"), ("tensorrt", "tensorrt"), ("grpc", "grpcio"),
+                         ("google.protobuf", "protobuf"), ("onnxruntime", "onnxruntime"), ("hydra", "hydra-core"),
+                         ("grpc_health.v1.health", "grpcio-health-checking"), ("simplejpeg", "simplejpeg"),
+                         ("av", "av"), ("openvino", "openvino")):
+        key = "protobuf" if dist == "protobuf" else module.split(".")[0]
         try:
-            facts[module] = __import__(module).__version__
+            importlib.import_module(module)
+            facts[key] = importlib.metadata.version(dist)
         except Exception as exc:  # not installed, or installed but broken
-            facts[module] = f"unavailable ({type(exc).__name__}: {str(exc)[:200]})"
+            facts[key] = f"unavailable ({type(exc).__name__}: {str(exc)[:200]})"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         facts |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
@@ -66,7 +86,7 @@ def device_facts() -> dict:
     return facts
 
 
-def run_step(name: str, cmd: list[str], timeout_s: float, log_dir: Path) -> dict:
+def run_step(name: str, cmd: list[str], timeout_s: float, log_dir: Path, env: dict[str, str] | None = None) -> dict:
     """Run one step in a process group of its own: when it runs out of time, the whole group (a benchmark and the
     servers it spawned) is stopped, so no stray server holds the GPU for the next step."""
     print(f"== {name}: {' '.join(cmd)}", flush=True)
@@ -74,7 +94,7 @@ def run_step(name: str, cmd: list[str], timeout_s: float, log_dir: Path) -> dict
     log_file = log_dir / f"gpu-check-{name}.log"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
         try:
             code = proc.wait(timeout_s)
             status = "passed" if code == 0 else f"failed (exit {code})"
@@ -145,31 +165,45 @@ def targets(results: Path, tag: str) -> dict:
             "full_jpeg_bytes_per_frame": flat[-1].get("jpeg_bytes_per_frame") if flat else None}
 
 
-def step_commands(py: str, tag: str, results: Path, logs: Path, args: argparse.Namespace) -> dict[str, list[str]]:
+# --rehearsal: the same steps on the CPU at the smallest sizes (the 160 variant at 320×180, eager engine, a
+# second of audio, two streams or one session): seconds each, to prove every step starts, serves and writes
+REHEARSAL_MODEL = ["--variant", "160", "--width", "320", "--height", "180", "--engine", "eager"]
+
+
+def step_commands(py: str, tag: str, results: Path, logs: Path, args: argparse.Namespace,
+                  rehearsal: bool = False) -> dict[str, list[str]]:
     """Each step's command line. The servers are sized for one device call: flat-out points only (live sessions
-    measure real-time pacing), three compiled batch shapes."""
+    measure real-time pacing), three compiled batch shapes. `rehearsal`: the same commands on the CPU, smallest."""
     xdist = importlib.util.find_spec("xdist") is not None  # the CUDA tests on 4 processes where pytest-xdist is
-    server = [py, str(BENCH / "bench_server.py"), "--device", "cuda", "--modes", "flat", "--seconds", "4"]
+    device, kind = ("cpu", "rehearsal") if rehearsal else ("cuda", "cuda")
+    seconds, live_seconds = ("1", "2") if rehearsal else ("4", "15")
+    model = REHEARSAL_MODEL if rehearsal else []
+    buckets = [] if rehearsal else [SERVER_BUCKETS]
+    streams, sessions = ("2", "1") if rehearsal else (args.streams, args.sessions)
+    server = [py, str(BENCH / "bench_server.py"), "--device", device, "--modes", "flat", "--seconds", seconds, *model]
     return {
         "tests": [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rfEs",
-                  *(["-n", "4", "--dist", "loadfile"] if xdist else []), f"--junitxml={logs / 'junit.xml'}"],
-        "server": [*server, "--streams", args.streams, "--out", str(results / f"server-cuda-{tag}.json"),
-                   SERVER_BUCKETS],
+                  *(["-n", "4", "--dist", "loadfile"] if xdist and not rehearsal else []),
+                  f"--junitxml={logs / 'junit.xml'}"],
+        "server": [*server, "--streams", streams, "--out", str(results / f"server-{kind}-{tag}.json"), *buckets],
         # another process layout: several full workers on the one GPU, the streams dealt to them in turn
-        "server-workers": [*server, "--streams", args.streams, "--workers", str(args.workers), "--no-reference",
-                           "--out", str(results / f"server-workers-cuda-{tag}.json"), SERVER_BUCKETS],
+        "server-workers": [*server, "--streams", streams, "--workers", str(args.workers), "--no-reference",
+                           "--out", str(results / f"server-workers-{kind}-{tag}.json"), *buckets],
         # the server's session cap (64 by default) above the largest point, so that none is refused by it
-        "live": [py, str(BENCH / "bench_live.py"), "--device", "cuda", "--sessions", args.sessions, "--seconds", "15",
-                 "--out", str(results / f"live-cuda-{tag}.json"), SERVER_BUCKETS,
-                 f"server.live.max_sessions={2 * max(int(n) for n in args.sessions.split(','))}"],
+        "live": [py, str(BENCH / "bench_live.py"), "--device", device, "--sessions", sessions, "--seconds",
+                 live_seconds, *model, "--out", str(results / f"live-{kind}-{tag}.json"), *buckets,
+                 f"server.live.max_sessions={2 * max(int(n) for n in sessions.split(','))}"],
         # the same server with SQUARE output: frames/s per GPU and bytes per frame the other way
-        "server-square": [*server, "--streams", "16,48", "--output", "square", "--no-reference",
-                          "--out", str(results / f"server-square-cuda-{tag}.json"), SERVER_BUCKETS],
-        "pipeline": [py, str(BENCH / "bench_pipeline.py"), "--device", "cuda", "--batches", "8,32",
-                     "--out", str(results / f"pipeline-cuda-{tag}.json")],
-        "engines": [py, str(BENCH / "bench_engines.py"), "--device", "cuda",
-                    "--backends", "eager:fp16,compile+cudagraphs:fp16,tensorrt:fp16",
-                    "--batches", "8,32", "--out", str(results / f"engines-cuda-{tag}.json")],
+        "server-square": [*server, "--streams", "2" if rehearsal else "16,48", "--output", "square",
+                          "--no-reference", "--out", str(results / f"server-square-{kind}-{tag}.json"), *buckets],
+        "pipeline": [py, str(BENCH / "bench_pipeline.py"), "--device", device,
+                     "--batches", "2" if rehearsal else "8,32",
+                     *(["--frames", "4", "--width", "320", "--height", "180", "--backend", "eager"] if rehearsal
+                       else []), "--out", str(results / f"pipeline-{kind}-{tag}.json")],
+        "engines": [py, str(BENCH / "bench_engines.py"), "--device", device,
+                    "--backends", "eager:fp32" if rehearsal else "eager:fp16,compile+cudagraphs:fp16,tensorrt:fp16",
+                    "--batches", "2" if rehearsal else "8,32", *(["--repeats", "1"] if rehearsal else []),
+                    "--out", str(results / f"engines-{kind}-{tag}.json")],
     }
 
 
@@ -179,41 +213,62 @@ def main() -> int:
     parser.add_argument("--results", default=str(BENCH / "results"), help="where the JSON files go")
     parser.add_argument("--logs", default=str(ROOT / "out" / "gpu-check"), help="each step's full output")
     parser.add_argument("--step-timeout", type=float, default=900, help="seconds per step at most")
-    parser.add_argument("--budget", type=float, default=540, help="seconds for the whole run: each step gets what "
-                        "is left, and none is started with less than MIN_STEP_S left")
+    parser.add_argument("--budget", type=float, default=0, help="seconds for the whole run (default 540; 900 with "
+                        "--rehearsal): a step starts only if its own budget (STEP_BUDGET_S) fits in what is left")
     parser.add_argument("--streams", default="16,48,96", help="bench_server stream counts")
     parser.add_argument("--sessions", default="8,32,64,96", help="bench_live session counts")
     parser.add_argument("--workers", type=int, default=2, help="the server-workers layout: lipsync serve processes "
                         "on the one GPU")
+    parser.add_argument("--rehearsal", action="store_true", help="every step on the CPU at the smallest sizes, "
+                        "results under out/gpu-rehearsal/ (make gpu-rehearsal)")
     args = parser.parse_args()
 
     facts = device_facts()
-    if not facts["cuda_available"]:
-        print("gpu-check needs a CUDA device; torch.cuda.is_available() is False here", file=sys.stderr)
+    if args.rehearsal:  # and the CUDA tests that can run their bodies on the CPU do so (test_cuda_serving)
+        os.environ["LIPSYNC_CUDA_TESTS_ON"] = "cpu"
+        rehearsal = ROOT / "out" / "gpu-rehearsal"
+        args.results = str(rehearsal / "results") if args.results == str(BENCH / "results") else args.results
+        args.logs = str(rehearsal / "logs") if args.logs == str(ROOT / "out" / "gpu-check") else args.logs
+    elif not facts["cuda_available"]:
+        print("gpu-check needs a CUDA device; torch.cuda.is_available() is False here (`make gpu-rehearsal` runs "
+              "its steps on the CPU)", file=sys.stderr)
         return 2
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
     logs = Path(args.logs).resolve()
     logs.mkdir(parents=True, exist_ok=True)
-    tag = slug(facts["gpu"])
-    commands = step_commands(sys.executable, tag, results, logs, args)
-    steps = []
-    started = time.perf_counter()
-    for name in args.steps.split(","):
+    tag = "cpu" if args.rehearsal else slug(facts["gpu"])
+    commands = step_commands(sys.executable, tag, results, logs, args, args.rehearsal)
+    args.budget = args.budget or (900 if args.rehearsal else 540)
+    # one inductor cache for every step: graphs compiled by the first (its servers' batch shapes) are loaded by the
+    # next, not compiled again; engine decisions and exports share lipsync's engine cache the same way
+    shared = {"TORCHINDUCTOR_CACHE_DIR": str(logs / "inductor-cache"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    names = args.steps.split(",")
+    for name in names:
         if name not in commands:
             parser.error(f"unknown step {name!r}; expected some of {', '.join(STEPS)}")
+    steps = []
+    started = time.perf_counter()
+    for k, name in enumerate(names):
         left = args.budget - (time.perf_counter() - started)
-        if left < MIN_STEP_S:
-            steps.append({"step": name, "status": f"not run ({left:.0f} s of the {args.budget:.0f} s budget left; "
-                                                  f"STEPS={name} runs it)", "command": " ".join(commands[name])})
+        need = (2 * REHEARSAL_STEP_S if name == "tests" else REHEARSAL_STEP_S) if args.rehearsal \
+            else STEP_BUDGET_S[name]
+        if need > left:  # it could not finish: not started (what it would measure is not half-measured)
+            steps.append({"step": name, "budget_s": need, "command": " ".join(commands[name]),
+                          "status": f"not run (its budget is {need} s and {left:.0f} s of the {args.budget:.0f} s "
+                                    f"run were left; STEPS={name} runs it)"})
             continue
-        steps.append(run_step(name, commands[name], min(args.step_timeout, left), logs))
+        timeout = left if k == len(names) - 1 else need  # the last step may use the rest
+        steps.append({**run_step(name, commands[name], min(args.step_timeout, timeout), logs, shared),
+                      "budget_s": need})
         if name == "tests":
             steps[-1]["tests"] = test_outcomes(logs / "junit.xml")
-    summary = {"benchmark": "gpu-check", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": facts, "steps": steps,
-               "targets": targets(results, tag)}
-    out = results / f"gpu-check-{tag}.json"
+    summary = {"benchmark": "gpu-rehearsal" if args.rehearsal else "gpu-check",
+               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": facts, "budget_s": args.budget,
+               "shared_caches": shared, "steps": steps,
+               "targets": None if args.rehearsal else targets(results, tag)}
+    out = results / f"{summary['benchmark']}-{tag}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out}")
     for step in steps:

@@ -40,7 +40,8 @@ MOVED = {
     "scheduler": ("runtime.scheduler",), "registry": ("runtime.registry",), "streaming": ("runtime.streaming",),
     "live": ("runtime.live",), "render": ("runtime.render",), "server": ("api.server",), "compat": ("api.compat",),
     "limits": ("api.limits",), "security": ("api.security",), "metrics": ("api.metrics",), "cli": ("apps.cli",),
-    "client": ("apps.client",), "web": ("apps.web",), "cluster": ("apps.cluster",), "demo_run": ("apps.demo_run",),
+    "client": ("apps.client",), "web": ("apps.web.bridge",), "cluster": ("apps.cluster",),
+    "demo_run": ("apps.demo_run",),
     "export": ("apps.export",), "export.cli": ("apps.export.cli",), "export.onnx_export": ("apps.export.onnx_export",),
     "export.tensorrt_export": ("apps.export.tensorrt_export",),
 }

@@ -1,4 +1,6 @@
-"""Hydra configuration: compose `conf/` with command-line overrides (no working-directory changes)."""
+"""Typed settings: the section dataclasses every part of lipsync reads its settings through, and composing `conf/`
+with command-line overrides (hydra, imported only when a configuration is composed from files: the in-process
+pipeline and the GPU path import this module without it)."""
 from __future__ import annotations
 
 import copy
@@ -8,14 +10,13 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the source tree: assets/ (shipped files), out/ (generated)
-OmegaConf.register_new_resolver("lipsync.root", lambda: str(SOURCE_ROOT), replace=True)
+INSTALL_HINT = "hydra-core is not installed: pip install hydra-core (or `make setup`; a GPU host: `make gpu-bundle`)"
 
 
 def conf_dir() -> Path:
@@ -31,13 +32,30 @@ class ConfigError(ValueError):
     """A configuration that cannot be used, explained in one line."""
 
 
+def _hydra() -> Any:
+    """hydra and omegaconf, imported on first use (with `${lipsync.root:}` registered for conf/'s paths)."""
+    try:
+        import hydra
+        from omegaconf import OmegaConf
+    except ImportError as exc:
+        raise ConfigError(f"{INSTALL_HINT} ({exc})") from None
+    if not OmegaConf.has_resolver("lipsync.root"):
+        OmegaConf.register_new_resolver("lipsync.root", lambda: str(SOURCE_ROOT))
+    return hydra
+
+
 def _compose(name: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="lipsync"):
-        return compose(config_name=name, overrides=overrides)
+    hydra = _hydra()
+    with hydra.initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="lipsync"):
+        return hydra.compose(config_name=name, overrides=overrides)
 
 
 def load_config(overrides: list[str] | None = None, name: str = "config") -> DictConfig:
     """Compose `conf/<name>.yaml` with hydra overrides; a mistyped override is one line naming the valid keys."""
+    _hydra()  # first: without hydra, the install hint
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
     overrides = list(overrides or [])
     try:
         cfg = _compose(name, overrides)
@@ -48,6 +66,9 @@ def load_config(overrides: list[str] | None = None, name: str = "config") -> Dic
 
 
 def _explain(exc: Exception, name: str, overrides: list[str]) -> str:
+    from hydra.errors import HydraException
+    from omegaconf import DictConfig, OmegaConf
+
     text = str(exc)
     missing = re.search(r"Could not override '([^']+)'", text)
     if missing:

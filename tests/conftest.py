@@ -101,7 +101,8 @@ def pipeline(tiny_spec):
 # follow in their usual order.
 LONGEST_FIRST = ["test_live.py", "test_docs.py", "test_light_client.py", "test_security.py", "test_cluster.py",
                  "test_hardening.py", "test_server.py", "test_web.py", "test_engines.py", "test_demo_model.py",
-                 "test_autotune.py", "test_render.py", "test_pipeline.py", "test_pipecat.py", "test_livekit.py",
+                 "test_autotune.py", "test_device_discipline.py", "test_gpu_rehearsal.py", "test_render.py",
+                 "test_pipeline.py", "test_pipecat.py", "test_livekit.py",
                  "test_scheduler.py", "test_streaming.py", "test_registry.py"]
 
 

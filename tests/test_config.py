@@ -11,7 +11,7 @@ from lipsync.api.limits import Limits, ServerConfig, model_id
 from lipsync.api.security import AuthConfig, TlsConfig
 from lipsync.api.server import LoggingConfig
 from lipsync.apps import conf_files
-from lipsync.apps.web import WebConfig
+from lipsync.apps.web.config import WebConfig
 from lipsync.config import ConfigError, conf_dir, limit, load_config, section
 from lipsync.errors import InvalidRequest, ResourceExhausted
 from lipsync.model.engines import EngineConfig

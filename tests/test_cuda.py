@@ -59,7 +59,7 @@ def test_server_on_cuda_serves_synthesize_and_stream(weights, tiny_avatar, tmp_p
     from lipsync._proto import lipsync_pb2 as pb
     from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 
-    srv = ServerProcess([model_override("tiny", weights, tiny_avatar), "device=cuda"], tmp_path)
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar), "device=cuda"], tmp_path, engine="eager")
     pcm = (wave.numpy() * 32767).astype(np.int16).tobytes()
     fmt = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)
 

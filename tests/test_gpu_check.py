@@ -94,3 +94,23 @@ def test_a_step_out_of_time_is_stopped_with_what_it_started(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"the step's child {child} outlived it")
+
+
+def test_every_step_states_a_budget_and_they_fit_one_device_call():
+    assert set(gpu_check.STEP_BUDGET_S) == set(gpu_check.STEPS)
+    assert sum(gpu_check.STEP_BUDGET_S.values()) <= 540
+
+
+def test_a_step_whose_budget_does_not_fit_is_not_started(tmp_path):
+    """With 10 s left, a step whose budget is larger is recorded as not run (with the command that runs it) and
+    nothing is started; the summary states the budget and the caches the steps share."""
+    import subprocess
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--rehearsal", "--budget", "10",
+                           "--steps", "engines", "--results", str(tmp_path), "--logs", str(tmp_path / "logs")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "gpu-rehearsal-cpu.json").read_text())
+    (step,) = summary["steps"]
+    assert step["status"].startswith("not run (its budget is") and "STEPS=engines" in step["status"]
+    assert not (tmp_path / "logs" / "gpu-check-engines.log").exists()
+    assert summary["budget_s"] == 10 and "TORCHINDUCTOR_CACHE_DIR" in summary["shared_caches"]

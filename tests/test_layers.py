@@ -6,8 +6,10 @@ import subprocess
 import sys
 import warnings
 
-import grimp
+import pytest
 from conftest import ROOT
+
+grimp = pytest.importorskip("grimp", reason="grimp is not installed (import-linter, the dev extra)")
 
 LAYERS = ["lipsync.integrations", "lipsync.apps", "lipsync.api", "lipsync.runtime", "lipsync.model", "lipsync.codec"]
 FOUNDATION = {"lipsync.config", "lipsync.errors", "lipsync.timebase", "lipsync.logs", "lipsync.threads",

@@ -386,9 +386,9 @@ def test_a_flood_of_queued_speech_is_held_within_its_bound(pipeline, speech):
         session = LiveSession(scheduler, config, S16, 16000, 0, 75, idle)
         submit = scheduler.submit
 
-        def counted(features, *args, **kwargs):  # the real scheduler's submit, counting the live jobs' sizes
-            jobs.append(features.shape[0])
-            return submit(features, *args, **kwargs)
+        def counted(features, frame_ids, *args, **kwargs):  # the real scheduler's submit, counting job sizes
+            jobs.append(len(frame_ids))
+            return submit(features, frame_ids, *args, **kwargs)
         jobs: list[int] = []
         scheduler.submit = counted
         peak_queue, peak_held, horizon, finished = 0, 0, 0, {}

@@ -5,11 +5,12 @@ import json
 import subprocess
 import sys
 
-import av
 import cv2
 import numpy as np
 import pytest
 from conftest import SPEECH
+
+av = pytest.importorskip("av", reason="PyAV is not installed (render writes MP4 with it)")
 from torchvision.io import decode_image
 
 from lipsync.codec import audio

@@ -28,15 +28,17 @@ S16 = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)
 
 
 class ServerProcess:
-    def __init__(self, overrides: list[str], tmp: Path, cwd: Path | None = None):
+    def __init__(self, overrides: list[str], tmp: Path, cwd: Path | None = None, engine: str = "onnxruntime",
+                 env: dict[str, str] | None = None):
+        """`engine`: onnxruntime (the default) costs 2x (160) to 4x (328) less CPU per frame than eager on 2 cores,
+        for the same frames (95 dB; test_engines holds it to eager, test_pipeline holds eager to the plain
+        network); it runs on the CPU only, so servers on CUDA name another."""
         self.log_path = tmp / f"server-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")
-        # onnxruntime: on 2 cores 2x (160) to 4x (328) less CPU per frame than eager, for the same frames (95 dB;
-        # test_engines holds it to eager, test_pipeline holds eager to the plain network)
         cmd = [sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", "server.port=0",
-               "server.metrics_port=0", "server.shutdown_grace_s=60", "engine=onnxruntime", "models=none",
+               "server.metrics_port=0", "server.shutdown_grace_s=60", f"engine={engine}", "models=none",
                *overrides]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=cwd)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=cwd, env=env)
         line = self.proc.stdout.readline()
         match = re.match(r"READY port=(\d+)", line)
         if not match:

@@ -23,7 +23,7 @@ import av  # noqa: E402
 from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
 from aiortc.mediastreams import MediaStreamError  # noqa: E402
 
-from lipsync.apps.web import SpeechGate  # noqa: E402
+from lipsync.apps.web.bridge import SpeechGate  # noqa: E402
 from lipsync.codec.audio import encode_s16, resample  # noqa: E402
 
 RATE = 48000

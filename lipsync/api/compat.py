@@ -22,7 +22,7 @@ from lipsync.api.protocol import unary
 from lipsync.codec.audio import AudioFormat
 from lipsync.errors import InvalidRequest
 from lipsync.model import audio_features
-from lipsync.model.audio_features import FeatureStream
+from lipsync.runtime.feature_sources import Part, Repeated
 from lipsync.runtime.registry import ModelEntry
 from lipsync.runtime.scheduler import Priority
 
@@ -65,34 +65,21 @@ class MonolithicService(mono_grpc.MonolithicServiceServicer):
             raise InvalidRequest(f"batch_size {n} is outside 1..{MAX_BATCH}")
         start = self.s.limits.start_frame(request.start_frame_idx)
         self.s.registry.entry(checked_model_id(request.model_id))
-        visual = _floats(request.visual_frames, n * int(np.prod(GENERATOR_SHAPE)), "visual_frames",
-                     (n, *GENERATOR_SHAPE)) if request.visual_frames else None
-        wave = fixed = None
-        if request.raw_audio:
-            fmt = AudioFormat("f32le", request.sample_rate or timebase.SAMPLE_RATE, 1)
-            wave = await asyncio.to_thread(self.s.decode_audio, request.raw_audio, fmt)
-            # Too little audio for batch_size frames: pad with silence at the end (its frames see silence).
-            needed = n * timebase.SAMPLES_PER_FRAME
-            while audio_features.frame_count(max(wave.numel(), needed)) < n:
-                needed += timebase.SAMPLES_PER_FRAME
-            if wave.numel() < needed:
-                wave = torch.cat([wave, wave.new_zeros(needed - wave.numel())])
-        elif request.audio_features:
-            fixed = _floats(request.audio_features, AUDIO_FEATURE_SIZE, "audio_features", (1, 32, 16, 16))
-        else:
+        if not request.raw_audio and not request.audio_features:
             raise InvalidRequest("raw_audio (or the deprecated audio_features) is required")
+        # decoded and checked off the event loop (the loop runs no tensor operation): the visual inputs alone are up
+        # to 32 × 6 × 320 × 320 floats to check for NaN
+        visual, wave, fixed = await asyncio.to_thread(self._inputs, request, n)
         async with self.s.model(request.model_id) as (entry, loaded_now, load_ms):
             if visual is not None and entry.spec.variant != "328":
                 raise InvalidRequest("visual_frames are 6x320x320 and need a 328-variant model")
             t0 = time.perf_counter()
             if wave is not None:
-                stream = FeatureStream(None, entry.pipeline.device)
-                features = (await entry.scheduler.features(stream, wave, end=True))[1][:n]
+                _, found = await entry.scheduler.features(entry.scheduler.feature_stream(), wave, end=True)
+                features = Part(found, 0, n)
             else:
-                features = fixed.expand(n, -1, -1, -1).to(entry.pipeline.device)
+                features = Repeated(fixed)
             audio_ms = (time.perf_counter() - t0) * 1e3
-            if visual is not None:
-                visual = visual.to(entry.pipeline.device)
             ids = entry.pipeline.avatar.frames_for(start, 0, n)
             jpegs, timings = await entry.scheduler.render(features, ids, self.s.limits.default_quality, visual,
                                                           Priority.BATCH)
@@ -104,6 +91,24 @@ class MonolithicService(mono_grpc.MonolithicServiceServicer):
             composite_time_ms=timings["composite"] + timings["encode"], total_time_ms=timings["total"],
             audio_processing_ms=audio_ms, model_loaded=loaded_now, model_load_time_ms=load_ms if loaded_now else 0,
             success=True, gpu_id=gpu_id(entry.device))
+
+    def _inputs(self, request: mono.CompositeBatchRequest, n: int) \
+            -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The request's host tensors (on a worker thread): visual inputs, 16 kHz audio padded to `n` frames, or the
+        deprecated fixed features; checked."""
+        visual = _floats(request.visual_frames, n * int(np.prod(GENERATOR_SHAPE)), "visual_frames",
+                         (n, *GENERATOR_SHAPE)) if request.visual_frames else None
+        if not request.raw_audio:
+            return visual, None, _floats(request.audio_features, AUDIO_FEATURE_SIZE, "audio_features", (1, 32, 16, 16))
+        fmt = AudioFormat("f32le", request.sample_rate or timebase.SAMPLE_RATE, 1)
+        wave = self.s.decode_audio(request.raw_audio, fmt)
+        # Too little audio for batch_size frames: pad with silence at the end (its frames see silence).
+        needed = n * timebase.SAMPLES_PER_FRAME
+        while audio_features.frame_count(max(wave.numel(), needed)) < n:
+            needed += timebase.SAMPLES_PER_FRAME
+        if wave.numel() < needed:
+            wave = torch.cat([wave, wave.new_zeros(needed - wave.numel())])
+        return visual, wave, None
 
     def _info(self, e: ModelEntry) -> dict[str, Any]:
         inference = list(e.latencies.get("inference", []))

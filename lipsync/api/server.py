@@ -17,8 +17,6 @@ from typing import Any, AsyncIterator
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from lipsync import STARTED, __version__
 from lipsync._proto import lipsync_pb2 as pb
@@ -57,7 +55,7 @@ class Server:
         self.open_calls = {"streams": 0, "sessions": 0}  # streaming calls holding a slot, by kind
         self.quotas = Quotas()  # open streams and sessions per token
         self.accepting = True
-        self.health: health.aio.HealthServicer | None = None  # grpc.health.v1, set once serving
+        self.health: Any = None  # grpc.health.v1's servicer, set once serving (None without grpcio-health-checking)
         self.security: Security | None = None  # TLS files and tokens, set once serving
         self.worker = ""  # this server's name in response headers (x-lipsync-worker), set once serving
         self.calls: set[OpenCall] = set()  # streaming calls in progress (idle and revocation checks)
@@ -219,7 +217,7 @@ async def build(config: ServeConfig) -> tuple[grpc.aio.Server, Server, int]:
     """Create the registry and a started gRPC server per `config`."""
     server_cfg, security, registry, limits = prepare(config)
     registry.on_evict = lambda model, reason: metrics.EVICTIONS.labels(model).inc()
-    check_models(registry, server_cfg.strict_models)
+    await asyncio.to_thread(check_models, registry, server_cfg.strict_models)  # reads checkpoints: off the loop
     state = Server(registry, limits)
     state.security = security
     options = [("grpc.max_send_message_length", limits.max_message_bytes),
@@ -235,12 +233,9 @@ async def build(config: ServeConfig) -> tuple[grpc.aio.Server, Server, int]:
                              maximum_concurrent_rpcs=server_cfg.max_concurrent_rpcs)
     pb_grpc.add_LipSyncServicer_to_server(LipSyncService(state), server)
     mono_grpc.add_MonolithicServiceServicer_to_server(MonolithicService(state), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (pb.DESCRIPTOR.services_by_name["LipSync"].full_name,
-             mono.DESCRIPTOR.services_by_name["MonolithicService"].full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
+             mono.DESCRIPTOR.services_by_name["MonolithicService"].full_name)
+    health_servicer = _add_standard_services(server, names)
     address = f"{server_cfg.host}:{server_cfg.port}"
     try:
         port = server.add_secure_port(address, security.tls.credentials()) if security.tls.enabled \
@@ -256,10 +251,30 @@ async def build(config: ServeConfig) -> tuple[grpc.aio.Server, Server, int]:
         log.warning("%s", warning)
     await registry.start()
     await server.start()
-    for name in ("", *names[:2]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if health_servicer is not None:
+        from grpc_health.v1 import health_pb2
+        for name in ("", *names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     state.health = health_servicer
     return server, state, port
+
+
+def _add_standard_services(server: grpc.aio.Server, names: tuple[str, ...]) -> Any:
+    """grpc.health.v1 (what Envoy and Kubernetes probe) and server reflection, from their own packages; the
+    health servicer, or None where those packages are missing (said once: lipsync's own Health RPC still
+    answers)."""
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+    except ImportError as exc:
+        log.warning("grpc.health.v1 and server reflection are not served (%s): pip install grpcio-health-checking "
+                    "grpcio-reflection (a GPU host: make gpu-bundle)", exc)
+        return None
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection((*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+    return servicer
 
 
 async def serve(config: ServeConfig) -> None:
@@ -299,7 +314,8 @@ async def serve(config: ServeConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, state)
     await stop.wait()
-    await state.health.enter_graceful_shutdown()  # NOT_SERVING: proxies stop sending new work here
+    if state.health is not None:
+        await state.health.enter_graceful_shutdown()  # NOT_SERVING: proxies stop sending new work here
     drain_s = server_cfg.drain_s
     if drain_s > 0:
         log.info("shutting down: reported NOT_SERVING; still serving for %.1f s (server.drain_s) while proxies "

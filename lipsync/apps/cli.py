@@ -248,9 +248,11 @@ def run_web(args: argparse.Namespace) -> int:
     from lipsync.apps.client import credentials_from_args
     from lipsync.config import load_config
     try:
-        from lipsync.apps.web import WebConfig, serve
+        from lipsync.apps.web.bridge import serve
+        from lipsync.apps.web.config import WebConfig
     except ImportError as exc:
-        print(f"lipsync web: error: {exc.name or exc} is not installed; pip install 'lipsync[web]'", file=sys.stderr)
+        print(f"lipsync web: error: {exc.name or exc} is not installed; pip install -e '.[web]' (from a checkout)",
+              file=sys.stderr)
         return 2
     overrides = list(args.overrides)
     overrides += [f"web.host={args.host}"] if args.host else []

@@ -14,7 +14,7 @@ import yaml
 
 from lipsync.api.limits import ServerConfig
 from lipsync.api.server import LoggingConfig
-from lipsync.apps.web import WebConfig
+from lipsync.apps.web.config import WebConfig
 from lipsync.config import SOURCE_ROOT, allowed, conf_dir, field_kinds
 from lipsync.model.engines import EngineConfig
 from lipsync.model.pipeline import PipelineConfig

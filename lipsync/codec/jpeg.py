@@ -20,13 +20,32 @@ def encode_images(images: list[Tensor], quality: int = 75) -> list[bytes]:
         raise ValueError(f"JPEG quality {quality} is outside {MIN_QUALITY}..{MAX_QUALITY}")
     if not images:
         return []
-    encoded = encode_jpeg([_dense(image) for image in images], quality)
+    dense = [_dense(image) for image in images]
+    if dense[0].is_cuda:
+        encoded = _encode_on_gpu(dense, quality)
+    else:
+        encoded = encode_jpeg(dense, quality)
     sizes = [e.numel() for e in encoded]
     blob = torch.cat(encoded).cpu().numpy().tobytes()  # one transfer for the whole batch
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
     return [blob[a:b] for a, b in zip(offsets, offsets[1:])]
+
+
+def _encode_on_gpu(images: list[Tensor], quality: int) -> list[Tensor]:
+    """nvJPEG through torchvision, ordered with the caller's stream. torchvision encodes on a stream of its own
+    that does not wait for the caller's (the composite that made `images` may still be running there), and copies
+    each bitstream out on the legacy default stream, which the caller's non-blocking streams do not wait for. So:
+    the caller's stream is finished first (the composite's event, waited for on this thread, which nvJPEG blocks
+    per image anyway), and the default stream after, before anything reads the bitstreams."""
+    device = images[0].device
+    composed = torch.cuda.Event()
+    composed.record(torch.cuda.current_stream(device))
+    composed.synchronize()
+    encoded = encode_jpeg(images, quality)
+    torch.cuda.default_stream(device).synchronize()
+    return encoded
 
 
 def _dense(image: Tensor) -> Tensor:

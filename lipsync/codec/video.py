@@ -4,9 +4,13 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
+
+try:
+    import av
+except ImportError as exc:  # the MP4 writer is the one user of PyAV on the serving side: `render`, `client --out`
+    raise ImportError(f"writing MP4 needs PyAV: pip install av ({exc})") from exc
 
 from lipsync.timebase import FPS, SAMPLE_RATE
 

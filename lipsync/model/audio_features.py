@@ -12,6 +12,7 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
+from lipsync.model.transfer import to_device
 from lipsync.timebase import FPS, SAMPLE_RATE
 
 N_FFT, HOP, N_MELS = 800, 200, 80
@@ -113,30 +114,38 @@ class FeatureStream:
     """
 
     def __init__(self, encoder: Encoder | None, device: str | torch.device = "cpu", lookahead: int = LOOKAHEAD):
+        """No tensor is made here: a stream is opened on the event loop and its buffers are made on first use, on
+        the device's thread (the loop never runs a tensor operation)."""
         if not 0 <= lookahead <= LOOKAHEAD:
             raise ValueError(f"look-ahead must be 0..{LOOKAHEAD} frames, got {lookahead}")
         self.encoder, self.lookahead = encoder, lookahead
         self.device = torch.device(device)
-        half = N_FFT // 2
-        self.signal = torch.zeros(half, device=self.device)  # pre-emphasised, zero-padded signal tail
+        self.signal: Tensor | None = None  # pre-emphasised, zero-padded signal tail (made by _begin)
         self.signal_start = 0  # global index (in padded coordinates) of signal[0]
         self.samples = 0  # real samples received
         self.last_sample: Tensor | None = None
-        self.mel = torch.zeros(0, N_MELS, device=self.device)  # mel rows from `mel_start` on
+        self.mel: Tensor | None = None  # mel rows from `mel_start` on
         self.mel_start = 0
         self.mel_done = 0  # final mel frames computed
-        self.rows = torch.zeros(0, 512, device=self.device)  # padded embedding rows P, from `rows_start` on
+        self.rows: Tensor | None = None  # padded embedding rows P, from `rows_start` on
         self.rows_start = 0
         self.windows_done = 0
         self.frames_done = 0
         self.finished = False
         self.awaiting = False  # windows handed out whose embeddings have not come back yet
 
+    def _begin(self) -> None:
+        """The stream's buffers, on the first step (on the thread that runs the steps)."""
+        if self.signal is None:
+            self.signal = torch.zeros(N_FFT // 2, device=self.device)
+            self.mel = torch.zeros(0, N_MELS, device=self.device)
+            self.rows = torch.zeros(0, 512, device=self.device)
+
     # -- stages
     def _append_audio(self, wave: Tensor) -> None:
         if wave.numel() == 0:
             return
-        wave = wave.to(self.device, torch.float32)
+        wave = to_device(wave, self.device).float()  # from pinned memory, not blocking this thread
         self.signal = torch.cat([self.signal, preemphasis(wave, self.last_sample)])
         self.last_sample = wave[-1:]
         self.samples += wave.numel()
@@ -159,8 +168,9 @@ class FeatureStream:
         if stop <= self.windows_done:
             return torch.zeros(0, 1, N_MELS, WINDOW_STEPS, device=self.device)
         limit = (mel_frames if mel_frames is not None else 1 << 62) - WINDOW_STEPS
-        starts = [min(window_start(v), limit) - self.mel_start for v in range(self.windows_done, stop)]
-        idx = torch.tensor(starts, device=self.device)[:, None] + torch.arange(WINDOW_STEPS, device=self.device)
+        # window_start(v) = 80v // 25 for each window, made on the device (no index list copied from the host)
+        starts = (torch.arange(self.windows_done, stop, device=self.device) * 80 // FPS).clamp_(max=limit)
+        idx = (starts - self.mel_start)[:, None] + torch.arange(WINDOW_STEPS, device=self.device)
         windows = self.mel[idx].transpose(1, 2).unsqueeze(1)
         self.windows_done = stop
         # A later window starts at or after the last one taken (the end clamp never goes further back).
@@ -188,6 +198,7 @@ class FeatureStream:
             raise RuntimeError(after_end)
         if self.awaiting:
             raise RuntimeError("accept() the embeddings of the previous windows first")
+        self._begin()
 
     # -- public: two phases, so that a scheduler can batch the encoder across streams
     def windows(self, wave: Tensor) -> Tensor:

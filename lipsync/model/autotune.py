@@ -191,8 +191,7 @@ class DecisionCache:
 
 def _config_for(config: EngineConfig, candidate: str, batch: int) -> EngineConfig:
     backend, _, precision = candidate.partition("/")
-    return dataclasses.replace(sized(config, batch), backend=backend, precision=precision,
-                               cuda_graphs=config.cuda_graphs or backend == "compile")
+    return dataclasses.replace(sized(config, batch), backend=backend, precision=precision)
 
 
 def _calibrated(candidate: str, calibration: Calibration | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from lipsync.codec.image_kernels import decode_image
 from lipsync.model.compose import TEMPLATE_BORDER, resize_bicubic
 from lipsync.model.networks import INPUT_SIZE, TEMPLATE_SIZE
+from lipsync.model.transfer import index_tensor
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +203,7 @@ class Avatar:
 
     def index(self, frame_ids: list[int]) -> Tensor:
         """Frame ids as an index tensor on the avatar's device (from pinned memory, without a host sync)."""
-        ids = torch.tensor(frame_ids, dtype=torch.long)
-        if self.device.type == "cuda":
-            return ids.pin_memory().to(self.device, non_blocking=True)
-        return ids
+        return index_tensor(frame_ids, self.device)
 
     def model_inputs(self, frame_ids: list[int]) -> Tensor:
         """Generator visual input [B,6,S,S] float BGR in [0,1]: the ROI and the ROI with the mouth blanked."""
@@ -214,7 +212,7 @@ class Avatar:
         roi = self.templates.index_select(0, self.index(frame_ids))[:, :, b:b + s, b:b + s].flip(1)
         masked = roi.clone()
         rows, cols = MASK_SLICES[self.variant]
-        masked[:, :, rows, cols] = 0
+        masked[:, :, rows, cols].zero_()  # (`= 0` would copy a host scalar to the device)
         return torch.cat([roi, masked], dim=1).float().div_(255.0)
 
     def empty_frames(self, count: int) -> Tensor:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lipsync.model.transfer import index_tensor
+
 if TYPE_CHECKING:
     from lipsync.model.avatar import Avatar
 
@@ -42,7 +44,7 @@ def _pasted(avatar: Avatar, predictions: Tensor, frame_ids: list[int], index: Te
         groups.setdefault((y2 - y1, x2 - x1), []).append(b)
     for size, rows in groups.items():
         members = templates if len(rows) == len(frame_ids) else \
-            templates.index_select(0, torch.tensor(rows, device=templates.device))
+            templates.index_select(0, index_tensor(rows, templates.device))
         patches = resize_bicubic(members, size)
         if avatar.alpha is not None:
             ids = [frame_ids[b] for b in rows]

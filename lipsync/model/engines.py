@@ -33,6 +33,7 @@ from tqdm import tqdm
 from lipsync.config import ConfigError, Section, limit, section, setting, settings
 
 log = logging.getLogger(__name__)
+GRAPH_WARMUP_CALLS = 3  # calls per batch bucket at load when CUDA graphs are on (run, record, replay)
 
 BACKENDS = ("auto", "tensorrt", "compile", "onnxruntime", "openvino", "eager")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -78,8 +79,9 @@ class EngineConfig(Section):
     min_batch: int = limit(1, low=1, help="TensorRT dynamic batch profile")
     opt_batch: int = limit(24, low=1, help="TensorRT: the batch the engine is tuned for")
     max_batch: int = limit(32, low=1, high=1024, help="TensorRT: the largest batch of its profile")
-    cuda_graphs: bool = setting(False, "torch.compile mode=reduce-overhead on CUDA (always on for the compile/* "
-                                       "candidates)")
+    cuda_graphs: bool = setting(True, "on CUDA, torch.compile engines replay CUDA graphs (mode=reduce-overhead): "
+                                      "built, recorded and replayed on the device's inference thread, every batch "
+                                      "bucket at load; false: plain compiled kernels")
     onnxruntime_threads: int = limit(0, low=0, help="0: as many as torch uses")
     onnxruntime_spinning: bool = setting(False, "busy-waiting ORT threads would steal the cores of the encode "
                                                 "thread")
@@ -626,9 +628,14 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
     if config.warmup and backend != "eager" and backend not in ONNX_RUNTIMES:
         buckets = compile_buckets(config) if backend == "compile" \
             else sorted({config.min_batch, config.opt_batch, config.max_batch})
+        # CUDA graphs: a bucket's first call runs it, the second records its graph, the third replays it: all at
+        # load, none on a user's first batch
+        calls = GRAPH_WARMUP_CALLS if backend == "compile" and config.cuda_graphs and device.type == "cuda" else 1
         for b in tqdm(buckets, desc=f"{name}: warming up {backend}", unit="batch",
                       disable=None if progress else True):
-            engine(*[torch.zeros(b, *s, device=device) for s in sample_shapes])
+            inputs = [torch.zeros(b, *s, device=device) for s in sample_shapes]
+            for _ in range(calls):
+                engine(*inputs)
     got = engine(*probe)
     error = (got - expected).abs().max()
     bound = config.tolerance[precision]

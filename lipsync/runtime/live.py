@@ -39,14 +39,13 @@ from lipsync.config import Section, limit, setting
 from lipsync.errors import InvalidRequest
 from lipsync.model import audio_features
 from lipsync.model.audio_features import FeatureStream
+from lipsync.runtime.feature_sources import CONTEXT_ROWS, MERGE_FRAMES, Part, UtteranceRows
 from lipsync.runtime.messages import Audio, EndUtterance, Interrupt, LiveMessage, StartUtterance
 from lipsync.runtime.scheduler import ModelScheduler, Priority
 
 log = logging.getLogger(__name__)
 
 IDLE, SPEECH, HELD = "idle", "speech", "held"
-CONTEXT_ROWS = audio_features.CONTEXT_BEFORE + audio_features.CONTEXT_AFTER - 1  # rows a chunk has past its frames
-MERGE_FRAMES = 64  # waiting feature chunks shorter than this are merged with the next (their context rows cost)
 # Frames a session hands to the scheduler at once while queued speech comes due (one per slot otherwise): each job
 # is a future, a heap entry and callbacks on the event loop, and speech sent ahead of real time (as a TTS sends
 # it) would make one per frame. 8 frames (320 ms) past the horizon: a sixth of the default 2-s one.
@@ -118,8 +117,10 @@ class Utterance:
     total: int | None = None                     # frames, once ended and every feature is out
     out_audio: bytearray = field(default_factory=bytearray)  # s16le at the output rate, from byte `audio_base` on
     audio_base: int = 0                          # bytes of carried audio already played and dropped
-    waiting: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first frame, its rows [n+15,512]):
-    #                                            frames not yet submitted (start unknown, or beyond the horizon)
+    rows: UtteranceRows = field(default_factory=UtteranceRows)  # its features not yet rendered (device-owned)
+    received: int = 0                            # frames whose features are in `rows`
+    submitted: int = 0                           # frames handed to render jobs: frames submitted..received-1 wait
+    #                                            (start unknown, or beyond the horizon)
     start_pos: int | None = None
     rendered: dict[int, bytes] = field(default_factory=dict)
     next_k: int = 0                              # next frame to show
@@ -179,7 +180,7 @@ class LiveSession:
                                f"{self.config.max_queued_utterances}")
         out = None if self.out_rate == self.in_format.sample_rate else \
             StreamResampler(self.in_format.sample_rate, self.out_rate)
-        self.open = Utterance(utterance_id, FeatureStream(None, self.scheduler.pipeline.device),
+        self.open = Utterance(utterance_id, self.scheduler.feature_stream(),
                               StreamResampler(self.in_format.sample_rate), out)
         self.queue.append(self.open)
         self.stats["utterances"] += 1
@@ -229,8 +230,7 @@ class LiveSession:
         rows), rendered JPEGs not yet shown, and the carried audio at the output rate."""
         total = 0
         for u in self.queue:
-            total += len(u.pending) + len(u.out_audio) + sum(len(j) for j in u.rendered.values())
-            total += sum(rows.untyped_storage().nbytes() for _, rows in u.waiting)
+            total += len(u.pending) + len(u.out_audio) + sum(len(j) for j in u.rendered.values()) + u.rows.nbytes
         return total
 
     def end_utterance(self) -> None:
@@ -322,9 +322,13 @@ class LiveSession:
             self.queue.remove(u)
             self._finish(u, interrupted=False)
             return
+        await self._features(u, None, end=True, decode=lambda: self._decode_end(u))
+
+    def _decode_end(self, u: Utterance) -> torch.Tensor:
+        """On the device thread: the resamplers' tails (carried audio appended; the 16 kHz tail returned)."""
         if u.out_resampler is not None:
             u.out_audio += audio.encode_s16(u.out_resampler.finish())
-        await self._features(u, u.resampler.finish(), end=True)
+        return u.resampler.finish()
 
     def _decode(self, u: Utterance, data: bytes) -> torch.Tensor:
         """Input bytes → 16 kHz samples for features; the carried audio at the output rate is appended."""
@@ -337,19 +341,15 @@ class LiveSession:
 
     async def _features(self, u: Utterance, wave: torch.Tensor | None, end: bool,
                         decode: Callable[[], torch.Tensor] | None = None) -> None:
-        first, feats = await self.scheduler.features(u.features, wave, end, decode)
+        """One step of the utterance's audio: its new features go into its rows on the device thread; the loop
+        hears how many frames they are."""
+        first, n = await self.scheduler.features(u.features, wave, end, decode, then=u.rows.add)
         if u.cancelled:
             return
         if end:
             u.total = u.features.frames_emitted
-        if feats.shape[0]:
-            rows = audio_features.rows_from_features(feats)
-            context = CONTEXT_ROWS
-            if u.waiting and u.waiting[-1][1].shape[0] - context < MERGE_FRAMES and \
-                    u.waiting[-1][0] + u.waiting[-1][1].shape[0] - context == first:  # small and adjacent: merge,
-                before_first, before = u.waiting.pop()                               # so chunks stay large
-                first, rows = before_first, torch.cat([before, rows[context:]])
-            u.waiting.append((first, rows))
+        if n:
+            u.received = first + n
             if u.start_pos is not None:
                 self._submit_waiting(u)
 
@@ -358,7 +358,7 @@ class LiveSession:
         its audio within a slot is seen before the start is planned) and submit the frames waiting for them."""
         for i, u in enumerate(self.queue):
             if u.start_pos is None:
-                if not u.waiting:
+                if u.received <= u.submitted:
                     break  # nothing to render yet
                 if i == 0:
                     lead = self._lead_frames(u)
@@ -374,29 +374,16 @@ class LiveSession:
 
     def _submit_waiting(self, u: Utterance) -> None:
         """Submit the waiting frames that are due within the utterance's horizon of the clock; the rest wait as
-        rows (a flood of queued speech costs the generator nothing until it is nearly due)."""
+        rows (a flood of queued speech costs the generator nothing until it is nearly due). Counts only: the
+        rows are read on the device thread when the frames are batched."""
         assert u.start_pos is not None
         until = self.pos - u.start_pos + u.horizon  # frames k < until show within the horizon
-        if not u.waiting or u.waiting[0][0] >= until:
+        if u.submitted >= u.received or u.submitted >= until:
             return  # nothing due this slot (the common case while speech is queued)
         until += SUBMIT_FRAMES - 1  # due now: the next frames go with it, as one job
-        context = CONTEXT_ROWS
-        keep: list[tuple[int, torch.Tensor]] = []
-        for i, (first, rows) in enumerate(u.waiting):
-            if first >= until:  # in frame order: this and every later chunk are not due yet (asked every slot),
-                keep += u.waiting[i:]  # kept as they are, no tensor view made
-                break
-            n = rows.shape[0] - context
-            now = max(0, min(n, until - first))
-            if not now:
-                continue  # context rows only: no frame to render
-            self._submit(u, first, audio_features.features_from_rows(rows[:now + context]))
-            if now < n:
-                rest = rows[now:]
-                if rest.untyped_storage().nbytes() > 2 * rest.numel() * rest.element_size():
-                    rest = rest.clone()  # free what was submitted once it is half the storage (amortized copies)
-                keep.append((first + now, rest))
-        u.waiting = keep
+        first, last = u.submitted, min(u.received, until)
+        self._submit(u, first, last - first)
+        u.submitted = last
 
     def _lead_frames(self, u: Utterance) -> int:
         """Slots between now and the start of an utterance that starts from idle: the measured render latency
@@ -414,9 +401,10 @@ class LiveSession:
                 lead += math.ceil(frames * (play / rate - 1))
         return lead
 
-    def _submit(self, u: Utterance, first: int, feats: torch.Tensor) -> None:
+    def _submit(self, u: Utterance, first: int, n: int) -> None:
+        """Frames first..first+n-1 of the utterance to the scheduler, their features read from its rows."""
         assert u.start_pos is not None and self.started_at is not None
-        ids = [self.avatar.frame_for(u.start_pos + k) for k in range(first, first + feats.shape[0])]
+        ids = [self.avatar.frame_for(u.start_pos + k) for k in range(first, first + n)]
         slot = self.slot + (u.start_pos + first - self.pos)  # where frame `first` is planned to show
         deadline = self.started_at + slot * self.interval
 
@@ -425,7 +413,8 @@ class LiveSession:
                 for j, data in enumerate(jpegs):
                     u.rendered[first + lo + j] = data
 
-        job = self.scheduler.submit(feats, ids, self.quality, priority=Priority.LIVE, deadline=deadline,
+        job = self.scheduler.submit(Part(u.rows, first, first + n), ids, self.quality, priority=Priority.LIVE,
+                                    deadline=deadline,
                                     step=self.interval, on_frames=done, square=self.square)
         job.add_done_callback(lambda f: self._rendered(u, f))
         u.jobs.append(job)
@@ -455,7 +444,7 @@ class LiveSession:
         for job in u.jobs:
             job.cancel()  # frames not yet in a batch are dropped by the scheduler
         u.rendered.clear()
-        u.waiting.clear()
+        u.rows.clear()
         u.pending.clear()
         self.stats["interrupted"] += 1
         self._finish(u, interrupted=True, error=error)

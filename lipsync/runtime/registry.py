@@ -240,12 +240,9 @@ class Registry:
             target = self._place(entry, device)
             await self._make_room(target, entry)
             started = time.perf_counter()
-            if target.startswith("cuda"):
-                torch.cuda.synchronize(target)
-            before = torch.cuda.memory_allocated(target) if target.startswith("cuda") else 0
             log.info("loading model %s on %s", entry.spec.name, target)
             try:
-                pipeline = await self._run_load(entry, target)
+                pipeline, memory_bytes = await self._run_load(entry, target)
             except ModelFileError as exc:
                 log.error("model %s cannot be loaded: %s", entry.spec.name, exc)
                 raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its {exc.role} is "
@@ -254,11 +251,7 @@ class Registry:
                 log.error("model %s: engine build failed: %s", entry.spec.name, exc)
                 raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its engine could not be "
                                       "built (the server log has the details)") from exc
-            if target.startswith("cuda"):
-                torch.cuda.synchronize(target)
-                entry.memory_bytes = max(torch.cuda.memory_allocated(target) - before, pipeline.memory_bytes)
-            else:
-                entry.memory_bytes = pipeline.memory_bytes
+            entry.memory_bytes = memory_bytes
             entry.pipeline, entry.device = pipeline, target
             entry.load_ms = (time.perf_counter() - started) * 1e3
             # On CPU the pipeline's micro-batch is smaller than max_batch: large batches lose there.
@@ -275,13 +268,28 @@ class Registry:
                     await self._unload(entry, "over the memory budget on its own")
                     raise
 
-    async def _run_load(self, entry: ModelEntry, device: str) -> Pipeline:
-        """Build the pipeline off the event loop. With CUDA graphs it is built on the device's inference thread,
-        the thread that will replay them (their state is per thread)."""
+    async def _run_load(self, entry: ModelEntry, device: str) -> tuple[Pipeline, int]:
+        """Build the pipeline off the event loop, with its device memory: (pipeline, bytes). With CUDA graphs it is
+        built on the device's inference thread, the thread that records and replays them (their state is per
+        thread)."""
         if device.startswith("cuda") and self.engine.cuda_graphs:
             infer_pool, _ = self.workers.get(torch.device(device))
-            return await asyncio.get_running_loop().run_in_executor(infer_pool, self._load_pipeline, entry, device)
-        return await asyncio.to_thread(self._load_pipeline, entry, device)
+            return await asyncio.get_running_loop().run_in_executor(infer_pool, self._load_measured, entry, device)
+        return await asyncio.to_thread(self._load_measured, entry, device)
+
+    def _load_measured(self, entry: ModelEntry, device: str) -> tuple[Pipeline, int]:
+        """On the loading thread (never the event loop: synchronising a device there would stall every session):
+        the pipeline and what its load allocated on the device, at least its own tensors. Loads run one at a
+        time; batches of other models running meanwhile reuse cached blocks, so the difference is the model's."""
+        cuda = device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+        pipeline = self._load_pipeline(entry, device)
+        if not cuda:
+            return pipeline, pipeline.memory_bytes
+        torch.cuda.synchronize(device)
+        return pipeline, max(torch.cuda.memory_allocated(device) - before, pipeline.memory_bytes)
 
     def check(self) -> dict[str, str]:
         """Problems of the declared models' files, by model (nothing is put on a device). Synthetic demo models
@@ -381,7 +389,8 @@ class Registry:
         entry.pipeline, entry.scheduler, entry.device, entry.uses = None, None, "", 0
         if scheduler:
             await scheduler.stop()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        if device.startswith("cuda"):  # on the device's thread, after the batches it still ran
+            infer_pool, _ = self.workers.get(torch.device(device))
+            await asyncio.get_running_loop().run_in_executor(infer_pool, torch.cuda.empty_cache)
         if self.on_evict and reason != "shutdown":
             self.on_evict(entry.spec.name, reason)

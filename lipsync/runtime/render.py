@@ -10,6 +10,7 @@ from typing import Any, Callable
 from torch import Tensor
 
 from lipsync.model.pipeline import Pipeline
+from lipsync.runtime.feature_sources import Part
 from lipsync.runtime.scheduler import DeviceWorkers, ModelScheduler
 from lipsync.timebase import FRAME_S
 
@@ -43,7 +44,7 @@ async def render_wave(scheduler: ModelScheduler, wave: Tensor, start_frame: int,
     [3,H,W] on the host when `quality` is None. Returns per-stage milliseconds."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    _, features = await scheduler.features(scheduler.feature_stream(), wave.to(scheduler.pipeline.device), end=True)
+    _, features = await scheduler.features(scheduler.feature_stream(), wave, end=True)  # moved there, on its thread
     timings["audio"] = (time.perf_counter() - t0) * 1e3
     step = chunk or scheduler.max_batch
     avatar = scheduler.pipeline.avatar
@@ -51,7 +52,7 @@ async def render_wave(scheduler: ModelScheduler, wave: Tensor, start_frame: int,
     for lo in range(0, features.shape[0], step):  # two chunks in flight: the device never waits for the writer
         ids = avatar.frames_for(start_frame, lo, min(step, features.shape[0] - lo))
         # One timeline: chunk k's frames are due after chunk k-1's, so batches never interleave two chunks.
-        rendering = scheduler.render(features[lo:lo + step], ids, quality, due=t0 + lo * FRAME_S)
+        rendering = scheduler.render(Part(features, lo, lo + len(ids)), ids, quality, due=t0 + lo * FRAME_S)
         pending.append((lo, ids, asyncio.ensure_future(rendering)))
         if len(pending) > 1:
             await _deliver(pending.pop(0), on_frames, timings)

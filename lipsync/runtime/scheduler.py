@@ -33,8 +33,11 @@ from torch import Tensor
 from lipsync import timebase
 from lipsync.codec import jpeg
 from lipsync.errors import ResourceExhausted
+from lipsync.model import audio_features
 from lipsync.model.audio_features import FeatureStream
 from lipsync.model.pipeline import Pipeline, StageClock
+from lipsync.model.transfer import index_tensor, to_device
+from lipsync.runtime.feature_sources import Part, Silence, Source, frames_of
 from lipsync.threads import named_pool
 
 log = logging.getLogger(__name__)
@@ -143,11 +146,12 @@ class DeviceWorkers:
 
 @dataclass(eq=False)
 class Job:
-    """Frames of one request (or one stream step) waiting for the generator."""
-    features: Tensor
+    """Frames of one request (or one stream step) waiting for the generator. Its features (and visual inputs)
+    are sources the inference thread reads when the frames are batched (runtime.feature_sources)."""
+    features: Source
     frame_ids: list[int]
     quality: int | None  # None: raw frames, not JPEG
-    visual: Tensor | None
+    visual: Source | None
     future: asyncio.Future
     submitted: float = field(default_factory=time.perf_counter)
     next: int = 0  # frames handed to batches so far
@@ -278,7 +282,7 @@ class ModelScheduler:
     async def _calibrate(self) -> None:
         n = self.max_batch
         ids = self.pipeline.avatar.frames_for(0, 0, n)
-        features = torch.zeros(n, *self.pipeline.generator_audio_shape, device=self.pipeline.device)
+        features = Silence(tuple(self.pipeline.generator_audio_shape), self.pipeline.device)
         seconds = math.inf
         for _ in range(CALIBRATION_BATCHES):  # the first calls still pay one-time costs: the fastest is the speed
             t0 = time.perf_counter()
@@ -291,21 +295,24 @@ class ModelScheduler:
 
     async def idle_jpegs(self, quality: int) -> list[bytes]:
         """The avatar's own frames as JPEG at `quality`, encoded once and kept for the IDLE_QUALITIES qualities
-        used last (each is a full copy of the avatar as JPEG). Encoded off the serving path: on a thread of its
-        own (and a CUDA stream of its own), one quality at a time, concurrent askers sharing the one encode."""
+        used last (each is a full copy of the avatar as JPEG). Encoded by the device's encode thread, the one
+        thread that calls the JPEG encoder (nvJPEG), on its stream, a batch of frames at a time: served batches
+        queued meanwhile take their turns between them. One quality at a time, concurrent askers sharing it."""
         if quality in self._idle_jpegs:
             self._idle_jpegs.move_to_end(quality)
             return await self._idle_jpegs[quality]
-        frames, device = self.pipeline.avatar.frames, self.pipeline.device
+        frames = self.pipeline.avatar.frames
+        loop = asyncio.get_running_loop()
 
-        def encode() -> list[bytes]:
-            side = torch.cuda.Stream(device) if device.type == "cuda" else None
-            return _device_call(side, lambda: [j for lo in range(0, frames.shape[0], self.max_batch)
-                                               for j in jpeg.encode_frames(frames[lo:lo + self.max_batch], quality)])
+        def encode(lo: int) -> list[bytes]:
+            return _device_call(self.encode_stream, jpeg.encode_frames, frames[lo:lo + self.max_batch], quality)
 
         async def build() -> list[bytes]:
             async with self._idle_lock:
-                return await asyncio.to_thread(encode)
+                found: list[bytes] = []
+                for lo in range(0, self.pipeline.avatar.frame_count, self.max_batch):
+                    found += await loop.run_in_executor(self.encode_pool, encode, lo)
+                return found
         task = self._idle_jpegs[quality] = asyncio.ensure_future(build())
         while len(self._idle_jpegs) > IDLE_QUALITIES:
             self._idle_jpegs.popitem(last=False)
@@ -316,9 +323,10 @@ class ModelScheduler:
                 del self._idle_jpegs[quality]  # a failed encode is not kept
             raise
 
-    def feature_stream(self) -> FeatureStream:
-        """A fresh feature stream for one utterance on this model's device (encoder calls go through `features`)."""
-        return FeatureStream(None, self.pipeline.device)
+    def feature_stream(self, lookahead: int = audio_features.LOOKAHEAD) -> FeatureStream:
+        """A fresh feature stream for one utterance on this model's device (encoder calls go through `features`;
+        its buffers are made there, on the first step)."""
+        return FeatureStream(None, self.pipeline.device, lookahead)
 
     # -- hand-offs between the event loop and the device threads
     def _post(self, fn: Callable, *args: Any) -> None:
@@ -364,20 +372,26 @@ class ModelScheduler:
         return await self._on_device(lambda: fn(*args), asyncio.get_running_loop().create_future())
 
     async def features(self, stream: FeatureStream, wave: Tensor | None, end: bool,
-                       decode: Callable[[], Tensor] | None = None) -> tuple[int, Tensor]:
+                       decode: Callable[[], Tensor | None] | None = None,
+                       then: Callable[[int, Tensor], Any] | None = None) -> Any:
         """One step of a session's audio: new samples (and/or end of audio) → (first frame index, features of
-        the frames that became final). The encoder call is shared with every other session of the model.
-        `decode`, given instead of `wave`, makes the samples on the device thread; the mel windows go straight to
-        the model's encoder queue there and the session's `accept` runs right after the encoder: one hand-off to
-        the device and one wake-up back per step."""
+        the frames that became final), or what `then(first, features)` makes of them on the device thread (a live
+        session stores them there and gets counts back). The encoder call is shared with every other session of
+        the model. `decode`, given instead of `wave`, makes the samples on the device thread; the mel windows go
+        straight to the model's encoder queue there and the session's `accept` runs right after the encoder: one
+        hand-off to the device and one wake-up back per step."""
         step = stream.end_windows if end else stream.windows
         future = asyncio.get_running_loop().create_future()
+
+        def accept(embeddings: Tensor) -> Any:
+            found = stream.accept(embeddings)
+            return then(*found) if then is not None else found
 
         def windows() -> Any:
             found = step(decode() if decode is not None else wave)
             if not found.shape[0]:
-                return stream.accept(found.new_zeros(0, 512))
-            self._queue_windows(found, stream.accept, future)
+                return accept(found.new_zeros(0, 512))
+            self._queue_windows(found, accept, future)
             return PENDING
         return await self._on_device(windows, future)
 
@@ -426,7 +440,7 @@ class ModelScheduler:
             results = [exc] * len(work)
         self._post(_settle_all, [(future, result) for (_, _, future), result in zip(work, results)])
 
-    def submit(self, features: Tensor, frame_ids: list[int], quality: int | None, visual: Tensor | None = None,
+    def submit(self, features: Source, frame_ids: list[int], quality: int | None, visual: Source | None = None,
                priority: Priority = Priority.BATCH, deadline: float | None = None, step: float = timebase.FRAME_S,
                on_frames: Callable[[int, int, list[bytes]], None] | None = None, square: bool = False
                ) -> asyncio.Future:
@@ -458,8 +472,8 @@ class ModelScheduler:
         self._kick()
         return future
 
-    async def render(self, features: Tensor, frame_ids: list[int], quality: int | None,
-                     visual: Tensor | None = None, priority: Priority = Priority.BATCH, due: float | None = None,
+    async def render(self, features: Source, frame_ids: list[int], quality: int | None,
+                     visual: Source | None = None, priority: Priority = Priority.BATCH, due: float | None = None,
                      square: bool = False) -> tuple[list[Any], dict[str, float]]:
         """JPEG bytes (or, with quality None, uint8 RGB frames [3,H,W] on the host) of any number of frames, as
         jobs of at most JOB_FRAMES (and half the queue bound), two in flight: a long request never exceeds the
@@ -475,8 +489,9 @@ class ModelScheduler:
 
         def submit(lo: int) -> asyncio.Future:
             hi = lo + step
-            return self.submit(features[lo:hi], frame_ids[lo:hi], quality, None if visual is None else visual[lo:hi],
-                               priority, deadline=arrived + lo * timebase.FRAME_S, square=square)
+            return self.submit(Part(features, lo, hi), frame_ids[lo:hi], quality,
+                               None if visual is None else Part(visual, lo, hi), priority,
+                               deadline=arrived + lo * timebase.FRAME_S, square=square)
         try:
             for lo in itertools.islice(starts, 2):
                 jobs.append(submit(lo))
@@ -645,11 +660,12 @@ class ModelScheduler:
     def _infer(self, batch: list[BatchSlice]) -> tuple[StageClock, Tensor, list[int], Any]:
         """Generator predictions of a batch, on the inference stream; the event marks when they are ready."""
         clock = StageClock(self.pipeline.device)
+        device = self.pipeline.device
         ids = [i for s in batch for i in s.job.frame_ids[s.lo:s.hi]]
-        features = torch.cat([s.job.features[s.lo:s.hi] for s in batch])
+        features = torch.cat([to_device(frames_of(s.job.features, s.lo, s.hi), device) for s in batch])
         visual = None
         if any(s.job.visual is not None for s in batch):
-            visual = torch.cat([s.job.visual[s.lo:s.hi] if s.job.visual is not None
+            visual = torch.cat([to_device(frames_of(s.job.visual, s.lo, s.hi), device) if s.job.visual is not None
                                 else self.pipeline.avatar.model_inputs(s.job.frame_ids[s.lo:s.hi]) for s in batch])
         with clock.stage("inference"):
             predictions = self.pipeline.infer(features, ids, visual)
@@ -686,7 +702,8 @@ class ModelScheduler:
                 if square:
                     out = jpeg.encode_images([squares[row] for row in rows], quality)
                 else:
-                    chosen = frames if len(rows) == len(whole) else frames[[at[row] for row in rows]]
+                    chosen = frames if len(rows) == len(whole) else \
+                        frames.index_select(0, index_tensor([at[row] for row in rows], frames.device))
                     # quality None: the frames themselves (offline rendering to video or PNG), on the host
                     out = jpeg.encode_frames(chosen, quality) if quality is not None else chosen.cpu()
                 for row, data in zip(rows, out):
@@ -705,7 +722,7 @@ class ModelScheduler:
         """Predictions and frame ids of some rows of a batch (all of them without a copy)."""
         if len(rows) == len(ids):
             return predictions, ids
-        return predictions[rows], [ids[row] for row in rows]
+        return predictions.index_select(0, index_tensor(rows, predictions.device)), [ids[row] for row in rows]
 
     def _deliver(self, batch: list[BatchSlice], batch_size: int, started: float,
                  result: tuple[list[bytes], dict[str, float]] | None, error: BaseException | None) -> None:

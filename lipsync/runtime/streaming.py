@@ -17,7 +17,6 @@ import torch
 from lipsync.codec import audio
 from lipsync.codec.audio import AudioFormat, StreamResampler
 from lipsync.errors import InvalidRequest
-from lipsync.model.audio_features import FeatureStream
 from lipsync.runtime.messages import Audio, EndOfAudio, StreamMessage
 from lipsync.runtime.scheduler import ModelScheduler, Priority
 
@@ -38,7 +37,7 @@ class StreamSession:
         self.scheduler, self.fmt, self.start, self.quality, self.square = scheduler, fmt, start_frame, quality, square
         self.buffer_frames, self.max_audio_s = buffer_frames, max_audio_s
         self.avatar = scheduler.pipeline.avatar
-        self.features = FeatureStream(None, scheduler.pipeline.device, lookahead)
+        self.features = scheduler.feature_stream(lookahead)
         self.resampler = StreamResampler(fmt.sample_rate)
         self.received = 0  # input samples
         self.sent = 0  # frames handed out
@@ -81,8 +80,8 @@ class StreamSession:
                                                                      decode=lambda d=message.data: self._decode(d))
                     elif isinstance(message, EndOfAudio):
                         ended = True
-                        first, feats = await self.scheduler.features(self.features, self.resampler.finish(),
-                                                                     end=True)
+                        first, feats = await self.scheduler.features(self.features, None, end=True,
+                                                                     decode=self.resampler.finish)
                     else:
                         raise InvalidRequest(f"{type(message).__name__} is not a Stream message")
                     if feats.shape[0]:
