@@ -64,3 +64,16 @@ def test_failures_are_success_false_with_the_status_message(service, call, messa
     assert counted(method, code) == before + 1
     health = loop.run_until_complete(svc.Health(mono.HealthRequest(), None))
     assert health.healthy
+
+
+def test_load_model_follows_the_go_servers_conventions(service):
+    """preferred_gpu: -1 lets the server choose; 0, what a client that never set it sends, on a server without GPUs
+    also lets it choose; below -1 is refused. A model already loaded answers load_time_ms 0."""
+    svc, loop = service
+    loop.run_until_complete(svc.UnloadModel(mono.UnloadModelRequest(model_id="tiny"), None))
+    first = loop.run_until_complete(svc.LoadModel(mono.LoadModelRequest(model_id="tiny", preferred_gpu=0), None))
+    assert first.success and first.gpu_id == -1 and first.load_time_ms > 0
+    again = loop.run_until_complete(svc.LoadModel(mono.LoadModelRequest(model_id="tiny", preferred_gpu=-1), None))
+    assert again.success and again.load_time_ms == 0
+    bad = loop.run_until_complete(svc.LoadModel(mono.LoadModelRequest(model_id="tiny", preferred_gpu=-2), None))
+    assert not bad.success and bad.error.startswith("preferred_gpu -2")

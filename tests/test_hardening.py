@@ -253,6 +253,37 @@ def test_a_busy_port_is_refused_in_one_line(tight):
     assert "Traceback" not in done.stderr
 
 
+def test_a_second_server_moves_off_the_default_metrics_port(tmp_path):
+    """The default metrics port (9090) taken, as by a first server on this machine: the second serves anyway, its
+    metrics on a free port, and says so in one WARNING line (a port set in the configuration is refused instead,
+    below)."""
+    import re
+    import socket
+
+    from lipsync.api.server import DEFAULT_METRICS_PORT
+    held = socket.socket()
+    try:
+        held.bind(("127.0.0.1", DEFAULT_METRICS_PORT))
+        held.listen()
+    except OSError:
+        pass  # already taken by something else: taken either way
+    log = tmp_path / "second.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", "server.port=0",
+                                 f"server.metrics_port={DEFAULT_METRICS_PORT}", "models=none", "engine=eager"],
+                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        try:
+            ready = proc.stdout.readline()
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            held.close()
+    text = log.read_text()
+    assert ready.startswith("READY port="), text[-2000:]
+    moved = re.search(rf"metrics port {DEFAULT_METRICS_PORT} is taken .*: /metrics is on port (\d+) instead", text)
+    assert moved and int(moved.group(1)) != DEFAULT_METRICS_PORT, text[-2000:]
+
+
 def test_a_busy_metrics_port_is_refused_in_one_line(tight):
     import re
     port = int(re.search(r"metrics on http://[\d.]+:(\d+)", tight.logs()).group(1))
@@ -281,7 +312,7 @@ def test_uvloop_without_its_package_is_one_line():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == ("lipsync serve: server.event_loop='uvloop': the uvloop package is not installed "
-                                   "(pip install 'lipsync[uvloop]')")
+                                   "(pip install -e '.[uvloop]' from a checkout)")
 
 
 def test_a_mistyped_override_is_one_line():

@@ -220,7 +220,7 @@ def blocked(with_bundle: bool = True) -> list[str]:
     for dist in metadata.distributions():
         name = canonical(dist.metadata["Name"] or "")
         tops = _top_levels(dist)
-        (keep if name in have or name in ("lipsync", "lipsync-client") else names).update(tops)
+        (keep if name in have or name in ("lipsync", "lipsync-server", "lipsync-client") else names).update(tops)
     return sorted(names - keep - {"", "_distutils_hack", "__editable__", "google"})
 
 

@@ -123,9 +123,19 @@ class MonolithicService(mono_grpc.MonolithicServiceServicer):
 
     @unary(name="Monolithic/LoadModel", failure=lambda error, ms: mono.LoadModelResponse(success=False, error=error))
     async def LoadModel(self, request, context, started) -> mono.LoadModelResponse:
-        device = f"cuda:{request.preferred_gpu}" if request.preferred_gpu > 0 else None
-        entry, _, ms = await self.s.registry.load(checked_model_id(request.model_id), device)
-        return mono.LoadModelResponse(success=True, gpu_id=gpu_id(entry.device), load_time_ms=ms)
+        """The Go server's convention: preferred_gpu -1 lets the server choose, N asks for GPU N (0 is GPU 0, and
+        also what a client that never set the field sends: on a server without GPUs it means "choose"). A model
+        already loaded answers load_time_ms 0: nothing was loaded."""
+        entry, already, ms = await self.s.registry.load(checked_model_id(request.model_id),
+                                                        self._preferred_device(request.preferred_gpu))
+        return mono.LoadModelResponse(success=True, gpu_id=gpu_id(entry.device), load_time_ms=0.0 if already else ms)
+
+    def _preferred_device(self, preferred_gpu: int) -> str | None:
+        if preferred_gpu < -1:
+            raise InvalidRequest(f"preferred_gpu {preferred_gpu}: -1 (the server chooses) or a GPU index")
+        if preferred_gpu == -1 or not any(d.startswith("cuda") for d in self.s.registry.devices):
+            return None
+        return f"cuda:{preferred_gpu}"
 
     @unary(name="Monolithic/UnloadModel",
            failure=lambda error, ms: mono.UnloadModelResponse(success=False, error=error))

@@ -44,8 +44,8 @@ class ServerConfig(Section):
     keepalive_time_s: float = limit(30.0, above=0, help="HTTP/2 keepalive pings to idle clients this often")
     keepalive_timeout_s: float = limit(10.0, above=0, help="a client that does not answer a ping this fast is dropped")
     event_loop: str = setting("asyncio", "the event loop that runs gRPC, sessions and pacing: asyncio, or uvloop "
-                                         "(pip install 'lipsync[uvloop]'; 15-20 % less event-loop CPU per frame "
-                                         "measured, docs/server.md)", choices=("asyncio", "uvloop"))
+                                         "(pip install -e '.[uvloop]' from a checkout; 15-20 % less event-loop CPU per "
+                                         "frame measured, docs/server.md)", choices=("asyncio", "uvloop"))
     shutdown_grace_s: float = limit(30.0, low=0, help="SIGTERM/SIGINT: finish in-flight work for up to this long")
     drain_s: float = limit(0.0, low=0, help="SIGTERM/SIGINT: report NOT_SERVING, keep serving this long (behind a "
                            "proxy: longer than its health-check interval), then refuse new work and finish the rest")

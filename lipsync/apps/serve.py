@@ -44,7 +44,7 @@ def event_loop(name: str) -> asyncio.Runner:
         except ImportError:
             from lipsync.config import ConfigError
             raise ConfigError("server.event_loop='uvloop': the uvloop package is not installed "
-                              "(pip install 'lipsync[uvloop]')") from None
+                              "(pip install -e '.[uvloop]' from a checkout)") from None
         return asyncio.Runner(loop_factory=uvloop.new_event_loop)
     return asyncio.Runner()
 

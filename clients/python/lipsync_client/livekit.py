@@ -3,8 +3,8 @@
 The agent's speech is pushed in with `push_audio` (each segment becomes an utterance, `AudioSegmentEnd` ends it) and
 `clear_buffer` interrupts it. Iterating yields the avatar at 25 fps, idle between utterances (`rtc.VideoFrame`,
 RGB24), the audio each speech frame carries (`rtc.AudioFrame`, mono s16 at the input's sample rate) and
-`AudioSegmentEnd` once an utterance has played to its end. Needs `pip install 'lipsync-client[livekit]'` (the
-server's `lipsync[livekit]` includes it).
+`AudioSegmentEnd` once an utterance has played to its end. Needs `pip install './clients/python[livekit]'` from a
+checkout (the server's `pip install -e '.[livekit]'` includes it).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ try:
     from livekit.agents.voice.avatar import AudioSegmentEnd, VideoGenerator
 except ModuleNotFoundError as missing:  # the extra is not installed: say which
     raise ModuleNotFoundError(f"lipsync_client.livekit needs livekit-agents ({missing.name} is missing): "
-                              "pip install 'lipsync-client[livekit]'") from missing
+                              "pip install './clients/python[livekit]' (from a lipsync checkout)") from missing
 
 from lipsync_client._proto import lipsync_pb2 as pb
 from lipsync_client._proto import lipsync_pb2_grpc as pb_grpc

@@ -5,7 +5,8 @@
 clock, the avatar as `OutputImageRawFrame` (RGB, pts = the frame's presentation time in ns) — idle between
 utterances — and the utterance's audio as `TTSAudioRawFrame`, 40 ms with each speech frame, so the transport plays
 the two together. An `InterruptionFrame` interrupts the session (the next frames are idle) and goes on downstream.
-Needs `pip install 'lipsync-client[pipecat]'` (the server's `lipsync[pipecat]` includes it).
+Needs `pip install './clients/python[pipecat]'` from a checkout (the server's `pip install -e '.[pipecat]'`
+includes it).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ try:
     from pipecat.services.settings import ServiceSettings
 except ModuleNotFoundError as missing:  # the extra is not installed: say which
     raise ModuleNotFoundError(f"lipsync_client.pipecat needs pipecat-ai ({missing.name} is missing): "
-                              "pip install 'lipsync-client[pipecat]'") from missing
+                              "pip install './clients/python[pipecat]' (from a lipsync checkout)") from missing
 
 from lipsync_client._proto import lipsync_pb2 as pb
 from lipsync_client._proto import lipsync_pb2_grpc as pb_grpc

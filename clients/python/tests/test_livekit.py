@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 rtc = pytest.importorskip("livekit.rtc",
-                          reason="livekit-agents is not installed (pip install 'lipsync-client[livekit]')")
+                          reason="livekit-agents is not installed (pip install './clients/python[livekit]')")
 import lipsync_client as ls  # noqa: E402
 from lipsync_client.livekit import LipsyncVideoGenerator  # noqa: E402
 from livekit.agents.voice.avatar import AudioSegmentEnd  # noqa: E402

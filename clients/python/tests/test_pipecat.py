@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pipecat", reason="pipecat-ai is not installed (pip install 'lipsync-client[pipecat]')")
+pytest.importorskip("pipecat", reason="pipecat-ai is not installed (pip install './clients/python[pipecat]')")
 import lipsync_client as ls  # noqa: E402
 from lipsync_client.pipecat import LipsyncVideoService  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402

@@ -5,7 +5,7 @@ server, like any other gRPC client. The session's frames become the peer connect
 here, encoded once per browser by aiortc as VP8 or H.264) and the audio they carry its Opus track, both paced by
 the server's clock. What the avatar says comes from the browser's microphone (cut into utterances by a level gate:
 it repeats what you said), a dropped audio file (PyAV decodes it) or text spoken by espeak-ng where it is
-installed. Needs `pip install 'lipsync[web]'`.
+installed. Needs `pip install -e '.[web]'` from a checkout.
 """
 from __future__ import annotations
 
