@@ -103,6 +103,11 @@ async def run_point(target: str, server_pid: int, sessions: int, seconds: float,
             "frames": frames, "speech_frames": sum(s["speech"] for s in summaries), "late_frames": late,
             "late_rate": round(late / frames, 5) if frames else None,
             "utterances": len(latencies), "interrupted": interrupted,
+            # a device below real time (slow_device=degrade): utterances that started with a frame stride > 1, and
+            # speech slots that showed a rendered frame again (on time by design, counted apart from late ones)
+            "degraded_utterances": sum(u.get("frame_stride", 1) > 1 for s in summaries
+                                       for u in s["utterances"].values()),
+            "repeated_frames": sum(u.get("frames_repeated", 0) for s in summaries for u in s["utterances"].values()),
             "first_frame_latency_ms": {"p50": round(percentile(latencies, 50), 1),
                                        "p95": round(percentile(latencies, 95), 1)},
             "pacing_max_late_ms": max((s["pacing_ms"]["max_late"] for s in summaries), default=0.0),

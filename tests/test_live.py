@@ -340,6 +340,78 @@ def test_in_process_session_passes_input_audio_through(pipeline, speech):
     assert frames[0].avatar_position == 3
 
 
+def test_the_frame_stride_follows_the_measured_capacity_and_the_speakers(pipeline):
+    """degrade: 1 while a session's share of the measured frames/s (within the headroom) keeps up with 25 fps, else
+    the smallest k that does, at most max_frame_stride; two speaking sessions split the capacity; buffer: always 1."""
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers())
+        idle = [b""] * pipeline.avatar.frame_count
+        one = LiveSession(scheduler, LiveConfig(time_scale=1.0), S16, 16000, 0, 75, idle)
+        got = {}
+        for capacity in (None, 100.0, 25.0, 10.0, 1.0):
+            scheduler.capacity_fps = capacity
+            got[capacity] = one.frame_stride()
+        scheduler.capacity_fps = 40.0
+        alone = one.frame_stride()
+        two = LiveSession(scheduler, LiveConfig(time_scale=1.0), S16, 16000, 0, 75, idle)
+        one.start_utterance("a"), two.start_utterance("b")  # both speaking: 18 frames/s each
+        shared = one.frame_stride()
+        buffered = LiveSession(scheduler, LiveConfig(time_scale=1.0, slow_device="buffer"), S16, 16000, 0, 75, idle)
+        slow = buffered.frame_stride()
+        for s in (one, two, buffered):
+            s.close()
+        return got, alone, shared, slow
+    got, alone, shared, slow = asyncio.run(main())
+    assert got == {None: 1, 100.0: 1, 25.0: 2, 10.0: 3, 1.0: 4}
+    assert (alone, shared, slow) == (1, 2, 1)
+
+
+def test_a_slow_device_shows_every_second_frame_twice_with_every_slots_audio(pipeline, speech):
+    """Measured below real time (capacity forced to 10 frames/s against 12.5 needed at time_scale 2): the utterance
+    starts after the render latency, not after buffering; every 2nd frame is rendered and shown for two slots (the
+    avatar frame of what is shown, the same JPEG); every slot carries its own audio, sample-exact; the events say
+    so (frame_stride 2, frames_repeated)."""
+    pcm = pcm_of(speech[:16000])
+    config = LiveConfig(time_scale=2.0, render_ahead_s=0.2, max_frame_stride=2)
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=16)  # batches of a few frames: never full,
+        scheduler.start()                                                     # so the forced figure stays
+        idle = await scheduler.idle_jpegs(75)
+        await scheduler.calibrate()
+        scheduler.capacity_fps = 10.0
+        session = LiveSession(scheduler, config, S16, 16000, 0, 75, idle)
+        frames, events = [], []
+        async for frame, happened in session.frames():
+            frames.append(frame)
+            events += happened
+            if frame.index == 0:
+                session.start_utterance("x")
+                session.audio(pcm)
+                session.end_utterance()
+            if any(e.kind == "finished" for e in happened):
+                session.close()
+            assert frame.index < 600, "the utterance never finished"
+        await scheduler.stop()
+        return frames, events, session.stats
+    frames, events, stats = asyncio.run(main())
+    started = next(e.fields for e in events if e.kind == "started")
+    finished = next(e.fields for e in events if e.kind == "finished")
+    speech_frames = [f for f in frames if f.kind == "speech"]
+    total = audio_features.frame_count(len(pcm) // 2)
+    assert started["frame_stride"] == 2 and len(speech_frames) == total
+    avatar = pipeline.avatar
+    for f in speech_frames:
+        shown = f.utterance_frame - f.utterance_frame % 2
+        assert f.avatar_frame == avatar.frame_for(started["avatar_position"] + shown)
+    by_frame = {f.utterance_frame: f.jpeg for f in speech_frames}
+    assert all(by_frame[k] is by_frame[k - 1] for k in range(1, total, 2))  # the same rendered frame, twice
+    assert len({id(j) for j in by_frame.values()}) == (total + 1) // 2
+    assert finished["frames_repeated"] == stats["repeated"] == total // 2 and not finished["dropped"]
+    carried = b"".join(f.audio for f in frames if f.utterance_id == "x" and f.kind != "held")
+    assert carried[:len(pcm)] == pcm and not any(carried[len(pcm):])
+
+
 def test_client_plays_a_conversation_script(live_server, speech, tmp_path):
     """`lipsync client --converse SCRIPT --out talk.mp4`, as a user runs it."""
     import subprocess
@@ -376,7 +448,7 @@ def test_a_flood_of_queued_speech_is_held_within_its_bound(pipeline, speech):
     why; at no slot does the session have more frames waiting for the generator than its horizon (and one
     submission beyond it), and what it holds stays within `memory_bound`. Speech queued ahead of the clock goes to
     the scheduler SUBMIT_FRAMES at a time, not as a job per slot."""
-    config = LiveConfig(time_scale=1.0, render_ahead_s=0.4, max_queued_speech_s=6.0)
+    config = LiveConfig(time_scale=1.0, render_ahead_s=0.4, max_queued_speech_s=6.0, slow_device="buffer")
     pcm = pcm_of(speech[:32000])
 
     async def main():

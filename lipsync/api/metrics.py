@@ -25,6 +25,10 @@ FIRST_FRAME_MS = Histogram("lipsync_first_frame_ms", "Live utterances: first aud
 LIVE_FAILURES = Counter("lipsync_live_utterances_failed", "Live utterances the server ended early (finished with an "
                         "error): their rendering failed, or they would pass server.live.max_queued_speech_s",
                         ["model"])
+REPEATED_FRAMES = Counter("lipsync_live_repeated_frames", "Live speech slots that showed an earlier rendered frame "
+                          "again: the device rendered below real time (server.live.slow_device=degrade)", ["model"])
+DEGRADED_UTTERANCES = Counter("lipsync_live_degraded_utterances", "Live utterances that started with a frame stride "
+                              "above 1 (every k-th frame rendered)", ["model"])
 AUTH_FAILURES = Counter("lipsync_auth_failures", "RPCs refused by the token check, by status", ["code"])
 EVICTIONS = Counter("lipsync_evictions", "Models unloaded to make room or after idling", ["model"])
 
@@ -68,8 +72,13 @@ def observe_live(model: str, events: list[Any]) -> None:
             LATE_FRAMES.labels(model).inc()
         elif e.kind == "started":
             FIRST_FRAME_MS.labels(model).observe(e.fields["latency_ms"])
-        elif e.kind == "finished" and e.fields["error"]:
-            LIVE_FAILURES.labels(model).inc()
+            if e.fields.get("frame_stride", 1) > 1:
+                DEGRADED_UTTERANCES.labels(model).inc()
+        elif e.kind == "finished":
+            if e.fields["error"]:
+                LIVE_FAILURES.labels(model).inc()
+            if e.fields.get("frames_repeated"):
+                REPEATED_FRAMES.labels(model).inc(e.fields["frames_repeated"])
 
 
 _STATE: ContextVar[dict[str, Any] | None] = ContextVar("lipsync_metrics_state", default=None)

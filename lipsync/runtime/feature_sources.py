@@ -45,6 +45,19 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Strided:
+    """Every `stride`-th frame from `first` on (a live utterance rendered below real time: the frames in between
+    show these again)."""
+    source: Source
+    first: int
+    stride: int
+
+    def frames(self, lo: int, hi: int) -> Tensor:
+        a, s = self.first + lo * self.stride, self.stride
+        return frames_of(self.source, a, a + (hi - lo - 1) * s + 1)[::s]
+
+
+@dataclass(frozen=True)
 class Repeated:
     """One frame's features [1,...] for every frame (the Go server's deprecated fixed audio features)."""
     features: Tensor

@@ -7,6 +7,13 @@ A session is a timeline of frame slots. Each slot shows one frame:
 - HELD: that frame is not rendered in time: the avatar frame it will use is shown as idle and the position does
   not advance, so the rest of the utterance (video and its audio) moves one slot later and sync holds.
 
+A device that renders below real time (a laptop's CPU) does not keep people waiting: by default
+(`server.live.slow_device: degrade`) an utterance starts after the measured render latency, and only every k-th of
+its frames is rendered and shown for k slots, k chosen from the measured capacity and the sessions speaking (back
+to 1 as soon as capacity allows, decided again for every submission); every slot still carries its own 40 ms of
+audio, so sound stays sample-exact and in sync. `buffer` instead starts each utterance late enough to play every
+frame through (the lead grows with the utterance).
+
 An utterance's frames are drawn at avatar positions start_pos + k, fixed when its first frames are submitted:
 start_pos is the position of the slot where it is planned to start (after the one before it, or after a lead that
 covers the measured render latency and, when the production rate is below 25 fps, enough buffering to play
@@ -39,7 +46,7 @@ from lipsync.config import Section, limit, setting
 from lipsync.errors import InvalidRequest
 from lipsync.model import audio_features
 from lipsync.model.audio_features import FeatureStream
-from lipsync.runtime.feature_sources import CONTEXT_ROWS, MERGE_FRAMES, Part, UtteranceRows
+from lipsync.runtime.feature_sources import CONTEXT_ROWS, MERGE_FRAMES, Part, Strided, UtteranceRows
 from lipsync.runtime.messages import Audio, EndUtterance, Interrupt, LiveMessage, StartUtterance
 from lipsync.runtime.scheduler import ModelScheduler, Priority
 
@@ -69,6 +76,11 @@ class LiveConfig(Section):
                                                        "measured frames/s")
     lead_margin_frames: int = limit(2, low=0, high=250, help="slots added to the measured render latency before an "
                                                              "utterance starts")
+    slow_device: str = limit("degrade", choices=("degrade", "buffer"), help="a device that renders below real time: "
+                             "degrade (start at once, render every k-th frame and show it k slots, audio unchanged) "
+                             "or buffer (start late enough to play every frame)")
+    max_frame_stride: int = limit(4, low=1, high=25, help="degrade: render at least every this many frames (4: a "
+                                  "6.25 fps mouth); a device slower than that still holds frames")
     latency_safety: float = limit(1.5, low=1, high=10, help="measured batch latency x this when planning an "
                                                             "utterance's start")
     max_utterance_s: float = limit(300.0, above=0, help="longest utterance")
@@ -122,7 +134,11 @@ class Utterance:
     submitted: int = 0                           # frames handed to render jobs: frames submitted..received-1 wait
     #                                            (start unknown, or beyond the horizon)
     start_pos: int | None = None
-    rendered: dict[int, bytes] = field(default_factory=dict)
+    rendered: dict[int, bytes] = field(default_factory=dict)  # rendered frame k → its JPEG, until its slots pass
+    shows: list[int] = field(default_factory=list)  # frame k → the rendered frame its slot shows (k at stride 1), for
+    #                                            every frame submitted
+    stride: int = 1                              # frames per rendered frame at its start (degrade)
+    repeated: int = 0                            # slots that showed a rendered frame again
     next_k: int = 0                              # next frame to show
     first_frame: int = -1
     last_frame: int = -1
@@ -166,7 +182,7 @@ class LiveSession:
         self.started_at: float | None = None  # perf_counter time of slot 0
         self.horizon = max(1, math.ceil(config.render_ahead_s * timebase.FPS))  # frames (media time)
         self.stats = {"frames": 0, "speech": 0, "idle": 0, "held": 0, "utterances": 0, "interrupted": 0,
-                      "failed": 0}
+                      "failed": 0, "repeated": 0}
         scheduler.live_sessions.add(self)  # counted by admission from here (frames() or close() gives it back)
 
     # ------------------------------------------------------------------ client messages (never wait on the device)
@@ -382,8 +398,18 @@ class LiveSession:
             return  # nothing due this slot (the common case while speech is queued)
         until += SUBMIT_FRAMES - 1  # due now: the next frames go with it, as one job
         first, last = u.submitted, min(u.received, until)
-        self._submit(u, first, last - first)
+        self._submit(u, first, last - first, self.frame_stride())
         u.submitted = last
+
+    def frame_stride(self) -> int:
+        """Frames per rendered frame this session can afford now: 1 where the device keeps up; else k such that
+        this session's share of the measured capacity (headroom kept for other work) renders 25/k frames/s."""
+        capacity = self.scheduler.capacity_fps
+        if self.config.slow_device != "degrade" or not capacity:
+            return 1
+        speaking = max(1, sum(1 for s in self.scheduler.live_sessions if s.queue))
+        share, play = capacity * self.config.headroom / speaking, 1.0 / self.interval
+        return max(1, min(self.config.max_frame_stride, math.ceil(play / share - 1e-9)))
 
     def _lead_frames(self, u: Utterance) -> int:
         """Slots between now and the start of an utterance that starts from idle: the measured render latency
@@ -396,26 +422,32 @@ class LiveSession:
             samples = u.samples_in * timebase.SAMPLE_RATE // self.in_format.sample_rate
             frames = u.total or audio_features.frame_count(samples)
             speaking = max(1, sum(1 for s in self.scheduler.live_sessions if s.queue))
-            rate, play = capacity / speaking, 1.0 / self.interval
+            stride = self.frame_stride()  # degrade: every stride-th frame is rendered, so 25/stride frames/s needed
+            rate, play = capacity / speaking, 1.0 / self.interval / stride
             if rate < play:  # frame k is ready at ~(k+1)/rate, shown at start + k/play: buffer for the last one
-                lead += math.ceil(frames * (play / rate - 1))
+                lead += math.ceil(frames / stride * (play / rate - 1))
         return lead
 
-    def _submit(self, u: Utterance, first: int, n: int) -> None:
-        """Frames first..first+n-1 of the utterance to the scheduler, their features read from its rows."""
+    def _submit(self, u: Utterance, first: int, n: int, stride: int = 1) -> None:
+        """Frames first..first+n-1 of the utterance to the scheduler, their features read from its rows; with a
+        stride k, only every k-th of them is rendered, each shown for its k slots."""
         assert u.start_pos is not None and self.started_at is not None
-        ids = [self.avatar.frame_for(u.start_pos + k) for k in range(first, first + n)]
+        rendered = list(range(first, first + n, stride))
+        u.shows.extend(first + (j // stride) * stride for j in range(n))
+        if first == 0:
+            u.stride = stride
+        ids = [self.avatar.frame_for(u.start_pos + k) for k in rendered]
         slot = self.slot + (u.start_pos + first - self.pos)  # where frame `first` is planned to show
         deadline = self.started_at + slot * self.interval
 
         def done(lo: int, hi: int, jpegs: list[bytes]) -> None:
             if not u.cancelled:
                 for j, data in enumerate(jpegs):
-                    u.rendered[first + lo + j] = data
+                    u.rendered[rendered[lo + j]] = data
 
-        job = self.scheduler.submit(Part(u.rows, first, first + n), ids, self.quality, priority=Priority.LIVE,
-                                    deadline=deadline,
-                                    step=self.interval, on_frames=done, square=self.square)
+        features = Part(u.rows, first, first + n) if stride == 1 else Strided(u.rows, first, stride)
+        job = self.scheduler.submit(features, ids, self.quality, priority=Priority.LIVE, deadline=deadline,
+                                    step=self.interval * stride, on_frames=done, square=self.square)
         job.add_done_callback(lambda f: self._rendered(u, f))
         u.jobs.append(job)
 
@@ -454,7 +486,8 @@ class LiveSession:
         self.events.append(Event("finished", {
             "utterance_id": u.id, "last_frame": u.last_frame, "interrupted": interrupted, "frames_played": played,
             "frames_total": u.total if u.total is not None else played, "played_ms": played * 1000.0 / timebase.FPS,
-            "late_frames": u.late, "error": error}))
+            "late_frames": u.late, "error": error, "frames_repeated": u.repeated,
+            "dropped": interrupted and u.first_frame < 0}))
 
     # ------------------------------------------------------------------ the clock
     def _audio_of(self, u: Utterance, k: int) -> bytes:
@@ -480,19 +513,26 @@ class LiveSession:
             frame.audio, frame.utterance_id, frame.utterance_frame = self._audio_of(head, k), head.id, k
             self._advance(head, index)
             return frame
-        data = head.rendered.pop(k, None)
+        shown = head.shows[k] if k < len(head.shows) else k  # the rendered frame this slot shows (degrade: earlier)
+        data = head.rendered.get(shown)
         if data is None:  # not rendered in time: hold the position, shift the utterance by one slot
             head.late += 1
             self.events.append(Event("late", {"frame": index, "utterance_id": head.id}))
             frame = self._idle(index, HELD)
             frame.utterance_id = head.id
             return frame
+        if k + 1 >= len(head.shows) or head.shows[k + 1] != shown:
+            del head.rendered[shown]  # its last slot
+        if shown != k:
+            head.repeated += 1
+            self.stats["repeated"] += 1
         if k == 0:
             head.first_frame = index
             waited = time.perf_counter() - (head.first_audio_at or time.perf_counter())
             self.events.append(Event("started", {"utterance_id": head.id, "first_frame": index,
-                                                 "avatar_position": head.start_pos, "latency_ms": waited * 1e3}))
-        f = self.avatar.frame_for(self.pos)
+                                                 "avatar_position": head.start_pos, "latency_ms": waited * 1e3,
+                                                 "frame_stride": head.stride}))
+        f = self.avatar.frame_for(head.start_pos + shown)  # the avatar frame the shown pixels were rendered on
         frame = Frame(index, self.pos, f, data, self._audio_of(head, k), SPEECH, head.id, k,
                       self.avatar.rects[f] if self.square else None)
         self._advance(head, index)

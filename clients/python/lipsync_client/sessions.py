@@ -144,11 +144,14 @@ class ConverseResult:
             body = getattr(event, kind)
             if kind == "started":
                 utterances.setdefault(body.utterance_id, {}).update(
-                    first_frame=body.first_frame, first_frame_latency_ms=round(body.latency_ms, 1))
+                    first_frame=body.first_frame, first_frame_latency_ms=round(body.latency_ms, 1),
+                    frame_stride=body.frame_stride or 1)
             elif kind == "finished":
+                outcome = "dropped" if body.dropped else "interrupted" if body.interrupted else "played"
                 utterances.setdefault(body.utterance_id, {}).update(
-                    last_frame=body.last_frame, interrupted=body.interrupted, frames_played=body.frames_played,
-                    frames_total=body.frames_total, played_ms=body.played_ms, late_frames=body.late_frames,
+                    outcome=outcome, last_frame=body.last_frame, interrupted=body.interrupted,
+                    frames_played=body.frames_played, frames_total=body.frames_total, played_ms=body.played_ms,
+                    late_frames=body.late_frames, frames_repeated=body.frames_repeated,
                     **({"error": body.error} if body.error else {}))
         return {"frames": len(self.frames), **kinds, "late_frames": kinds["held"],
                 "frame_interval_ms": round(self.session.frame_interval_ms, 3),

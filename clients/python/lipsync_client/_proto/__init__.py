@@ -1,2 +1,2 @@
 """Generated from protos/ by lipsync.protos; do not edit."""
-PROTO_DIGEST = "72524670a0ee9092e5167000d528446584a96c050b44a1de841045ef18d3cdf7"
+PROTO_DIGEST = "f43eb1d8985eca1f3ac6b1aedfd0d4c957c36480642bcd2eddf3d4ce636664ae"

@@ -394,19 +394,21 @@ class SessionInfo(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., fps: _Optional[float] = ..., frame_interval_ms: _Optional[float] = ..., output_sample_rate: _Optional[int] = ..., samples_per_frame: _Optional[int] = ..., avatar_frames: _Optional[int] = ..., device: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., model_load_ms: _Optional[float] = ...) -> None: ...
 
 class UtteranceStarted(_message.Message):
-    __slots__ = ("utterance_id", "first_frame", "avatar_position", "latency_ms")
+    __slots__ = ("utterance_id", "first_frame", "avatar_position", "latency_ms", "frame_stride")
     UTTERANCE_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     AVATAR_POSITION_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_STRIDE_FIELD_NUMBER: _ClassVar[int]
     utterance_id: str
     first_frame: int
     avatar_position: int
     latency_ms: float
-    def __init__(self, utterance_id: _Optional[str] = ..., first_frame: _Optional[int] = ..., avatar_position: _Optional[int] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+    frame_stride: int
+    def __init__(self, utterance_id: _Optional[str] = ..., first_frame: _Optional[int] = ..., avatar_position: _Optional[int] = ..., latency_ms: _Optional[float] = ..., frame_stride: _Optional[int] = ...) -> None: ...
 
 class UtteranceFinished(_message.Message):
-    __slots__ = ("utterance_id", "last_frame", "interrupted", "frames_played", "frames_total", "played_ms", "late_frames", "error")
+    __slots__ = ("utterance_id", "last_frame", "interrupted", "frames_played", "frames_total", "played_ms", "late_frames", "error", "frames_repeated", "dropped")
     UTTERANCE_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_FRAME_FIELD_NUMBER: _ClassVar[int]
     INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
@@ -415,6 +417,8 @@ class UtteranceFinished(_message.Message):
     PLAYED_MS_FIELD_NUMBER: _ClassVar[int]
     LATE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_REPEATED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     utterance_id: str
     last_frame: int
     interrupted: bool
@@ -423,7 +427,9 @@ class UtteranceFinished(_message.Message):
     played_ms: float
     late_frames: int
     error: str
-    def __init__(self, utterance_id: _Optional[str] = ..., last_frame: _Optional[int] = ..., interrupted: _Optional[bool] = ..., frames_played: _Optional[int] = ..., frames_total: _Optional[int] = ..., played_ms: _Optional[float] = ..., late_frames: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    frames_repeated: int
+    dropped: bool
+    def __init__(self, utterance_id: _Optional[str] = ..., last_frame: _Optional[int] = ..., interrupted: _Optional[bool] = ..., frames_played: _Optional[int] = ..., frames_total: _Optional[int] = ..., played_ms: _Optional[float] = ..., late_frames: _Optional[int] = ..., error: _Optional[str] = ..., frames_repeated: _Optional[int] = ..., dropped: _Optional[bool] = ...) -> None: ...
 
 class LateFrame(_message.Message):
     __slots__ = ("frame", "utterance_id")
