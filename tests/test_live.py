@@ -711,3 +711,17 @@ def test_square_live_frames_built_as_wire_bytes_parse_to_the_message():
     parsed = pb.ConverseResponse.FromString(built)
     assert parsed == convert.live_frame(f, []) and len(built) == parsed.ByteSize()
     assert (parsed.frame.square.x, parsed.frame.square.y, parsed.frame.square.width) == (10, 20, 64)
+
+
+def test_unnamed_utterances_get_names_and_a_session_ended_first_still_reports_them(live_server, speech):
+    """An utterance the client did not name is `utterance-N` in its events; a session the client ends before its
+    utterance showed a frame still reports it, on one last frame: finished{interrupted, dropped}, so the client's
+    summary is never empty for what it sent."""
+    async def main():
+        async with channel(live_server.target) as ch:
+            return await converse(pb_grpc.LipSyncStub(ch), "tiny", [Say(pcm_of(speech[:24000]), S16, at=0.0)],
+                                  0.12, quality=QUALITY)
+    result = asyncio.run(main())
+    utterances = result.summary()["utterances"]
+    assert list(utterances) == ["utterance-1"], utterances
+    assert utterances["utterance-1"]["outcome"] == "dropped" and utterances["utterance-1"]["interrupted"]

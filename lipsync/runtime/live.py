@@ -187,6 +187,8 @@ class LiveSession:
 
     # ------------------------------------------------------------------ client messages (never wait on the device)
     def start_utterance(self, utterance_id: str = "", interrupt: bool = False) -> None:
+        """Open an utterance; one the client did not name is named `utterance-N` (N counts this session's
+        utterances from 1), the name its events carry."""
         if interrupt:
             self.interrupt()
         if self.open is not None:
@@ -196,8 +198,8 @@ class LiveSession:
                                f"{self.config.max_queued_utterances}")
         out = None if self.out_rate == self.in_format.sample_rate else \
             StreamResampler(self.in_format.sample_rate, self.out_rate)
-        self.open = Utterance(utterance_id, self.scheduler.feature_stream(),
-                              StreamResampler(self.in_format.sample_rate), out)
+        name = utterance_id or f"utterance-{self.stats['utterances'] + 1}"
+        self.open = Utterance(name, self.scheduler.feature_stream(), StreamResampler(self.in_format.sample_rate), out)
         self.queue.append(self.open)
         self.stats["utterances"] += 1
 
@@ -576,6 +578,13 @@ class LiveSession:
                 yield frame, events
             if self.error is not None:
                 raise self.error
+            self.interrupt()  # what the end of the session cut short: finished{interrupted, dropped if never shown}
+            if self.events:  # said on one last frame, so a client's summary accounts for every utterance it sent
+                frame = self._tick()
+                self.stats["frames"] += 1
+                self.stats[frame.kind] += 1
+                events, self.events = self.events, []
+                yield frame, events
         finally:
             worker.cancel()
             self.scheduler.live_sessions.discard(self)
