@@ -6,6 +6,7 @@ model listens, with that server's address put for the block's `127.0.0.1:50051` 
 builds with `mkdocs build --strict` (make test runs it too) and the gRPC reference is current with protos/."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -92,6 +93,18 @@ def demo_server(tmp_path_factory):
 def test_block_runs_against_a_server(block, demo_server):
     done = run_block(block, demo_server.target)
     assert done.returncode == 0, f"{block.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    check_outcome(block, done.stdout)
+
+
+def check_outcome(block: Block, stdout: str) -> None:
+    """What a reader of a live-session block expects to see, not only a clean exit: the avatar spoke."""
+    if "--converse" in block.code:  # the client's JSON summary of a scripted conversation
+        summary = json.loads(stdout[stdout.index("{"):])
+        assert summary["speech"] > 0 and summary["utterances"], summary
+        played = {name: u.get("frames_played", 0) for name, u in summary["utterances"].items()}
+        assert played and all(n > 0 for n in played.values()), f"{block.name}: utterances that never played {played}"
+    elif "converse(" in block.code and "summary()" in block.code:  # the Python examples print their utterances
+        assert re.search(r"'frames_played': [1-9]", stdout), f"{block.name}: no utterance played:\n{stdout[-2000:]}"
 
 
 def test_site_builds_strictly(tmp_path):
