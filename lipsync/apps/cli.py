@@ -16,8 +16,8 @@ log = logging.getLogger("lipsync")
 
 
 # --------------------------------------------------------------------------- render
-def add_render(sub: argparse._SubParsersAction) -> None:
-    p = command_parser(sub, "render")
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The flags that name a model (`render`, `tune`): a declared one, or its files and options."""
     p.add_argument("--model", help="a model declared in conf/models/NAME.yaml (e.g. demo): its files and options "
                    "(variant, sequence, feather, compose; the demo's avatar is drawn on first use); flags given "
                    "override them")
@@ -25,27 +25,33 @@ def add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audio-encoder", help="audio encoder checkpoint (audio_visual_encoder.pth); required without "
                    "--model")
     p.add_argument("--avatar", help="avatar directory or SyncTalk_2D dataset directory; required without --model")
-    p.add_argument("--audio", required=True, help="speech: WAV (16-bit PCM or float) or any audio file PyAV "
-                                                  "decodes (mp3, ogg, m4a, flac …)")
     p.add_argument("--variant", default=None, choices=["328", "160"], help="generator variant; with --model, the "
                    "model's (default: 328)")
     p.add_argument("--asr", default="ave", choices=["ave"], help="audio branch of the generator")
-    p.add_argument("--start-frame", type=int, default=0, help="avatar position of output frame 0 (1 = SyncTalk_2D)")
     p.add_argument("--sequence", default=None, choices=["pingpong", "loop"],
                    help="avatar frame order; with --model, the model's (default: pingpong)")
-    p.add_argument("--out", help="MP4 to write (H.264 + the speech as AAC)")
-    p.add_argument("--frames-out", help="directory for numbered frames 000000.png, …")
-    p.add_argument("--format", default="png", choices=["png", "jpeg"], help="frame format for --frames-out")
-    p.add_argument("--quality", type=int, default=None, help="JPEG quality for --format jpeg (default: config)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", default="auto",
-                   choices=["auto", "eager", "compile", "onnxruntime", "openvino", "tensorrt"])
-    p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
     p.add_argument("--feather", type=int, default=None, help="feather the pasted square over N template pixels "
                    "(0 = SyncTalk_2D's hard paste); with --model, the model's (default: 0)")
     p.add_argument("--compose", default=None, choices=["paste", "blend"], help="paste: SyncTalk_2D's exact paste "
                    "(with --feather); blend: a soft mask that keeps the square's outer pixels from the frame and "
                    "blends the generator in, hiding the square's outline; with --model, the model's (default: paste)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--engine-file", help="prebuilt TensorRT generator from `lipsync export --format tensorrt`")
+
+
+def add_render(sub: argparse._SubParsersAction) -> None:
+    p = command_parser(sub, "render")
+    add_model_options(p)
+    p.add_argument("--audio", required=True, help="speech: WAV (16-bit PCM or float) or any audio file PyAV "
+                                                  "decodes (mp3, ogg, m4a, flac …)")
+    p.add_argument("--start-frame", type=int, default=0, help="avatar position of output frame 0 (1 = SyncTalk_2D)")
+    p.add_argument("--out", help="MP4 to write (H.264 + the speech as AAC)")
+    p.add_argument("--frames-out", help="directory for numbered frames 000000.png, …")
+    p.add_argument("--format", default="png", choices=["png", "jpeg"], help="frame format for --frames-out")
+    p.add_argument("--quality", type=int, default=None, help="JPEG quality for --format jpeg (default: config)")
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "eager", "compile", "onnxruntime", "openvino", "tensorrt"],
+                   help="auto measures the engines on this machine once per model (cached); name one to skip that")
     p.add_argument("--max-audio-seconds", type=float, default=3600.0,
                    help="refuse longer audio (decoding stops there)")
     p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.max_batch=8")
@@ -154,6 +160,39 @@ def run_render(args: argparse.Namespace) -> int:
         print(f"video: {writer.path}")
     if frames_dir:
         print(f"frames: {frames_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- tune
+def add_tune(sub: argparse._SubParsersAction) -> None:
+    p = command_parser(sub, "tune")
+    add_model_options(p)
+    p.add_argument("overrides", nargs="*", help="hydra overrides of conf/render.yaml, e.g. engine.tune_seconds=3")
+    p.set_defaults(func=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Measure the engine candidates for a model on this machine again (a quiet machine gives the decision every
+    later load reads), whatever was cached; print the decision."""
+    import json
+
+    from lipsync.config import load_config
+    from lipsync.model.engines import EngineConfig
+    from lipsync.model.pipeline import ModelSpec, PipelineConfig, load_pipeline, micro_batch_setting, pick_device
+
+    cfg = load_config(["engine=auto", *args.overrides, "engine.retune=true"], "render")
+    device = pick_device(args.device)
+    spec = ModelSpec.from_dict(args.model or "model", render_model(args))
+    engine_cfg, pipeline_cfg = EngineConfig.from_dict(cfg.engine), PipelineConfig.from_dict(cfg.pipeline)
+    pipeline = load_pipeline(spec, engine_cfg, device, micro_batch_setting(pipeline_cfg, engine_cfg, device.type),
+                             progress=True)
+    decision = pipeline.decision
+    print(json.dumps({"model": spec.name, "device": str(device),
+                      "engine": f"{pipeline.generator.backend}/{pipeline.generator.precision}",
+                      "batch": pipeline.micro_batch,
+                      "generator_frames_per_s": decision.frames_per_s if decision else None,
+                      "machine_load": decision.machine_load if decision else None,
+                      "provisional": decision.provisional if decision else None}))
     return 0
 
 

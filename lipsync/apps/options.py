@@ -23,6 +23,8 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 COMMANDS = {
     "render": ("lipsync.apps.cli", "add_render", "render speech with a SyncTalk_2D model to MP4 and/or numbered "
                                                  "frames"),
+    "tune": ("lipsync.apps.cli", "add_tune", "measure the engines for a model on this machine again (the decision "
+                                             "every later load reads)"),
     "avatar": ("lipsync.apps.cli", "add_avatar", "inspect, import or synthesise avatars"),
     "bench": ("lipsync.apps.cli", "add_bench", "run a benchmark from benchmarks/ (pipeline, engines, server, live)"),
     "export": ("lipsync.apps.export.cli", "add_parser", "export a SyncTalk_2D checkpoint to ONNX or a TensorRT engine"),

@@ -14,6 +14,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -54,6 +55,8 @@ class Decision:
     frames_per_s: float
     key: str
     measured: list[dict[str, Any]] = field(default_factory=list)  # every candidate: timings or why it was refused
+    machine_load: float | None = None  # share of the CPUs other processes used while it was measured (Linux)
+    provisional: bool = False  # measured on a busy machine: measured again at a later load if the machine is quiet
 
     def describe(self) -> str:
         return f"{self.backend}/{self.precision} at batch {self.batch} ({self.frames_per_s:.1f} frames/s)"
@@ -124,20 +127,61 @@ def available(candidate: str, device: torch.device) -> tuple[bool, str]:
     return True, "available"
 
 
-def time_engine(engine: Engine, sample_shapes: list[tuple[int, ...]], batch: int, seconds: float) -> float:
-    """Steady-state frames/s of `engine` at `batch` (same seeded inputs each time, one warm-up call)."""
+TUNE_ROUNDS = 3  # each candidate and batch is timed in this many interleaved rounds (A B A B …): the best counts
+
+
+def _cpu_busy_s() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (every core; steal included), from /proc/stat; None
+    where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class MachineLoad:
+    """The share of the machine's CPUs that other processes (and the hypervisor's steal) used from construction
+    to `share()`: what spoils a timing. This process's own threads do not count."""
+
+    def __init__(self) -> None:
+        self.busy, self.own, self.started = _cpu_busy_s(), time.process_time(), time.perf_counter()
+
+    def share(self) -> float | None:
+        busy = _cpu_busy_s()
+        wall = time.perf_counter() - self.started
+        if busy is None or self.busy is None or wall <= 0:
+            return None
+        others = (busy - self.busy) - (time.process_time() - self.own)
+        return min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
+
+
+def machine_load_now(seconds: float = 0.5) -> float | None:
+    """Other processes' share of the CPUs over the next `seconds` (None where it cannot be read)."""
+    probe = MachineLoad()
+    time.sleep(seconds)
+    return probe.share()
+
+
+def time_engine(engine: Engine, sample_shapes: list[tuple[int, ...]], batch: int, seconds: float,
+                warm_up: bool = True, min_calls: int = 2) -> float:
+    """Steady-state frames/s of `engine` at `batch` (same seeded inputs each time; one warm-up call unless this
+    engine already ran at this batch)."""
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.rand(batch, *s, generator=generator).to(engine.device) for s in sample_shapes]
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    engine(*inputs)
-    sync()
+    if warm_up:
+        engine(*inputs)
+        sync()
     calls, started = 0, time.perf_counter()
     while True:
         engine(*inputs)
         calls += 1
         sync()
         elapsed = time.perf_counter() - started
-        if elapsed >= seconds and calls >= 2:
+        if elapsed >= seconds and calls >= min_calls:
             return calls * batch / elapsed
 
 
@@ -219,9 +263,16 @@ def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
                     options=[config.channels_last, config.onnxruntime_threads, config.onnxruntime_spinning,
                              config.openvino_threads])
     cache = DecisionCache(config.cache_dir)
-    decision = cache.get(key)
+    decision = None if config.retune else cache.get(key)
+    if decision is not None and decision.provisional:
+        load = machine_load_now()
+        if load is not None and load <= config.tune_max_load:
+            log.info("%s: the decision measured on a busy machine (%.0f %% of its CPUs used by other processes) "
+                     "is measured again now that it is quiet", name, 100 * (decision.machine_load or 0))
+            decision = None
     if decision is not None:
-        log.info("%s: %s, measured earlier on this machine (decision %s)", name, decision.describe(), key)
+        log.info("%s: %s, measured earlier on this machine%s (decision %s)", name, decision.describe(),
+                 " while it was busy (provisional)" if decision.provisional else "", key)
         try:
             chosen = f"{decision.backend}/{decision.precision}"
             return build(net, sample_shapes, _config_for(config, chosen, decision.batch), device, name, key_parts,
@@ -267,18 +318,28 @@ def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
                      "skipped": f"probe {probes[candidate]:.2f} frames/s at batch {batches[0]} against "
                                 f"{fastest:.2f} for {best} (more than {config.probe_margin:.0%} slower)"})
         del engines[candidate]
-    steps.total = len(candidates) + len(close) * len(batches)
-    for candidate in close:
-        engine = engines[candidate]
-        for batch in batches:
+    # In interleaved rounds (every candidate and batch once per round, then again): a burst of other work spoils
+    # one round of each, not every timing of one candidate; the best round counts, and the machine's load over the
+    # whole timing decides whether the decision is kept as final.
+    steps.total = len(candidates) + len(close) * len(batches) * TUNE_ROUNDS
+    timings: dict[tuple[str, int], list[float]] = {(c, b): [] for c in close for b in batches}
+    load = MachineLoad()
+    for round_ in range(TUNE_ROUNDS):
+        for candidate, batch in timings:
             steps.set_postfix_str(f"timing {candidate} at batch {batch}")
-            fps = time_engine(engine, sample_shapes, batch, config.tune_seconds)
-            rows.append({"candidate": candidate, "batch": batch, "frames_per_s": round(fps, 3),
-                         "probe_frames_per_s": round(probes[candidate], 3), "build_s": round(engine.build_s, 2),
-                         "max_error": engine.max_error, "psnr_db": engine.psnr_db,
-                         "mouth_psnr_db": engine.mouth_psnr_db})
-            log.debug("%s: %s at batch %d: %.2f frames/s", name, candidate, batch, fps)
+            timings[candidate, batch].append(time_engine(engines[candidate], sample_shapes, batch,
+                                                         config.tune_seconds / TUNE_ROUNDS, warm_up=round_ == 0,
+                                                         min_calls=1))
             steps.update()
+    machine_load = load.share()
+    for (candidate, batch), rounds in timings.items():
+        engine, fps = engines[candidate], max(rounds)
+        rows.append({"candidate": candidate, "batch": batch, "frames_per_s": round(fps, 3),
+                     "rounds_frames_per_s": [round(r, 3) for r in rounds],
+                     "probe_frames_per_s": round(probes[candidate], 3), "build_s": round(engine.build_s, 2),
+                     "max_error": engine.max_error, "psnr_db": engine.psnr_db, "mouth_psnr_db": engine.mouth_psnr_db})
+        log.debug("%s: %s at batch %d: %.2f frames/s (rounds %s)", name, candidate, batch, fps,
+                  ", ".join(f"{r:.2f}" for r in rounds))
     steps.close()
     best_row = decide(rows, config.tune_margin)
     best_engine = engines.get(best_row["candidate"]) if best_row else None
@@ -286,13 +347,19 @@ def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
         raise EngineError(f"{name}: no engine candidate could be built on {device}: "
                           + "; ".join(f"{r['candidate']}: {r['refused']}" for r in rows if "refused" in r))
     backend, _, precision = best_row["candidate"].partition("/")
-    decision = Decision(backend, precision, best_row["batch"], best_row["frames_per_s"], key, rows)
+    busy = machine_load is not None and machine_load > config.tune_max_load
+    decision = Decision(backend, precision, best_row["batch"], best_row["frames_per_s"], key, rows,
+                        None if machine_load is None else round(machine_load, 3), busy)
     runner_up = decide([r for r in rows if r.get("candidate") != best_row["candidate"]], config.tune_margin)
     skipped = [r["candidate"] for r in rows if "skipped" in r]
     log.info("%s: chose %s in %.1f s%s%s", name, decision.describe(), time.perf_counter() - tuning_started,
              f"; next best {runner_up['candidate']} at batch {runner_up['batch']} "
              f"({runner_up['frames_per_s']:.1f} frames/s)" if runner_up else "",
              f"; not timed (slower at the probe): {', '.join(skipped)}" if skipped else "")
+    if busy:
+        log.warning("%s: measured while other processes used %.0f %% of this machine's CPUs: the choice is kept as "
+                    "provisional and measured again at a later load on a quiet machine (or now: lipsync tune --model "
+                    "NAME)", name, 100 * machine_load)
     cache.put(decision)
     best_engine.max_batch = decision.batch
     return best_engine, decision

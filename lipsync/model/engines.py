@@ -65,7 +65,12 @@ class EngineConfig(Section):
         "minute per batch); compile/* on CUDA runs with CUDA graphs")
     tune_batches: dict[str, list[int]] = setting({"cpu": [1, 2, 4], "cuda": [8, 16, 32]}, "auto: the batches each "
                                                  "candidate is timed at")
-    tune_seconds: float = limit(1.5, above=0, help="timing per candidate and batch")
+    tune_seconds: float = limit(1.5, above=0, help="timing per candidate and batch (in interleaved rounds)")
+    tune_max_load: float = limit(0.25, low=0, high=1, help="auto: a decision measured while other processes used more "
+                                 "than this share of the machine's CPUs (steal included) is kept as provisional and "
+                                 "measured again at a later load on a quiet machine")
+    retune: bool = setting(False, "auto: measure the candidates again even where this machine has a decision "
+                                  "(`lipsync tune --model NAME` sets it)")
     tune_margin: float = limit(0.05, low=0, high=1, help="a larger batch or a later candidate must be this much "
                                                          "faster (5 %) to win")
     probe_margin: float = limit(0.3, low=0, high=1, help="auto: every candidate is first probed with one call at "
@@ -131,7 +136,7 @@ def tensorrt_available() -> tuple[bool, str]:
 def choose_backend(config: EngineConfig, device: torch.device) -> tuple[str, str]:
     """Resolve `auto` to a concrete backend; returns (backend, reason)."""
     if config.backend != "auto":
-        return config.backend, "requested in the engine config"
+        return config.backend, "set in the engine config"
     if device.type == "cuda":
         ok, why = tensorrt_available()
         if ok:

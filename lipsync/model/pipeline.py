@@ -154,6 +154,7 @@ class Pipeline:
         self.generator, self.encoder, self.avatar, self.device = generator, encoder, avatar, device
         self.micro_batch, self.name, self.weight_bytes = micro_batch, name, weight_bytes
         self.generator_audio_shape = AUDIO_FEATURE_SHAPE[asr]  # per-frame audio input of the generator
+        self.decision: Any = None  # engine.backend=auto: the autotune decision its engine came from
         audio_features.prepare(device)
 
     # -- stages
@@ -276,6 +277,7 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
                            f"{spec.name}/audio_encoder", {"checkpoint": encoder_digest}, None,
                            progress)
     pipeline = Pipeline(generator, encoder, avatar, device, micro_batch, spec.name, weights, spec.asr)
+    pipeline.decision = decision if tune else None
     log.info("model %s loaded on %s in %.1f s (%d avatar frames %dx%d, micro-batch %d)", spec.name, device,
              time.perf_counter() - t0, avatar.frame_count, avatar.frames.shape[3], avatar.frames.shape[2],
              micro_batch)

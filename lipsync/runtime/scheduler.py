@@ -58,6 +58,9 @@ class Priority(IntEnum):
     BATCH = 2      # Synthesize and the compatibility service
 
 
+# The serving capacity (generator, compositing and JPEG) below this share of the engine decision's generator-only
+# figure means the machine is busier than when it was tuned (the demo on 2 cores serves ~0.8 of it on a quiet one).
+SHORTFALL = 0.5
 IDLE_QUALITIES = 4  # JPEG qualities of the avatar's idle frames kept per model (least recently used dropped)
 JOB_FRAMES = 256  # `render` splits longer requests into jobs of this many frames (two in flight)
 
@@ -292,6 +295,12 @@ class ModelScheduler:
         self._measured(n, seconds, weight=1.0)
         log.info("model %s: measured %.1f frames/s at batch %d (%.0f ms per batch)", self.pipeline.name,
                  self.capacity_fps, n, seconds * 1e3)
+        decision = self.pipeline.decision
+        if decision is not None and self.capacity_fps < SHORTFALL * decision.frames_per_s:
+            log.warning("model %s serves %.1f frames/s, under %.0f %% of the %.1f its engine decision measured "
+                        "(%s%s): the machine is busier now than then; `lipsync tune --model %s` measures again",
+                        self.pipeline.name, self.capacity_fps, 100 * SHORTFALL, decision.frames_per_s,
+                        decision.describe(), ", provisional" if decision.provisional else "", self.pipeline.name)
 
     async def idle_jpegs(self, quality: int) -> list[bytes]:
         """The avatar's own frames as JPEG at `quality`, encoded once and kept for the IDLE_QUALITIES qualities
