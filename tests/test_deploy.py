@@ -164,3 +164,50 @@ def test_envoy_speaks_tls_to_the_workers(tmp_path, weights, tiny_avatar):
         assert "mutual TLS" in cluster.workers[0].log_path.read_text()
     finally:
         cluster.stop()
+
+
+# --------------------------------------------------------------------------- the Docker image
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.replace("\\\n", " ").splitlines()
+            if line.strip()]
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    import fnmatch
+    parts = path.split("/")
+    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(parts[0], p) or
+               (p.startswith("**/") and any(fnmatch.fnmatch(part, p[3:]) for part in parts)) for p in patterns)
+
+
+def test_the_image_carries_what_its_default_command_serves():
+    """No daemon builds images here (no registry to pull the base from), so the Dockerfile is read: its default
+    command serves the configured models (the demo), whose weights must be copied; the server runs as a non-root
+    user whose home (engine cache, the demo's drawn avatar) and out/ are its own; .dockerignore keeps the build
+    context to the source (a .venv is ~6 GB) without hiding anything copied."""
+    steps = _dockerfile()
+    copied = {args.split()[0] for kind, args in steps if kind == "COPY"}
+    env = dict(pair.split("=", 1) for kind, args in steps if kind == "ENV" for pair in args.split())
+    user = next(args for kind, args in steps if kind == "USER")
+    run = " ".join(args for kind, args in steps if kind == "RUN")
+    assert {"lipsync", "clients/python", "conf", "assets", "pyproject.toml"} <= copied
+    demo = yaml.safe_load((ROOT / "conf" / "models" / "demo.yaml").read_text())["demo"]
+    for role in ("checkpoint", "audio_encoder"):  # ${lipsync.root:} is the source root the image installs
+        shipped = demo[role].replace("${lipsync.root:}/", "")
+        assert (ROOT / shipped).is_file() and shipped.split("/")[0] in copied, shipped
+    assert not user.startswith("0") and user.split(":")[0] != "root"
+    assert env["HOME"] == "/var/lib/lipsync" and env["LIPSYNC_DEMO_DIR"].startswith(env["HOME"])
+    assert f"chown -R {user} {env['HOME']} /opt/lipsync/out" in run
+    assert "ARG TORCH_INDEX" in DOCKERFILE.read_text() and '--index-url "$TORCH_INDEX"' in run  # CPU variant
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert {".venv", "out", ".git"} <= set(patterns)
+    for path in copied:
+        assert not _ignored(path, patterns), f"{path} is copied but .dockerignore hides it"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    context = sum((ROOT / f).stat().st_size for f in tracked if not _ignored(f, patterns) and (ROOT / f).is_file())
+    assert context < 64 * 2**20, f"build context of {context / 2**20:.0f} MB"

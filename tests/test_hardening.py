@@ -304,6 +304,20 @@ def test_broken_models_stop_the_start(weights, tiny_avatar, tmp_path):
     assert '"good": "ok"' in check.stdout and '"broken": "checkpoint: this looks like' in check.stdout
 
 
+def test_check_holds_a_drawn_avatars_model_to_its_weights(weights, tmp_path):
+    """A model whose avatar is drawn on its first load (`synthetic`, as the demo): `serve --check` still checks its
+    checkpoint and audio encoder (a container that did not ship them fails here, not at the first call), and
+    accepts the avatar not drawn yet."""
+    def declared(name: str, checkpoint) -> str:
+        return (f"+models.{name}={{checkpoint:{checkpoint},audio_encoder:{weights['encoder']},"
+                f"avatar:{tmp_path / name / 'presenter'},synthetic:true}}")
+    check = subprocess.run([sys.executable, "-m", "lipsync", "serve", "--check", "models=none",
+                            declared("shipped", weights["328"]), declared("unshipped", tmp_path / "missing.pth")],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert '"shipped": "ok"' in check.stdout and '"unshipped": "checkpoint:' in check.stdout
+
+
 def test_uvloop_without_its_package_is_one_line():
     """server.event_loop=uvloop where uvloop is not installed (hidden from this process): the install hint, exit 2."""
     script = ("import sys; sys.modules['uvloop'] = None; from lipsync.apps.cli import main; "

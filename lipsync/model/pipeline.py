@@ -88,15 +88,17 @@ def _role(role: str) -> Iterator[None]:
         raise ModelFileError(role, exc) from exc
 
 
-def check_model_files(spec: "ModelSpec") -> None:
+def check_model_files(spec: "ModelSpec", avatar_drawn_on_load: bool = False) -> None:
     """Validate a model's files on the CPU (weights against the variant's key list, avatar layout), putting
-    nothing on a device; raises ModelFileError naming the file's role."""
+    nothing on a device; raises ModelFileError naming the file's role. `avatar_drawn_on_load` (the demo): a
+    missing avatar is fine, the first load draws it; its weights must be there."""
     with _role("checkpoint"):
         load_generator(spec.checkpoint, spec.variant, spec.asr)
     with _role("audio_encoder"):
         load_audio_encoder(spec.audio_encoder)
-    with _role("avatar"):
-        find_source(spec.avatar)
+    if not (avatar_drawn_on_load and not spec.avatar.exists()):
+        with _role("avatar"):
+            find_source(spec.avatar)
     _check_engine_file(spec)
 
 
