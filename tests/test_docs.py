@@ -121,6 +121,13 @@ def test_api_reference_is_current():
     assert (ROOT / "docs" / "api.md").read_text() == protos.api_reference(), "run `make protos`"
 
 
+def test_the_docs_stand_alone():
+    """README and docs/ explain what they rely on themselves: no page sends its reader to the project's internal
+    contract (SPEC), which users do not have."""
+    cited = {p.name: re.findall(r"\bSPEC\b[^|\n]{0,20}", p.read_text()) for p in PAGES}
+    assert not {k: v for k, v in cited.items() if v}, cited
+
+
 def test_readme_is_a_front_page():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.encode()) <= 12 * 1024

@@ -107,6 +107,9 @@ class MonolithicService(mono_grpc.MonolithicServiceServicer):
         while audio_features.frame_count(max(wave.numel(), needed)) < n:
             needed += timebase.SAMPLES_PER_FRAME
         if wave.numel() < needed:
+            log.info("InferBatchComposite for %s: %d samples of audio make fewer than batch_size=%d frames; padded "
+                     "with %d samples of silence (the Go server's convention)", request.model_id[:64], wave.numel(),
+                     n, needed - wave.numel())
             wave = torch.cat([wave, wave.new_zeros(needed - wave.numel())])
         return visual, wave, None
 

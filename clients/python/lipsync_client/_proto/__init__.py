@@ -1,2 +1,2 @@
 """Generated from protos/ by lipsync.protos; do not edit."""
-PROTO_DIGEST = "f43eb1d8985eca1f3ac6b1aedfd0d4c957c36480642bcd2eddf3d4ce636664ae"
+PROTO_DIGEST = "c4d4ffb4a59e777f632402fe8b326221fc2d3a1b6340d8f61233f07717cd05af"

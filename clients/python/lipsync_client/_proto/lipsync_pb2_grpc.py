@@ -85,7 +85,7 @@ class LipSyncServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Synthesize(self, request, context):
-        """Whole utterance in one request: returns all D+2 frames of the audio (SPEC §3) in order.
+        """Whole utterance in one request: returns all D+2 frames of the audio (docs/frames.md) in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
