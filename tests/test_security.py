@@ -576,3 +576,12 @@ def test_reflection_can_require_a_token():
     assert closed._needs("/grpc.health.v1.Health/Check") is None
     assert closed._needs("/monolithic.MonolithicService/UnloadModel") == "admin"
     assert closed._needs("/lipsync.v1.LipSync/Converse") == "infer"
+
+
+def test_a_client_without_a_certificate_is_told_the_server_wants_one(guarded, pki, speech_1s_wav):
+    """TLS against mutual TLS with no client certificate: the handshake is dropped ("Socket closed"); the client's
+    one line says what is likely missing."""
+    done = subprocess.run([sys.executable, "-m", "lipsync", "client", "--server", guarded.target, "--model", "tiny",
+                           "--audio", str(speech_1s_wav), "--tls-ca", str(pki["a"] / "ca.pem"), "--timeout", "20",
+                           "--token", ADMIN], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stdout and "--tls-cert" in done.stdout, done.stdout

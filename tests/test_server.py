@@ -590,3 +590,18 @@ def test_stream_responses_built_as_wire_bytes_parse_to_the_message(first, avatar
     message = pb.StreamResponse(frames=convert.frames(first, avatar_frames, jpegs, squares),
                                 timings=convert.timings(timings), **fields)
     assert pb.StreamResponse.FromString(built) == message and len(built) == message.ByteSize()
+
+
+def test_the_client_says_when_the_server_loads_the_model(weights, tiny_avatar, tmp_path, speech_1s_wav):
+    """The first call to a model not loaded waits for its load: `lipsync client` says so before the wait, and not
+    on the calls after."""
+    srv = ServerProcess([model_override("fresh", weights, tiny_avatar, variant="160")], tmp_path)
+    command = [sys.executable, "-m", "lipsync", "client", "--server", srv.target, "--model", "fresh", "--audio",
+               str(speech_1s_wav)]
+    try:
+        first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        srv.stop()
+    assert first.returncode == 0 and "the server is loading model fresh" in first.stderr, first.stderr[-2000:]
+    assert second.returncode == 0 and "loading model" not in second.stderr

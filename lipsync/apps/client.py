@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from lipsync_client import (
 from lipsync_client.avatar import OUTPUTS, compositor_for, frame_rgb
 
 from lipsync import timebase
+from lipsync._proto import lipsync_pb2 as pb
 from lipsync.apps.options import add_connection_options, command_parser
 
 __all__ = ["ConverseResult", "Credentials", "Say", "SessionResult", "channel", "converse", "explain",
@@ -111,10 +113,25 @@ async def _compositor(stub: LipSyncStub, args: argparse.Namespace) -> Compositor
     return await compositor_for(stub, args.model, args.output, args.quality, args.timeout) if args.out else None
 
 
+async def announce_load(stub: LipSyncStub, model: str, timeout: float | None) -> None:
+    """Say so (on stderr) when the model is not loaded yet: the first call waits for its load, which on a machine
+    that has not run it before includes measuring its engines (tens of seconds on a CPU), and nothing else would
+    explain the wait. Silent where the server does not say (an older server, a token without the right)."""
+    try:
+        listed = await stub.ListModels(pb.ListModelsRequest(), timeout=timeout or 10)
+    except grpc.aio.AioRpcError:
+        return
+    if any(m.model_id == model and not m.loaded for m in listed.models):
+        print(f"the server is loading model {model} for this call (a first load on a machine measures its engines: "
+              "up to a minute on a CPU) …", file=sys.stderr, flush=True)
+
+
 async def run_converse(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     says, duration = load_script(args.converse)
+    async with channel(args.server, credentials=credentials_from_args(args)) as ch:
+        await announce_load(LipSyncStub(ch), args.model, args.timeout)
     with tqdm(total=round(duration * timebase.FPS), desc="live session", unit="frame") as bar:
         async with channel(args.server, credentials=credentials_from_args(args)) as ch:
             stub = LipSyncStub(ch)
@@ -144,6 +161,7 @@ async def run(args: argparse.Namespace) -> dict:
     data, fmt = audio.read_audio(args.audio, args.max_audio_seconds)
     async with channel(args.server, credentials=credentials_from_args(args)) as ch:
         stub = LipSyncStub(ch)
+        await announce_load(stub, args.model, args.timeout)
         compositor = await _compositor(stub, args)
 
         samples = len(data) // fmt.frame_bytes * timebase.SAMPLE_RATE // fmt.sample_rate

@@ -71,9 +71,13 @@ def is_local_target(target: str) -> bool:
 def explain(exc: grpc.aio.AioRpcError, credentials: Credentials) -> str:
     """A failed call in one line, with the likely cause where the status alone misleads."""
     text = f"{exc.code().name}: {exc.details()}"
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and not credentials.secure and \
-            any(sign in (exc.details() or "") for sign in ("Socket closed", "Connection reset", "handshake")):
+    dropped = exc.code() == grpc.StatusCode.UNAVAILABLE and \
+        any(sign in (exc.details() or "") for sign in ("Socket closed", "Connection reset", "handshake", "SSL"))
+    if dropped and not credentials.secure:
         text += " (the server may speak TLS: pass --tls or --tls-ca CA.pem)"
+    elif dropped and not credentials.cert:
+        text += (" (the server may require mutual TLS, a client certificate from its CA: pass --tls-cert C.pem "
+                 "--tls-key K.pem)")
     return text
 
 
