@@ -105,6 +105,9 @@ def check_outcome(block: Block, stdout: str) -> None:
         assert played and all(n > 0 for n in played.values()), f"{block.name}: utterances that never played {played}"
     elif "converse(" in block.code and "summary()" in block.code:  # the Python examples print their utterances
         assert re.search(r"'frames_played': [1-9]", stdout), f"{block.name}: no utterance played:\n{stdout[-2000:]}"
+    elif "speech_audio_s" in stdout:  # the Pipecat and LiveKit examples: the utterance's audio came back, in full
+        said = {k: float(v) for k, v in re.findall(r"['\"](speech_audio_s|sent_audio_s)['\"]: ([\d.]+)", stdout)}
+        assert said["speech_audio_s"] >= 0.95 * said["sent_audio_s"] > 0, f"{block.name}: {said}"
 
 
 def test_site_builds_strictly(tmp_path):
