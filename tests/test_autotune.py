@@ -106,12 +106,13 @@ def test_a_candidate_failing_the_accuracy_gate_is_refused(tmp_path, caplog):
     if not cpu_bf16_supported():
         pytest.skip("this CPU has no native bf16, so the bf16 candidate is skipped before its gate")
     cfg = config(tmp_path, candidates={"cpu": ["eager/bf16", "eager/fp32"]}, tolerance={"bf16": 0.0})
-    with caplog.at_level(logging.WARNING, logger="lipsync.model.autotune"):
+    with caplog.at_level(logging.INFO, logger="lipsync.model.autotune"):
         engine, decision = autotune.tuned_engine(small_net(), SHAPES, cfg, torch.device("cpu"), "small", {"v": 2})
     assert (decision.backend, decision.precision) == ("eager", "fp32") and engine.precision == "fp32"
     refused = [r for r in decision.measured if r["candidate"] == "eager/bf16"]
     assert len(refused) == 1 and "differs from eager fp32" in refused[0]["refused"]
-    assert "refusing eager/bf16" in caplog.text
+    # said at INFO (the gate refusing a precision is an outcome of tuning, not a fault to warn of)
+    assert [r.levelname for r in caplog.records if "not eager/bf16" in r.getMessage()] == ["INFO"]
 
 
 def test_reduced_precision_needs_the_psnr_bound(tmp_path):

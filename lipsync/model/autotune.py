@@ -38,6 +38,7 @@ from lipsync.model.engines import (
     cpu_bf16_supported,
     cpu_int8_dot_product,
     onnx_runtime_available,
+    quiet_builds,
     sized,
     tensorrt_available,
     unique_tmp,
@@ -296,11 +297,14 @@ def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
             continue
         started = time.perf_counter()
         try:
-            engine = build(net, sample_shapes, _config_for(config, candidate, batches[-1]), device, name, key_parts,
-                           progress=False, probe=probe, **_calibrated(candidate, calibration))
+            with quiet_builds():
+                engine = build(net, sample_shapes, _config_for(config, candidate, batches[-1]), device, name,
+                               key_parts, progress=False, probe=probe, **_calibrated(candidate, calibration))
         except Exception as exc:  # accuracy gate, a compiler error, a missing library: never fatal here
             rows.append({"candidate": candidate, "refused": f"{type(exc).__name__}: {exc}"})
-            log.warning("%s: refusing %s: %s", name, candidate, exc)
+            # the gate refusing a reduced precision is an outcome of the measurement; anything else is worth a look
+            log.log(logging.INFO if isinstance(exc, EngineError) else logging.WARNING, "%s: not %s: %s", name,
+                    candidate, exc)
             steps.update()
             continue
         engine.build_s = time.perf_counter() - started

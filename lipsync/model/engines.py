@@ -9,15 +9,16 @@ Compilation and warm-up happen here, at model load.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 import threading
 import time
 import warnings
@@ -33,6 +34,19 @@ from tqdm import tqdm
 from lipsync.config import ConfigError, Section, limit, section, setting, settings
 
 log = logging.getLogger(__name__)
+# The level of a build's routine lines (backend, cache hit, saved, ready): INFO, or DEBUG while autotune builds its
+# candidates (`quiet_builds`: one progress line says what tuning does; the winner's line says what was chosen)
+DETAIL: contextvars.ContextVar[int] = contextvars.ContextVar("lipsync_engine_detail", default=logging.INFO)
+
+
+@contextlib.contextmanager
+def quiet_builds() -> Any:
+    """Builds inside log their routine lines at DEBUG (autotune's candidates)."""
+    token = DETAIL.set(logging.DEBUG)
+    try:
+        yield
+    finally:
+        DETAIL.reset(token)
 GRAPH_WARMUP_CALLS = 3  # calls per batch bucket at load when CUDA graphs are on (run, record, replay)
 
 BACKENDS = ("auto", "tensorrt", "compile", "onnxruntime", "openvino", "eager")
@@ -283,7 +297,7 @@ class EngineCache:
                 if stored.get("key") != key:
                     raise ValueError(f"stale entry (key {stored.get('key')} != {key})")
                 artefact = load(path)
-                log.info("engine cache hit for %s: %s", name, path)
+                log.log(DETAIL.get(), "engine cache hit for %s: %s", name, path)
                 return artefact
             except Exception as exc:
                 log.warning("engine cache entry %s is unusable (%s); rebuilding", path.parent, exc)
@@ -299,7 +313,7 @@ class EngineCache:
         tmp = unique_tmp(path)
         save(artefact, tmp)
         tmp.replace(path)
-        log.info("engine for %s saved to %s", name, path)
+        log.log(DETAIL.get(), "engine for %s saved to %s", name, path)
         return artefact
 
 
@@ -522,6 +536,8 @@ def _int8_model(onnx_file: Path, calibration: Calibration, config: EngineConfig,
              "format": "openvino-int8"}
 
     def build() -> Any:
+        # importing nncf makes torch look for a CUDA toolkit and warn that there is none: not the user's concern
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         import nncf
         import openvino
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
@@ -537,9 +553,9 @@ def _int8_model(onnx_file: Path, calibration: Calibration, config: EngineConfig,
         convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
                         if op.get_type_name() == "Convolution"]
         kept = convolutions[:2] + convolutions[-2:]
-        # NNCF draws its progress bars on stdout, which carries only `lipsync serve`'s READY line (spawn and
-        # supervisors read it): they go to stderr, with the logs
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        # NNCF draws progress bars on stdout, which carries only `lipsync serve`'s READY line (spawn and supervisors
+        # read it), and lipsync's own line already says what happens: they are dropped
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             return nncf.quantize(
                 model, nncf.Dataset(samples, lambda sample: [x.numpy() for x in sample]),
@@ -600,7 +616,8 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
     dtype = PRECISIONS[precision]
     channels_last = (device.type == "cpu" and backend == "eager") if config.channels_last == "auto" \
         else bool(config.channels_last)
-    log.info("%s: backend %s (%s), precision %s, channels_last=%s, device %s", name, backend, reason, precision,
+    log.log(DETAIL.get(), "%s: backend %s (%s), precision %s, channels_last=%s, device %s", name, backend, reason,
+            precision,
              channels_last, device)
     reference = net.to(device).eval().float()
     generator = torch.Generator().manual_seed(1234)
@@ -654,7 +671,8 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
         raise EngineError(f"{name}: {backend} {precision} output is {engine.psnr_db:.1f} dB PSNR from eager fp32 "
                           f"on the reference input, {engine.mouth_psnr_db:.1f} dB in the mouth zone (at least "
                           f"{config.min_psnr_db:g} dB required); refusing it")
-    log.info("%s ready in %.1f s (vs eager fp32: max abs error %.2e, %.1f dB PSNR at 8 bits, %.1f dB in the mouth "
+    log.log(DETAIL.get(), "%s ready in %.1f s (vs eager fp32: max abs error %.2e, %.1f dB PSNR at 8 bits, %.1f dB in "
+            "the mouth "
              "zone)", name, time.perf_counter() - started, float(error), engine.psnr_db, engine.mouth_psnr_db)
     engine.max_error = float(error)
     return engine
