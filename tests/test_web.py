@@ -197,8 +197,16 @@ def test_page_api_with_a_webrtc_peer(bridge, speech):
             speech_audio = np.concatenate([f.to_ndarray().reshape(-1) for f in heard[:heard_before]])
             assert np.abs(speech_audio).max() > 1000  # the utterance's audio reached the peer (Opus-decoded)
             if config["tts"]:
+                said = time.monotonic()
                 status, body = await call(f"/api/sessions/{sid}/say", {"text": "Hello there."})
                 assert status == 200 and body["seconds"] > 0.3, body
+                states = [(await call(f"/api/sessions/{sid}"))[1]["state"]]
+                while states[-1] != "speaking":  # until its first frame: "preparing speech" until then
+                    await asyncio.sleep(0.02)
+                    states.append((await call(f"/api/sessions/{sid}"))[1]["state"])
+                    assert time.monotonic() - said < 120, states[-5:]
+                print(f"Say → speaking in {time.monotonic() - said:.2f} s (espeak-ng included)")
+                assert "idle" not in states, states  # never shown idle while its speech was being prepared
                 await call(f"/api/sessions/{sid}/interrupt", {})
             assert (await call(f"/api/sessions/{sid}/close", {}))[0] == 200
             await until(lambda: all(r.done() for r in readers), 30)  # the tracks end with the session

@@ -219,7 +219,7 @@ class BrowserSession:
         self.closed = asyncio.Event()
         self.utterance_ids = iter(range(1, 1 << 62))
         self.counts = collections.Counter()  # frames by kind, utterances sent/started/finished/interrupted, late
-        self.state = "idle"
+        self.showing_speech = False  # the last frame was a speech frame (or held in one)
         self.latency_ms = 0.0      # server: the last utterance's first audio → its first frame
         self.lag_ms = 0.0          # the last frame's arrival behind the earliest-arriving one's schedule (jitter)
         self.first_arrival: float | None = None
@@ -288,14 +288,16 @@ class BrowserSession:
                 self.audio.put(frame.audio)
                 kind = pb.FrameKind.Name(frame.kind).lower()
                 self.counts[kind] += 1
-                self.state = "speaking" if frame.kind in (pb.SPEECH, pb.HELD) else "idle"
                 for event in response.events:
                     which = event.WhichOneof("event")
                     if which == "started":
                         self.latency_ms = event.started.latency_ms
+                    elif which == "finished" and event.finished.dropped:
+                        which = "dropped"  # cut before it showed: it will not start
                     elif which == "finished" and event.finished.interrupted:
                         which = "interrupted"
                     self.counts[which] += 1
+                self.showing_speech = frame.kind in (pb.SPEECH, pb.HELD)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.error = f"{exc.code().name}: {exc.details()}"
@@ -345,11 +347,19 @@ class BrowserSession:
         self.requests.put_nowait(pb.ConverseRequest(interrupt=True))
         self.counts["interrupt_requests"] += 1
 
+    def state(self) -> str:
+        """What the page's badge says: speaking, or preparing speech (an utterance sent whose first frame has not
+        come yet: the server plans and renders it), or idle."""
+        if self.showing_speech:
+            return "speaking"
+        waiting = self.counts["sent"] - self.counts["started"] - self.counts["dropped"] > 0
+        return "preparing speech" if waiting else "idle"
+
     def stats(self) -> dict[str, Any]:
         c = self.counts
         return {
             "session": self.id, "model": self.model, "device": self.info.device if self.info else "",
-            "state": self.state, "error": self.error, "frames": sum(c[k] for k in ("idle", "speech", "held")),
+            "state": self.state(), "error": self.error, "frames": sum(c[k] for k in ("idle", "speech", "held")),
             "speech_frames": c["speech"], "idle_frames": c["idle"], "late_frames": c["late"],
             "dropped_frames": self.video.dropped, "utterances_sent": c["sent"], "utterances_started": c["started"],
             "utterances_finished": c["finished"], "utterances_interrupted": c["interrupted"],
