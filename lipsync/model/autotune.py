@@ -265,6 +265,11 @@ def tuned_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
                              config.openvino_threads])
     cache = DecisionCache(config.cache_dir)
     decision = None if config.retune else cache.get(key)
+    if decision is not None and (f"{decision.backend}/{decision.precision}" not in candidates
+                                 or decision.batch not in batches):  # readable but not a choice this load can make
+        log.warning("%s: the cached decision %s is not one of the candidates %s at batches %s; measuring again", name,
+                    f"{decision.backend}/{decision.precision} at batch {decision.batch}", candidates, batches)
+        decision = None
     if decision is not None and decision.provisional:
         load = machine_load_now()
         if load is not None and load <= config.tune_max_load:

@@ -278,14 +278,62 @@ def tensor_digest(tensors: Iterable[Tensor]) -> str:
     return digest.hexdigest()
 
 
+class CacheEntryCorrupt(ValueError):
+    """A cache entry whose files are not the bytes it was sealed with (cut short, flipped, overwritten)."""
+
+
+def _sha256_file(path: Path) -> str:
+    return file_digest(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to the disk before it is renamed into place (a crash never leaves a named half file)."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 class EngineCache:
-    """Directory of compiled artefacts keyed by `cache_key`; corrupt or stale entries are rebuilt."""
+    """Directory of compiled artefacts keyed by `cache_key` (the digest of what each was built from). Every entry
+    is written to temporary names, flushed and renamed into place, then sealed: its meta.json records the sha256
+    of each of its files. A load checks the seal; an entry that is stale, unreadable or not the bytes it was
+    sealed with is said in one WARNING line, deleted and rebuilt."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
 
     def path(self, key: str, name: str, file: str = "engine.ep") -> Path:
         return self.root / f"{name.replace('/', '-')}-{key}" / file
+
+    @staticmethod
+    def entry_files(folder: Path) -> list[Path]:
+        """The files an entry is made of (not its meta.json, nor files still being written)."""
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.name != "meta.json"
+                      and not p.name.startswith((".", "staged-")))
+
+    def verify(self, folder: Path, stored: dict[str, Any]) -> None:
+        """Raise CacheEntryCorrupt unless every file the seal lists is there with its digest."""
+        sealed = stored.get("files")
+        if sealed is None:
+            return  # written before seals (or its seal is being written): checked by loading, sealed after
+        for name, digest in sealed.items():
+            file = folder / name
+            if not file.is_file():
+                raise CacheEntryCorrupt(f"{name} is missing")
+            if _sha256_file(file) != digest:
+                raise CacheEntryCorrupt(f"{name} is not the file it was sealed with (cut short or overwritten)")
+
+    def seal(self, folder: Path, stored: dict[str, Any]) -> None:
+        """Record the digest of every file of the entry in its meta.json (written to a temporary name, flushed,
+        renamed)."""
+        meta_file = folder / "meta.json"
+        sealed = {**stored, "files": {p.name: _sha256_file(p) for p in self.entry_files(folder)}}
+        tmp = unique_tmp(meta_file)
+        try:
+            tmp.write_text(json.dumps(sealed, indent=2, default=str))
+            _fsync(tmp)
+            tmp.replace(meta_file)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def get_or_build(self, key: str, name: str, build: Callable[[], Any], save: Callable[[Any, Path], None],
                      load: Callable[[Path], Any], meta: dict[str, Any], file: str = "engine.ep") -> Any:
@@ -296,7 +344,10 @@ class EngineCache:
                 stored = json.loads(meta_file.read_text())
                 if stored.get("key") != key:
                     raise ValueError(f"stale entry (key {stored.get('key')} != {key})")
+                self.verify(path.parent, stored)
                 artefact = load(path)
+                if "files" not in stored:
+                    self.seal(path.parent, stored)
                 log.log(DETAIL.get(), "engine cache hit for %s: %s", name, path)
                 return artefact
             except Exception as exc:
@@ -305,14 +356,22 @@ class EngineCache:
         artefact = build()
         path.parent.mkdir(parents=True, exist_ok=True)
         # Processes that start together (servers, test workers) may build the same entry at once: each writes to
-        # a file of its own and renames it into place, the description first, so a reader that finds the
-        # artefact always finds its description too.
-        meta_tmp = unique_tmp(meta_file)
-        meta_tmp.write_text(json.dumps({"key": key, **meta}, indent=2, default=str))
-        meta_tmp.replace(meta_file)
-        tmp = unique_tmp(path)
-        save(artefact, tmp)
-        tmp.replace(path)
+        # a file of its own and renames it into place, the description first (a reader that finds the artefact
+        # finds its description), the seal last; a temporary file is removed on any failure.
+        stored = {"key": key, **meta}
+        meta_tmp, tmp = unique_tmp(meta_file), unique_tmp(path)
+        try:
+            meta_tmp.write_text(json.dumps(stored, indent=2, default=str))
+            meta_tmp.replace(meta_file)
+            save(artefact, tmp)
+            _fsync(tmp)
+            tmp.replace(path)
+            self.seal(path.parent, stored)
+        finally:
+            meta_tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            for staged in path.parent.glob(f"staged-{os.getpid()}-{threading.get_ident()}.*"):  # a save that
+                staged.unlink(missing_ok=True)                                                  # failed half-way
         log.log(DETAIL.get(), "engine for %s saved to %s", name, path)
         return artefact
 
@@ -507,7 +566,7 @@ def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
     model: Any = str(path)
     if precision == "int8":
         model = _int8_model(path, calibration, config, name, key_parts)
-    compiled = openvino.Core().compile_model(model, "CPU", {
+    settings = {
         # int8: the layers left in floating point compute in bf16 where the CPU has it natively (2-core AVX512
         # EPYC, seeded 328 generator at batch 2: 33 frames/s against 20 with them in fp32 and 26 for all-bf16)
         "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16",
@@ -516,7 +575,15 @@ def _openvino(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: Engi
         "INFERENCE_NUM_THREADS": config.openvino_threads or torch.get_num_threads(),
         # OpenVINO's own cache of compiled models (keyed by model and these settings): a later load of the same
         # export skips the compilation (1.2 s → 0.2 s for the demo generator on 2 cores)
-        "CACHE_DIR": str(Path(config.cache_dir).expanduser() / "openvino")})
+        "CACHE_DIR": str(Path(config.cache_dir).expanduser() / "openvino")}
+    try:
+        compiled = openvino.Core().compile_model(model, "CPU", settings)
+    except Exception as exc:  # OpenVINO's own cache can hold a blob it cannot read (overwritten, cut short)
+        blobs = Path(settings["CACHE_DIR"])
+        log.warning("%s: OpenVINO could not compile with its cache %s (%s); compiling afresh into an emptied cache",
+                    name, blobs, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        shutil.rmtree(blobs, ignore_errors=True)
+        compiled = openvino.Core().compile_model(model, "CPU", settings)
     request, lock = compiled.create_infer_request(), threading.Lock()
 
     def run(*inputs: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """SyncTalk_2D networks (SPEC §4, §6) and strict checkpoint loading."""
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -189,12 +190,21 @@ class Generator(nn.Module):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
+def read_checkpoint(path: str | Path) -> bytes:
+    """A checkpoint's bytes, read once: what a model is loaded from and what its cache entries are named by are
+    then the same bytes, even if the file is replaced meanwhile."""
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise CheckpointError(f"checkpoint not found: {file}")
+    return file.read_bytes()
+
+
+def _read_state_dict(path: str | Path, data: bytes | None = None) -> dict[str, Tensor]:
+    file = Path(path).expanduser().resolve()
+    if data is None and not file.is_file():
+        raise CheckpointError(f"checkpoint not found: {file}")
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data) if data is not None else file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a non-checkpoint file
         raise CheckpointError(f"{file} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -237,11 +247,12 @@ def _guess_generator(found: dict[str, Tensor]) -> str:
     return "It does not look like any SyncTalk_2D generator variant."
 
 
-def load_generator(path: str | Path, variant: str = "328", asr: str = "ave", device: str | torch.device = "cpu"
-                   ) -> Generator:
-    """Load a SyncTalk_2D generator checkpoint strictly; eval mode on `device`."""
+def load_generator(path: str | Path, variant: str = "328", asr: str = "ave", device: str | torch.device = "cpu",
+                   data: bytes | None = None) -> Generator:
+    """Load a SyncTalk_2D generator checkpoint strictly; eval mode on `device`. `data`: the file's bytes, already
+    read (`read_checkpoint`); `path` then only names it in errors."""
     net = Generator(variant, asr)
-    found = _read_state_dict(path)
+    found = _read_state_dict(path, data)
     expected = net.state_dict()
     if expected.keys() != found.keys() or any(expected[k].shape != found[k].shape for k in expected):
         guess = _guess_generator(found)
@@ -256,10 +267,12 @@ def load_generator(path: str | Path, variant: str = "328", asr: str = "ave", dev
     return net.to(device).eval()
 
 
-def load_audio_encoder(path: str | Path, device: str | torch.device = "cpu") -> AudioEncoder:
-    """Load the AudioEncoder, keys with or without the `audio_encoder.` prefix; eval mode on `device`."""
+def load_audio_encoder(path: str | Path, device: str | torch.device = "cpu", data: bytes | None = None
+                       ) -> AudioEncoder:
+    """Load the AudioEncoder, keys with or without the `audio_encoder.` prefix; eval mode on `device`. `data`: the
+    file's bytes, already read."""
     net = AudioEncoder()
-    found = _read_state_dict(path)
+    found = _read_state_dict(path, data)
     if found and not any(k.startswith("audio_encoder.") for k in found):
         found = {f"audio_encoder.{k}": v for k, v in found.items()}
     expected = net.state_dict()

@@ -5,6 +5,7 @@ Between decoded PCM and JPEG bytes every tensor stays on the model's device.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -28,11 +29,17 @@ from lipsync.model.engines import (
     EngineError,
     build_engine,
     cache_key,
-    file_digest,
     sized,
     tensor_digest,
 )
-from lipsync.model.networks import AUDIO_FEATURE_SHAPE, INPUT_SIZE, CheckpointError, load_audio_encoder, load_generator
+from lipsync.model.networks import (
+    AUDIO_FEATURE_SHAPE,
+    INPUT_SIZE,
+    CheckpointError,
+    load_audio_encoder,
+    load_generator,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,20 +244,24 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
     if micro_batch and micro_batch < engine_config.max_batch:  # the engines never see more: build no larger batch
         engine_config = sized(engine_config, micro_batch)
     t0 = time.perf_counter()
+    # each file read once: the networks and the names of their cache entries come from the same bytes (a file
+    # replaced during the load cannot file the old weights' engines under the new file's digest)
     with _role("checkpoint"):
-        generator_net = load_generator(spec.checkpoint, spec.variant, spec.asr)
+        checkpoint = read_checkpoint(spec.checkpoint)
+        generator_net = load_generator(spec.checkpoint, spec.variant, spec.asr, data=checkpoint)
     with _role("audio_encoder"):
-        encoder_net = load_audio_encoder(spec.audio_encoder)
+        encoder_bytes = read_checkpoint(spec.audio_encoder)
+        encoder_net = load_audio_encoder(spec.audio_encoder, data=encoder_bytes)
     weights = sum(t.numel() * t.element_size() for net in (generator_net, encoder_net)
                   for t in list(net.parameters()) + list(net.buffers()))
     with _role("avatar"):
         avatar = load_avatar(spec.avatar, spec.variant, spec.sequence, device, spec.feather, progress, spec.compose)
     size = INPUT_SIZE[spec.variant]
-    key = {"checkpoint": file_digest(spec.checkpoint), "variant": spec.variant, "asr": spec.asr}
+    key = {"checkpoint": hashlib.sha256(checkpoint).hexdigest(), "variant": spec.variant, "asr": spec.asr}
     _check_engine_file(spec)
     shapes = [(6, size, size), AUDIO_FEATURE_SHAPE[spec.asr]]
     name = f"{spec.name}/generator"
-    encoder_digest = file_digest(spec.audio_encoder)
+    encoder_digest = hashlib.sha256(encoder_bytes).hexdigest()
     calibration = None
     if device.type == "cpu":  # int8 engines (OpenVINO, CPU) only: the avatar's frames with speech-like audio
         # through this audio encoder, named by what they are made of (the frames' crops, the encoder's file, the
