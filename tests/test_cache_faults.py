@@ -143,3 +143,61 @@ def test_a_readable_but_impossible_decision_is_measured_again(tmp_path, caplog):
                                           build=builds)[1]
         assert sum(builds.count.values()) == before + 2  # both candidates measured again
         assert again.key == first.key and "is not one of the candidates" in caplog.text
+
+
+# --------------------------------------------------------------------------- an unusable cache directory
+@pytest.mark.parametrize("where", ["a file", "not writable"])
+def test_an_unusable_cache_dir_is_a_configuration_fault(weights, tiny_avatar, tmp_path, speech, where):
+    """engine.cache_dir a regular file, or a directory that cannot be made (/proc): `serve --check` names the setting
+    (exit 1); the server starts with one WARNING line naming it; an eager model serves (it needs no file); a model
+    whose engine is a file in the cache is FAILED_PRECONDITION naming the setting, never INTERNAL, and no load is
+    attempted on each request."""
+    import asyncio
+    import subprocess
+    import sys
+
+    import numpy as np
+    from conftest import ROOT
+    from test_server import ServerProcess, model_override
+
+    from lipsync._proto import lipsync_pb2 as pb
+    from lipsync.apps.client import channel
+    cache = tmp_path / "not-a-dir"
+    if where == "a file":
+        cache.write_text("a file where the cache should be")
+    else:
+        cache = "/proc/lipsync-engine-cache"
+    setting = f"engine.cache_dir={cache}"
+    check = subprocess.run([sys.executable, "-m", "lipsync", "serve", "--check", "models=none", setting],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert check.returncode == 1 and f"engine.cache_dir='{cache}' is not usable" in check.stdout, check.stdout
+    pcm = (speech[:6000].numpy() * 32767).astype(np.int16).tobytes()
+    fmt = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)
+
+    async def synthesize(target: str):
+        async with channel(target) as ch:
+            from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+            stub = pb_grpc.LipSyncStub(ch)
+            outcomes = []
+            for _ in range(2):
+                try:
+                    outcomes.append(len((await stub.Synthesize(pb.SynthesizeRequest(model_id="tiny", audio=pcm,
+                                                                                    format=fmt))).frames))
+                except Exception as exc:  # grpc.aio.AioRpcError
+                    outcomes.append((exc.code().name, exc.details()))
+            return outcomes
+    for engine in ("eager", "onnxruntime"):
+        srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160"), setting],
+                            tmp_path / engine if (tmp_path / engine).mkdir() is None else tmp_path, engine=engine)
+        try:
+            outcomes = asyncio.run(synthesize(srv.target))
+        finally:
+            srv.stop()
+        logs = srv.logs()
+        assert f"engine.cache_dir='{cache}' is not usable" in logs and "Traceback" not in logs
+        if engine == "eager":
+            assert all(isinstance(n, int) and n > 0 for n in outcomes), outcomes
+        else:
+            for code, details in outcomes:
+                assert code == "FAILED_PRECONDITION" and "engine.cache_dir" in details and str(cache) not in details
+            assert "exporting" not in logs  # refused before any build, on every request

@@ -36,7 +36,7 @@ from lipsync.codec.audio import AudioFormat
 from lipsync.config import Section, section, setting, settings
 from lipsync.errors import DeadlineExceeded, ResourceExhausted, Unauthenticated, Unavailable
 from lipsync.logs import TEXT_FORMAT
-from lipsync.model.engines import EngineConfig
+from lipsync.model.engines import EngineConfig, cache_dir_problem
 from lipsync.model.pipeline import PipelineConfig
 from lipsync.runtime.registry import ModelEntry, Registry, RegistryConfig
 from lipsync.threads import named_pool
@@ -219,6 +219,9 @@ async def build(config: ServeConfig) -> tuple[grpc.aio.Server, Server, int]:
     server_cfg, security, registry, limits = prepare(config)
     registry.on_evict = lambda model, reason: metrics.EVICTIONS.labels(model).inc()
     await asyncio.to_thread(check_models, registry, server_cfg.strict_models)  # reads checkpoints: off the loop
+    cache = await asyncio.to_thread(cache_dir_problem, config.engine.cache_dir)
+    if cache:
+        log.warning("%s: models load with engine=eager only (the other engines are files in the cache)", cache)
     state = Server(registry, limits)
     state.security = security
     options = [("grpc.max_send_message_length", limits.max_message_bytes),

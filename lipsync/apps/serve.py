@@ -54,6 +54,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from lipsync.api.server import ServeConfig, StartupError, check_models, prepare, serve
     from lipsync.config import ConfigError, load_config
+    from lipsync.model.engines import cache_dir_problem
 
     try:
         cfg = load_config(args.overrides)
@@ -64,9 +65,11 @@ def run_serve(args: argparse.Namespace) -> int:
             server_cfg, security, registry, _ = prepare(config)
             problems = check_models(registry, strict=False)
             warning = security.exposure_warning(server_cfg.host)
+            cache = cache_dir_problem(config.engine.cache_dir)
             print(json.dumps({"security": f"warning: {warning}" if warning else "ok",
+                              "engine_cache": cache or "ok",
                               "models": {n: problems.get(n, "ok") for n in registry.entries}}, indent=2))
-            return 1 if problems else 0
+            return 1 if problems or cache else 0
         with event_loop(config.server.event_loop) as runner:
             runner.run(serve(config))
     except (StartupError, ConfigError) as exc:

@@ -227,11 +227,18 @@ class DecisionCache:
             return None
 
     def put(self, decision: Decision) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Keep a decision (written to a temporary name, renamed); a cache that cannot hold it is said once."""
         file = self.root / f"{decision.key}.json"
         tmp = unique_tmp(file)
-        tmp.write_text(json.dumps(dataclasses.asdict(decision), indent=2))
-        tmp.replace(file)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(dataclasses.asdict(decision), indent=2))
+            tmp.replace(file)
+        except OSError as exc:
+            log.warning("the engine decision cannot be kept under %s (%s): it is measured again at the next load",
+                        self.root, exc.strerror or exc)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _config_for(config: EngineConfig, candidate: str, batch: int) -> EngineConfig:

@@ -59,6 +59,31 @@ class EngineError(RuntimeError):
     """An engine that cannot be built or fails its accuracy gate."""
 
 
+class CacheUnusable(EngineError):
+    """`engine.cache_dir` cannot hold what an engine needs to write (a file, not writable, full)."""
+
+
+MIN_CACHE_FREE_MB = 256  # an export of the 328 generator is ~50 MB, an int8 model and its blobs ~100 MB more
+
+
+def cache_dir_problem(cache_dir: str) -> str | None:
+    """Why `engine.cache_dir` cannot hold engines (one line naming the setting), or None: it must be a directory
+    (made if missing) where a file can be written, with MIN_CACHE_FREE_MB free."""
+    root = Path(cache_dir).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{os.getpid()}-{threading.get_ident()}"
+        probe.write_bytes(b"lipsync")
+        probe.unlink()
+        free_mb = shutil.disk_usage(root).free / 2**20
+    except OSError as exc:
+        return f"engine.cache_dir={str(root)!r} is not usable: {exc.strerror or exc}"
+    if free_mb < MIN_CACHE_FREE_MB:
+        return (f"engine.cache_dir={str(root)!r} has {free_mb:.0f} MB free; engines need up to "
+                f"{MIN_CACHE_FREE_MB} MB")
+    return None
+
+
 @dataclass
 class EngineConfig(Section):
     """`engine`: how the networks run. `auto` (the default) chooses by measurement at load: every candidate that

@@ -23,11 +23,13 @@ from lipsync.model.avatar import COMPOSE_MODES, Avatar, AvatarError, find_source
 from lipsync.model.calibration import CALIBRATION_RECIPE, calibration_inputs, probe_features
 from lipsync.model.engines import (
     ONNX_RUNTIMES,
+    CacheUnusable,
     Calibration,
     Engine,
     EngineConfig,
     EngineError,
     build_engine,
+    cache_dir_problem,
     cache_key,
     sized,
     tensor_digest,
@@ -243,6 +245,16 @@ def load_pipeline(spec: ModelSpec, engine_config: EngineConfig, device: str | to
         micro_batch = micro_batch or engine_config.max_batch
     if micro_batch and micro_batch < engine_config.max_batch:  # the engines never see more: build no larger batch
         engine_config = sized(engine_config, micro_batch)
+    problem = cache_dir_problem(engine_config.cache_dir)
+    if problem and engine_config.backend not in ("eager", "auto"):  # every other engine is a file in the cache
+        raise CacheUnusable(f"{spec.name}: {problem}; the {engine_config.backend} engine is built into it "
+                            "(engine=eager needs none)")
+    if problem and engine_config.backend == "auto":
+        log.warning("%s: %s: measuring the eager engines only (the others are files in the cache), and the choice "
+                    "is not kept", spec.name, problem)
+        engine_config = dataclasses.replace(engine_config, candidates={
+            kind: [c for c in candidates if c.startswith("eager/")] for kind, candidates in
+            engine_config.candidates.items()})
     t0 = time.perf_counter()
     # each file read once: the networks and the names of their cache entries come from the same bytes (a file
     # replaced during the load cannot file the old weights' engines under the new file's digest)

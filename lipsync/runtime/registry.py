@@ -16,7 +16,7 @@ from lipsync import threads
 from lipsync.config import ConfigError, Section, limit, setting
 from lipsync.errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, clip
 from lipsync.model.demo import ensure_demo_model
-from lipsync.model.engines import EngineConfig, EngineError
+from lipsync.model.engines import CacheUnusable, EngineConfig, EngineError
 from lipsync.model.pipeline import (
     ModelFileError,
     ModelSpec,
@@ -247,6 +247,10 @@ class Registry:
                 log.error("model %s cannot be loaded: %s", entry.spec.name, exc)
                 raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its {exc.role} is "
                                       f"{exc.reason} (the server log has the details)") from exc
+            except CacheUnusable as exc:
+                log.error("model %s cannot be loaded: %s", entry.spec.name, exc)
+                raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: engine.cache_dir cannot hold its "
+                                      "engine (the server log says why; engine=eager needs no cache)") from exc
             except EngineError as exc:
                 log.error("model %s: engine build failed: %s", entry.spec.name, exc)
                 raise ModelFilesError(f"model {entry.spec.name!r} cannot be loaded: its engine could not be "
