@@ -725,3 +725,49 @@ def test_unnamed_utterances_get_names_and_a_session_ended_first_still_reports_th
     utterances = result.summary()["utterances"]
     assert list(utterances) == ["utterance-1"], utterances
     assert utterances["utterance-1"]["outcome"] == "dropped" and utterances["utterance-1"]["interrupted"]
+
+
+def test_sigterm_during_an_utterance_ends_the_session_with_a_reason(weights, tiny_avatar, tmp_path, speech):
+    """SIGTERM while a live session speaks: after server.drain_s the session's utterance finishes interrupted with
+    the reason, said on a last frame, and the call ends UNAVAILABLE with lipsync's own message naming the setting
+    (not gRPC's "Cancelling all calls" after the grace period); no traceback in the server's log."""
+    import signal
+
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160"), "server.drain_s=0.3",
+                         f"server.live.time_scale={TIME_SCALE}"], tmp_path)
+    pcm = pcm_of(speech[:64000])  # 4 s: still playing when the server is stopped
+
+    async def main():
+        events, status = [], None
+        stop_sent = asyncio.Event()
+
+        async def requests():
+            yield pb.ConverseRequest(config=pb.ConverseConfig(model_id="tiny", format=pb.AudioFormat(
+                encoding=pb.PCM_S16LE, sample_rate=16000, channels=1), jpeg_quality=QUALITY))
+            yield pb.ConverseRequest(start_utterance=pb.UtteranceStart(utterance_id="long"))
+            yield pb.ConverseRequest(audio=pcm)
+            yield pb.ConverseRequest(end_utterance=True)
+            await stop_sent.wait()
+            await asyncio.sleep(30)  # the client keeps its side open: the server ends the call
+        async with channel(srv.target) as ch:
+            call = open_stream(pb_grpc.LipSyncStub(ch).Converse, requests())
+            try:
+                async for response in call:
+                    events += list(response.events)
+                    if response.frame.kind == pb.SPEECH and not stop_sent.is_set():
+                        srv.proc.send_signal(signal.SIGTERM)
+                        stop_sent.set()
+            except grpc.aio.AioRpcError as exc:
+                status = (exc.code(), exc.details())
+        return events, status
+    try:
+        events, status = asyncio.run(main())
+        code = srv.proc.wait(120)  # it stops by itself after the SIGTERM
+    finally:
+        srv.stop()
+    finished = [e.finished for e in events if e.WhichOneof("event") == "finished"]
+    assert status is not None and status[0] == grpc.StatusCode.UNAVAILABLE, status
+    assert "shutting down" in status[1] and "server.drain_s" in status[1], status
+    assert [(f.utterance_id, f.interrupted) for f in finished] == [("long", True)], finished
+    assert "shutting down" in finished[0].error
+    assert code == 0 and "Traceback" not in srv.logs(), srv.logs()[-3000:]

@@ -136,6 +136,14 @@ class Server:
         idle = await entry.scheduler.idle_jpegs(quality)
         self.limits.check_response_size(frames, max(len(j) for j in idle) * 1.15 + 32)
 
+    def end_live_sessions(self, reason: Exception) -> int:
+        """End every open live session with `reason` (shutdown): each says so to its client on a last frame and
+        ends with that status, instead of being cancelled under gRPC's own message. The number ended."""
+        sessions = [s for e in self.registry.entries.values() if e.scheduler for s in list(e.scheduler.live_sessions)]
+        for session in sessions:
+            session.end(reason)
+        return len(sessions)
+
     def snapshot(self) -> dict[str, Any]:
         """Numbers for the metrics scrape (taken on the event loop's thread)."""
         r = self.registry
@@ -327,6 +335,11 @@ async def serve(config: ServeConfig) -> None:
     log.info("shutting down: refusing new requests, finishing in-flight work (up to %.0f s)",
              server_cfg.shutdown_grace_s)
     state.accepting = False
+    ended = state.end_live_sessions(Unavailable(
+        f"the server is shutting down (it kept serving server.drain_s={drain_s:g} s after it was asked to stop); "
+        "open a new session: a proxy sends it to another worker"))
+    if ended:
+        log.info("ended %d live session(s): each was told why on its last frame", ended)
     await server.stop(server_cfg.shutdown_grace_s)
     watcher.cancel()
     await state.registry.close()

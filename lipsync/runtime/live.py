@@ -259,12 +259,21 @@ class LiveSession:
         u.end_requested = True
         self._work.set()
 
-    def interrupt(self) -> None:
-        """Barge-in: drop every utterance not yet fully shown; the next slot is idle."""
+    def interrupt(self, reason: str = "") -> None:
+        """Barge-in: drop every utterance not yet fully shown; the next slot is idle. `reason`: why, when it is not
+        the client's (their finished events carry it as `error`)."""
         for u in list(self.queue):
-            self._cancel(u)
+            self._cancel(u, error=reason)
         self.queue.clear()
         self.open = None
+
+    def end(self, error: Exception) -> None:
+        """End the session from the server's side (it is shutting down): its utterances finish interrupted with
+        the reason, said on one last frame, then the call ends with `error`."""
+        if self.error is None:
+            self.error = error
+        self.interrupt(str(error))
+        self._stop_clock()
 
     def close(self) -> None:
         self.interrupt()
@@ -576,8 +585,6 @@ class LiveSession:
                 self.stats[frame.kind] += 1
                 events, self.events = self.events, []
                 yield frame, events
-            if self.error is not None:
-                raise self.error
             self.interrupt()  # what the end of the session cut short: finished{interrupted, dropped if never shown}
             if self.events:  # said on one last frame, so a client's summary accounts for every utterance it sent
                 frame = self._tick()
@@ -585,6 +592,8 @@ class LiveSession:
                 self.stats[frame.kind] += 1
                 events, self.events = self.events, []
                 yield frame, events
+            if self.error is not None:
+                raise self.error
         finally:
             worker.cancel()
             self.scheduler.live_sessions.discard(self)

@@ -1,2 +1,2 @@
 """Generated from protos/ by lipsync.protos; do not edit."""
-PROTO_DIGEST = "c4d4ffb4a59e777f632402fe8b326221fc2d3a1b6340d8f61233f07717cd05af"
+PROTO_DIGEST = "f3ca5d738e69b8ffb865384aa4b8a996dc866f47a7987e70f9f8e0ac1ccc6f5c"
