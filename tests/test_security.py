@@ -585,3 +585,57 @@ def test_a_client_without_a_certificate_is_told_the_server_wants_one(guarded, pk
                            "--audio", str(speech_1s_wav), "--tls-ca", str(pki["a"] / "ca.pem"), "--timeout", "20",
                            "--token", ADMIN], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 1 and "UNAVAILABLE" in done.stdout and "--tls-cert" in done.stdout, done.stdout
+
+
+def test_a_token_scoped_to_models_sees_only_those(weights, tiny_avatar, tmp_path):
+    """`models=tiny` on a token's line: for it every other model is NOT_FOUND with the very message of an undeclared
+    one (ListModels, stats, Synthesize, GetAvatar, the Go API alike); an infer token's GetAvatar of a model not in
+    memory does not load (or evict) it: FAILED_PRECONDITION until something that renders loads it; an admin's
+    does."""
+    scoped = "scoped-" + "d" * 25
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{ADMIN} admin name=ops\n{scoped} infer name=tenant models=tiny\n")
+    srv = ServerProcess([f"server.auth.tokens_file={tokens}",
+                         model_override("tiny", weights, tiny_avatar, variant="160"),
+                         model_override("spare", weights, tiny_avatar, variant="160")], tmp_path)
+    pcm = (np.random.default_rng(0).standard_normal(8000) * 3000).astype(np.int16).tobytes()
+
+    async def codes(token: str, model: str) -> dict:
+        async with channel(srv.target, credentials=Credentials(token=token)) as ch:
+            stub, compat = pb_grpc.LipSyncStub(ch), mono_grpc.MonolithicServiceStub(ch)
+            out = {"list": [m.model_id for m in (await stub.ListModels(pb.ListModelsRequest())).models],
+                   "go_list": [m.model_id for m in (await compat.ListModels(mono.ListModelsRequest())).models]}
+            for name, call in (("avatar", lambda: _first(stub.GetAvatar(pb.GetAvatarRequest(model_id=model)))),
+                               ("synthesize", lambda: stub.Synthesize(pb.SynthesizeRequest(
+                                   model_id=model, audio=pcm, format=S16))),
+                               ("avatar_after", lambda: _first(stub.GetAvatar(pb.GetAvatarRequest(model_id=model)))),
+                               ("stats", lambda: stub.GetModelStats(pb.GetModelStatsRequest(model_id=model)))):
+                try:
+                    await call()
+                    out[name] = ("OK", "")
+                except grpc.aio.AioRpcError as exc:
+                    out[name] = (exc.code().name, exc.details())
+            go = await compat.InferBatchComposite(mono.CompositeBatchRequest(model_id=model, batch_size=1,
+                                                                             raw_audio=np.zeros(640, "<f4").tobytes()))
+            out["go"] = go.error
+            return out
+    try:
+        tenant_tiny = asyncio.run(codes(scoped, "tiny"))
+        tenant_spare = asyncio.run(codes(scoped, "spare"))
+        tenant_ghost = asyncio.run(codes(scoped, "ghost"))
+        admin_spare = asyncio.run(codes(ADMIN, "spare"))
+    finally:
+        srv.stop()
+    assert tenant_tiny["list"] == tenant_tiny["go_list"] == ["tiny"]
+    assert tenant_tiny["avatar"][0] == "FAILED_PRECONDITION" and "is not loaded" in tenant_tiny["avatar"][1]
+    assert [tenant_tiny[k][0] for k in ("synthesize", "avatar_after", "stats")] == ["OK", "OK", "OK"]
+    for key in ("avatar", "synthesize", "stats"):  # a model outside the scope reads as one that does not exist
+        assert tenant_spare[key] == ("NOT_FOUND", tenant_ghost[key][1].replace("'ghost'", "'spare'")), key
+    assert tenant_spare["go"] == tenant_ghost["go"].replace("'ghost'", "'spare'") and "unknown model" in \
+        tenant_spare["go"]
+    assert sorted(admin_spare["list"]) == ["spare", "tiny"] and admin_spare["avatar"] == ("OK", "")
+
+
+async def _first(stream):
+    async for item in stream:
+        return item

@@ -64,7 +64,7 @@ class MonolithicService(mono_grpc.MonolithicServiceServicer):
         if not 1 <= n <= MAX_BATCH:
             raise InvalidRequest(f"batch_size {n} is outside 1..{MAX_BATCH}")
         start = self.s.limits.start_frame(request.start_frame_idx)
-        self.s.registry.entry(checked_model_id(request.model_id))
+        self.s.entry(checked_model_id(request.model_id))
         if not request.raw_audio and not request.audio_features:
             raise InvalidRequest("raw_audio (or the deprecated audio_features) is required")
         # decoded and checked off the event loop (the loop runs no tensor operation): the visual inputs alone are up
@@ -122,14 +122,15 @@ class MonolithicService(mono_grpc.MonolithicServiceServicer):
     @unary(name="Monolithic/ListModels")
     async def ListModels(self, request, context, started) -> mono.ListModelsResponse:
         return mono.ListModelsResponse(models=[mono.ModelInfo(**self._info(e))
-                                               for e in self.s.registry.entries.values()])
+                                               for e in self.s.visible_entries()])
 
     @unary(name="Monolithic/LoadModel", failure=lambda error, ms: mono.LoadModelResponse(success=False, error=error))
     async def LoadModel(self, request, context, started) -> mono.LoadModelResponse:
         """The Go server's convention: preferred_gpu -1 lets the server choose, N asks for GPU N (0 is GPU 0, and
         also what a client that never set the field sends: on a server without GPUs it means "choose"). A model
         already loaded answers load_time_ms 0: nothing was loaded."""
-        entry, already, ms = await self.s.registry.load(checked_model_id(request.model_id),
+        self.s.entry(checked_model_id(request.model_id))
+        entry, already, ms = await self.s.registry.load(request.model_id,
                                                         self._preferred_device(request.preferred_gpu))
         return mono.LoadModelResponse(success=True, gpu_id=gpu_id(entry.device), load_time_ms=0.0 if already else ms)
 
@@ -143,13 +144,14 @@ class MonolithicService(mono_grpc.MonolithicServiceServicer):
     @unary(name="Monolithic/UnloadModel",
            failure=lambda error, ms: mono.UnloadModelResponse(success=False, error=error))
     async def UnloadModel(self, request, context, started) -> mono.UnloadModelResponse:
-        was_loaded = await self.s.registry.unload(checked_model_id(request.model_id))
+        self.s.entry(checked_model_id(request.model_id))
+        was_loaded = await self.s.registry.unload(request.model_id)
         return mono.UnloadModelResponse(success=was_loaded, error="" if was_loaded else "model is not loaded")
 
     @unary(name="Monolithic/GetModelStats")
     async def GetModelStats(self, request, context, started) -> mono.GetModelStatsResponse:
         out = []
-        for e in self.s.registry.entries.values():
+        for e in self.s.visible_entries():
             total = int(sum(e.latencies.get("inference", [])))
             out.append(mono.ModelStats(**self._info(e), total_inference_ms=total,
                                        last_used_timestamp=convert.unix_ms(e.last_used) // 1000))

@@ -2,7 +2,8 @@
 every RPC before a service sees it. Certificates, keys and tokens are re-read by `reload()` (SIGHUP) without
 touching open streams.
 
-Tokens file: one `TOKEN ROLE[,ROLE] [name=LABEL] [streams=N] [sessions=N]` per line, `#` starts a comment.
+Tokens file: one `TOKEN ROLE[,ROLE] [name=LABEL] [streams=N] [sessions=N] [models=A,B]` per line, `#` starts a
+comment; `models=` scopes a token to those models (every other one is NOT_FOUND for it, as if undeclared).
 Roles: `infer` (rendering, live sessions, listing, stats, health), `metrics` (scraping /metrics) and `admin`
 (everything, model loading too).
 """
@@ -62,9 +63,13 @@ class Principal:
     streams: int = 0
     sessions: int = 0
     digest: bytes = field(default=b"", compare=False, repr=False)  # of its token (b"": no token checks)
+    models: frozenset[str] | None = None  # the models it may use (None: every one)
 
     def quota(self, kind: str) -> int:
         return self.streams if kind == "streams" else self.sessions
+
+    def may_use(self, model_id: str) -> bool:
+        return self.models is None or model_id in self.models
 
 
 ANONYMOUS = Principal("-", frozenset(ROLES))  # token checks off: every role, server-wide limits only
@@ -115,12 +120,12 @@ class TokenTable:
                 raise SecurityConfigError(f"{where}: unknown role(s) {sorted(roles - set(ROLES))}; roles are "
                                           f"{', '.join(ROLES)}")
             options = {"name": f"token{number}", "streams": str(self.default_streams),
-                       "sessions": str(self.default_sessions)}
+                       "sessions": str(self.default_sessions), "models": ""}
             for word in words[2:]:
                 key, _, value = word.partition("=")
                 if key not in options or not value:
                     raise SecurityConfigError(f"{where}: unknown option {word.split('=')[0]!r}; use name=, streams=, "
-                                              "sessions=")
+                                              "sessions=, models=")
                 options[key] = value
             try:
                 streams, sessions = int(options["streams"]), int(options["sessions"])
@@ -132,7 +137,9 @@ class TokenTable:
             if "admin" in roles:
                 roles = frozenset(ROLES)
             digest = _digest(token)
-            entries.append((digest, Principal(options["name"], roles, max(streams, 0), max(sessions, 0), digest)))
+            models = frozenset(m for m in options["models"].split(",") if m) or None
+            entries.append((digest, Principal(options["name"], roles, max(streams, 0), max(sessions, 0), digest,
+                                              models)))
         if not entries:
             raise SecurityConfigError(f"tokens file {self.path} has no tokens")
         return entries
@@ -189,8 +196,9 @@ class TlsConfig(Section):
 class AuthConfig(Section):
     """`server.auth`: bearer tokens with roles and quotas."""
     WHERE = "server.auth"
-    tokens_file: str | None = setting(None, "lines `TOKEN ROLE[,ROLE] [name=LABEL] [streams=N] [sessions=N]` (roles: "
-                                            "infer, metrics, admin); clients send `authorization: Bearer TOKEN`; "
+    tokens_file: str | None = setting(None, "lines `TOKEN ROLE[,ROLE] [name=LABEL] [streams=N] [sessions=N] "
+                                            "[models=A,B]` (roles: infer, metrics, admin; models=: the only models "
+                                            "the token may use); clients send `authorization: Bearer TOKEN`; "
                                             "null = no token check. Re-read on SIGHUP")
     reflection: str = setting("open", "open | auth (server reflection needs a token)", choices=("open", "auth"))
     default_streams: int = limit(64, low=0, help="per-token quota of open Stream RPCs when a line has no streams= "

@@ -29,16 +29,16 @@ from lipsync.api.compat import MonolithicService
 from lipsync.api.headers import ACCEPTED_HEADER, WORKER_HEADER
 from lipsync.api.limits import Limits, ServerConfig
 from lipsync.api.protocol import OpenCall, PreSerialized
-from lipsync.api.security import AccessInterceptor, Principal, Quotas, Security, SecurityConfigError
+from lipsync.api.security import AccessInterceptor, Principal, Quotas, Security, SecurityConfigError, principal
 from lipsync.api.service import PRESERIALIZED, LipSyncService
 from lipsync.codec import audio
 from lipsync.codec.audio import AudioFormat
 from lipsync.config import Section, section, setting, settings
-from lipsync.errors import DeadlineExceeded, ResourceExhausted, Unauthenticated, Unavailable
+from lipsync.errors import DeadlineExceeded, ResourceExhausted, Unauthenticated, Unavailable, clip
 from lipsync.logs import TEXT_FORMAT
 from lipsync.model.engines import EngineConfig, cache_dir_problem
 from lipsync.model.pipeline import PipelineConfig
-from lipsync.runtime.registry import ModelEntry, Registry, RegistryConfig
+from lipsync.runtime.registry import ModelEntry, Registry, RegistryConfig, UnknownModel
 from lipsync.threads import named_pool
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,23 @@ class Server:
             except Exception:  # a bug here must not stop the checks silently: say so and keep checking
                 log.exception("checking open streams for idleness and revoked tokens failed")
 
+    def entry(self, model_id: str) -> ModelEntry:
+        """The declared model `model_id` as the caller may see it: one its token is not scoped to is NOT_FOUND with
+        the message of an undeclared one (a scope does not tell what else is served)."""
+        if model_id and not principal().may_use(model_id):
+            raise UnknownModel(f"unknown model {clip(model_id)} (ListModels lists the models of this server)")
+        return self.registry.entry(model_id)
+
+    def visible_entries(self) -> list[ModelEntry]:
+        """The declared models the caller may use."""
+        who = principal()
+        return [e for name, e in self.registry.entries.items() if who.may_use(name)]
+
     @asynccontextmanager
     async def model(self, model_id: str) -> AsyncIterator[tuple[ModelEntry, bool, float]]:
         if not self.accepting:
             raise Unavailable("server is shutting down")
+        self.entry(model_id)
         acquired = await self.registry.acquire(model_id)
         try:
             yield acquired

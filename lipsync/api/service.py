@@ -14,7 +14,8 @@ from lipsync._proto import lipsync_pb2_grpc as pb_grpc
 from lipsync.api import convert, metrics
 from lipsync.api.limits import model_id as checked_model_id
 from lipsync.api.protocol import first_config, server_streaming, streaming, unary
-from lipsync.errors import ResourceExhausted
+from lipsync.api.security import principal
+from lipsync.errors import FailedPrecondition, ResourceExhausted
 from lipsync.model import audio_features
 from lipsync.runtime.live import LiveSession, admit
 from lipsync.runtime.scheduler import Priority
@@ -39,7 +40,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         quality, start = limits.quality(request.jpeg_quality), limits.start_frame(request.start_frame)
         square = convert.square_output(request.output)
         fmt = convert.audio_format(limits, request.format, allow_wav=True)
-        self.s.registry.entry(checked_model_id(request.model_id))
+        self.s.entry(checked_model_id(request.model_id))
         wave = await asyncio.to_thread(self.s.decode_audio, request.audio, fmt)
         async with self.s.model(request.model_id) as (entry, loaded_now, load_ms):
             await self.s.check_response_fits(entry, audio_features.frame_count(wave.numel()), quality)
@@ -75,7 +76,7 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         cfg = await first_config(requests, rpc, limits.config_timeout_s)
         quality, start = limits.quality(cfg.jpeg_quality), limits.start_frame(cfg.start_frame)
         fmt = convert.audio_format(limits, cfg.format, allow_wav=False)
-        self.s.registry.entry(checked_model_id(cfg.model_id))
+        self.s.entry(checked_model_id(cfg.model_id))
         return requests, cfg, quality, start, fmt
 
     async def _stream(self, requests, context) -> AsyncIterator[pb.StreamResponse]:
@@ -140,7 +141,11 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         """The avatar's frames as JPEG (encoded once per quality and kept, as live sessions' idle frames are) and
         their crop rectangles, one message per frame."""
         quality = self.s.limits.quality(request.jpeg_quality)
-        self.s.registry.entry(checked_model_id(request.model_id))
+        wanted = self.s.entry(checked_model_id(request.model_id))
+        if not wanted.loaded and wanted.loading is None and "admin" not in principal().roles:
+            # the avatar of a model not in memory: an infer token does not load (and evict) models by asking for it
+            raise FailedPrecondition(f"model {request.model_id!r} is not loaded: it loads with its first Synthesize, "
+                                     "Stream or Converse (or an admin's LoadModel); ask for its avatar then")
         async with self.s.model(request.model_id) as (entry, _, _):
             avatar = entry.pipeline.avatar
             jpegs = await entry.scheduler.idle_jpegs(quality)
@@ -150,22 +155,23 @@ class LipSyncService(pb_grpc.LipSyncServicer):
 
     @unary
     async def ListModels(self, request, context, started) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[convert.model_info(e) for e in self.s.registry.entries.values()])
+        return pb.ListModelsResponse(models=[convert.model_info(e) for e in self.s.visible_entries()])
 
     @unary
     async def LoadModel(self, request, context, started) -> pb.LoadModelResponse:
-        entry, already, ms = await self.s.registry.load(checked_model_id(request.model_id), request.device or None)
+        self.s.entry(checked_model_id(request.model_id))
+        entry, already, ms = await self.s.registry.load(request.model_id, request.device or None)
         return pb.LoadModelResponse(model=convert.model_info(entry), already_loaded=already, load_ms=ms)
 
     @unary
     async def UnloadModel(self, request, context, started) -> pb.UnloadModelResponse:
-        return pb.UnloadModelResponse(was_loaded=await self.s.registry.unload(checked_model_id(request.model_id)))
+        self.s.entry(checked_model_id(request.model_id))
+        return pb.UnloadModelResponse(was_loaded=await self.s.registry.unload(request.model_id))
 
     @unary
     async def GetModelStats(self, request, context, started) -> pb.GetModelStatsResponse:
-        registry = self.s.registry
-        entries = [registry.entry(checked_model_id(request.model_id))] if request.model_id else \
-            registry.entries.values()
+        entries = [self.s.entry(checked_model_id(request.model_id))] if request.model_id else \
+            self.s.visible_entries()
         return pb.GetModelStatsResponse(models=[convert.model_stats(e) for e in entries])
 
     @unary
