@@ -60,6 +60,17 @@ class ClusterProcess:
             raise RuntimeError(f"cluster did not start: {(tmp / 'cluster.log').read_text()}")
         self.target = f"127.0.0.1:{self.port}"
 
+    def next_line(self, prefix: str, timeout_s: float = 120) -> str:
+        """The next line of the cluster's stdout that starts with `prefix` (after READY: restarted workers)."""
+        import select
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if select.select([self.proc.stdout], [], [], 0.2)[0]:
+                line = self.proc.stdout.readline()
+                if line.startswith(prefix):
+                    return line
+        raise AssertionError(f"no {prefix!r} line within {timeout_s:g} s")
+
     def direct(self, worker: str) -> str:
         return f"127.0.0.1:{self.workers[worker]['port']}"
 
@@ -249,6 +260,41 @@ def test_a_killed_worker_is_routed_around(fresh_cluster, pcm):
     home, worker, code, served, seconds = asyncio.run(main())
     assert worker == home and code == "worker lost"  # the in-flight stream ends (reset by Envoy)
     assert served != home and seconds < 20
+
+
+def test_a_killed_worker_comes_back_and_the_first_call_after_the_kill_succeeds(fresh_cluster, pcm):
+    """SIGKILL to the worker of a model: the very next call succeeds (Envoy retries it on another host, never the
+    one that just failed), and `lipsync cluster` restarts the worker on its port; Envoy routes to it again."""
+    c = fresh_cluster
+    home = asyncio.run(_route(c.target, "m0"))
+    c.signal_worker(home, signal.SIGKILL)
+    _, served = asyncio.run(_synthesize(c.target, "m0", pcm))  # right after the kill: no retry loop here
+    assert served != home
+    back = dict(kv.split("=", 1) for kv in c.next_line(f"WORKER name={home} ").split()[1:])
+    assert back["restarts"] == "1" and back["port"] == c.workers[home]["port"] and back["pid"] != \
+        c.workers[home]["pid"]
+    deadline = time.monotonic() + 60
+    while asyncio.run(_route(c.target, "m0")) != home:  # its health check passes: its models route to it again
+        assert time.monotonic() < deadline, "the restarted worker never took its model back"
+        time.sleep(0.5)
+
+
+def test_a_healthy_minority_keeps_serving(weights, tiny_avatar, tmp_path, pcm):
+    """Two of three workers killed: every call goes to the one left (no panic routing to the dead), until they
+    are back."""
+    c = ClusterProcess(tmp_path, overrides(weights, tiny_avatar), workers=3)
+    try:
+        alive = "worker-2"
+        for name in ("worker-0", "worker-1"):
+            c.signal_worker(name, signal.SIGKILL)
+
+        async def calls():  # models whose home was a dead worker among them: each call must still be served
+            return [(await _synthesize(c.target, model, pcm))[1] for model in MODELS[:6]]
+        served = asyncio.run(calls())
+    finally:
+        assert c.stop() == 0
+    # (the killed ones restart meanwhile: they may serve the later calls)
+    assert served[0] == alive and len(served) == 6, served
 
 
 def test_a_draining_worker_finishes_its_stream_and_gets_nothing_new(fresh_cluster, pcm):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Callable
 
 from lipsync.config import SOURCE_ROOT
 
@@ -93,6 +95,13 @@ class Worker:
     log_path: Path
 
 
+def _ready(process: subprocess.Popen) -> bool:
+    """Whether a starting worker has printed its READY line (its stdout read without blocking)."""
+    if not select.select([process.stdout], [], [], 0)[0]:
+        return False
+    return process.stdout.readline().startswith("READY port=")
+
+
 class Cluster:
     """Workers and one Envoy as child processes; `stop()` drains the workers, then stops Envoy."""
 
@@ -107,16 +116,20 @@ class Cluster:
         self.envoy: subprocess.Popen | None = None
         self.admin_port = 0
 
+    def _spawn(self, name: str, port: int = 0) -> subprocess.Popen:
+        """A worker process (`lipsync serve`) on `port` (0: a free one); its log appends to <name>.log."""
+        args = [sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", f"server.port={port}",
+                "server.metrics_port=0", f"server.worker_name={name}", f"server.drain_s={self.drain_s:g}",
+                *self.overrides]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(self.log_dir / f"{name}.log", "a"),
+                                text=True)
+
     def start(self, timeout_s: float = 600) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         pending = []
         for k in range(self.count):
-            name, log_path = f"worker-{k}", self.log_dir / f"worker-{k}.log"
-            args = [sys.executable, "-m", "lipsync", "serve", "server.host=127.0.0.1", "server.port=0",
-                    "server.metrics_port=0", f"server.worker_name={name}", f"server.drain_s={self.drain_s:g}",
-                    *self.overrides]
-            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True)
-            pending.append((name, process, log_path))
+            name = f"worker-{k}"
+            pending.append((name, self._spawn(name), self.log_dir / f"{name}.log"))
         log.info("starting %d workers (logs in %s)", self.count, self.log_dir)
         for name, process, log_path in pending:  # each prints READY port=N once it serves
             line = process.stdout.readline()
@@ -168,18 +181,53 @@ class Cluster:
         return sorted(int(line.split("::")[1].rsplit(":", 1)[1]) for line in text.splitlines()
                       if line.startswith("workers_by_model::") and line.endswith("::health_flags::healthy"))
 
-    def watch(self, stop: list[bool]) -> int:
-        """Report workers that exit; return when asked to stop or when Envoy exits."""
-        reported: set[str] = set()
+    def watch(self, stop: list[bool], on_restart: Callable[[Worker, int], None] | None = None) -> int:
+        """Restart workers that fail (exit non-zero, or killed), on their own port so Envoy's endpoints stay right,
+        after a backoff that doubles with each failure of the same worker (1 s … 30 s); Envoy routes around a
+        worker until its health check passes again. A worker that drained and exited 0 (SIGTERM) stays stopped.
+        Return when asked to stop or when Envoy exits."""
+        exits: dict[str, int] = {}
+        due: dict[str, float] = {}
+        starting: dict[str, subprocess.Popen] = {}
+        stopped: set[str] = set()
         while not stop:
-            for w in self.workers:
-                if w.process.poll() is not None and w.name not in reported:
-                    reported.add(w.name)
-                    log.warning("%s exited (code %s); Envoy routes around it", w.name, w.process.returncode)
+            now = time.monotonic()
+            for k, w in enumerate(self.workers):
+                if w.name in starting:  # restarted: in service once it prints READY (read without blocking)
+                    process = starting[w.name]
+                    if process.poll() is not None:
+                        del starting[w.name]
+                        due[w.name] = now + min(30.0, 2.0 ** exits[w.name])
+                        exits[w.name] += 1
+                        log.warning("%s failed to restart (code %s); next try in %.0f s", w.name,
+                                    process.returncode, due[w.name] - now)
+                    elif _ready(process):
+                        del starting[w.name]
+                        self.workers[k] = Worker(w.name, process, w.port, w.log_path)
+                        log.info("%s is back on port %d (pid %d)", w.name, w.port, process.pid)
+                        if on_restart:
+                            on_restart(self.workers[k], exits[w.name])
+                    continue
+                if w.process.poll() is None or w.name in stopped:
+                    continue
+                if w.process.returncode == 0:
+                    stopped.add(w.name)
+                    log.info("%s drained and stopped (exit 0); not restarted", w.name)
+                    continue
+                if w.name not in due:
+                    exits[w.name] = exits.get(w.name, 0) + 1
+                    due[w.name] = now + min(30.0, 2.0 ** (exits[w.name] - 1))
+                    log.warning("%s exited (code %s); Envoy routes around it; restarting it in %.0f s", w.name,
+                                w.process.returncode, due[w.name] - now)
+                elif now >= due[w.name]:
+                    del due[w.name]
+                    starting[w.name] = self._spawn(w.name, w.port)
             if self.envoy.poll() is not None:
                 log.error("envoy exited (code %s)", self.envoy.returncode)
                 return 1
             time.sleep(0.2)
+        for process in starting.values():
+            process.terminate()
         return 0
 
     def stop(self) -> None:
@@ -250,7 +298,8 @@ def run_cluster(args: argparse.Namespace) -> int:
         print(f"WORKER name={w.name} port={w.port} pid={w.process.pid} log={w.log_path}", flush=True)
     print(f"ENVOY admin=http://127.0.0.1:{cluster.admin_port} log={log_dir / 'envoy.log'}", flush=True)
     print(f"READY port={cluster.port} workers={args.workers}", flush=True)
-    code = cluster.watch(stop)
+    code = cluster.watch(stop, lambda w, restarts: print(
+        f"WORKER name={w.name} port={w.port} pid={w.process.pid} log={w.log_path} restarts={restarts}", flush=True))
     log.info("stopping: draining workers, then Envoy")
     cluster.stop()
     return code
