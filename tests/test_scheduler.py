@@ -74,7 +74,7 @@ def test_idle_jpegs_are_a_small_lru_encoded_by_the_encode_thread_a_batch_at_a_ti
     scheduler, same = asyncio.run(main())
     batches = -(-pipeline.avatar.frame_count // scheduler.max_batch)
     assert encodes.count(50) == batches and all(s is same[0] for s in same)  # one encode, shared
-    assert list(scheduler._idle_jpegs) == list(range(1, 101, 10))[-IDLE_QUALITIES:]
+    assert scheduler.cached_idle_qualities() == list(range(1, 101, 10))[-IDLE_QUALITIES:]
     assert threads and all(name.startswith("encode-cpu") for name in threads), threads
     first = decode_jpeg(torch.frombuffer(bytearray(same[0][0]), dtype=torch.uint8))
     assert first.shape[1:] == pipeline.avatar.frames.shape[2:]
@@ -308,3 +308,42 @@ def test_a_batch_of_several_qualities_gives_each_job_its_own_frames(pipeline):
     for mine, reference in zip(together, alone):
         for a, b in zip(mine, reference):
             assert psnr(decoded(a), decoded(b)) >= 40
+
+
+def test_an_idle_encode_stops_when_its_last_asker_goes_and_not_before(pipeline, monkeypatch):
+    """GetAvatar calls share one encode of the avatar per quality: one asker cancelled leaves the other's encode
+    running to the end; the last asker cancelled stops it after its current batch, and nothing half-done is kept."""
+    import threading
+
+    from lipsync.codec import jpeg as jpeg_module
+
+    batches, release = [], threading.Event()
+    real = jpeg_module.encode_frames
+
+    def slow(frames, quality):  # one batch at a time, held until the test lets it go
+        batches.append(quality)
+        release.wait(5)
+        return real(frames, quality)
+    monkeypatch.setattr(jpeg_module, "encode_frames", slow)
+    per_quality = pipeline.avatar.frame_count  # max_batch 1: a batch per frame
+
+    async def main():
+        scheduler = ModelScheduler(pipeline, DeviceWorkers(), max_batch=1)
+        # two askers of quality 60, one cancelled: the other gets every frame
+        first, second = (asyncio.ensure_future(scheduler.idle_jpegs(60)) for _ in range(2))
+        await asyncio.sleep(0.1)
+        first.cancel()
+        release.set()
+        shared = await second
+        # one asker of quality 30, cancelled while its first batch runs: the rest is never encoded
+        release.clear()
+        alone = asyncio.ensure_future(scheduler.idle_jpegs(30))
+        while batches.count(30) < 1:
+            await asyncio.sleep(0.02)
+        alone.cancel()
+        release.set()
+        await asyncio.sleep(0.5)
+        return shared, 30 in scheduler.cached_idle_qualities()
+    shared, kept = asyncio.run(main())
+    assert len(shared) == per_quality and batches.count(60) == per_quality
+    assert batches.count(30) == 1 and not kept

@@ -234,6 +234,7 @@ class ModelScheduler:
         self.capacity_fps: float | None = None
         self._calibration: asyncio.Future | None = None  # the one measurement in progress (calibrate)
         self._idle_jpegs: collections.OrderedDict[int, asyncio.Future] = collections.OrderedDict()
+        self._idle_askers: collections.Counter[asyncio.Future] = collections.Counter()  # callers awaiting each
         self._frames_out: Tensor | None = None  # whole frames composited for JPEG on the CPU (_frames_buffer)
         self._idle_lock = asyncio.Lock()
         self.live_sessions: set[Any] = set()  # open live sessions of this model (admission control)
@@ -306,31 +307,49 @@ class ModelScheduler:
         """The avatar's own frames as JPEG at `quality`, encoded once and kept for the IDLE_QUALITIES qualities
         used last (each is a full copy of the avatar as JPEG). Encoded by the device's encode thread, the one
         thread that calls the JPEG encoder (nvJPEG), on its stream, a batch of frames at a time: served batches
-        queued meanwhile take their turns between them. One quality at a time, concurrent askers sharing it."""
-        if quality in self._idle_jpegs:
+        queued meanwhile take their turns between them. One quality at a time, concurrent askers sharing it; when
+        every asker has gone (cancelled GetAvatar calls), the encode stops after its current batch and is not
+        kept."""
+        task = self._idle_jpegs.get(quality)
+        if task is not None:
             self._idle_jpegs.move_to_end(quality)
-            return await self._idle_jpegs[quality]
-        frames = self.pipeline.avatar.frames
-        loop = asyncio.get_running_loop()
+        else:
+            frames = self.pipeline.avatar.frames
+            loop = asyncio.get_running_loop()
 
-        def encode(lo: int) -> list[bytes]:
-            return _device_call(self.encode_stream, jpeg.encode_frames, frames[lo:lo + self.max_batch], quality)
+            def encode(lo: int) -> list[bytes]:
+                return _device_call(self.encode_stream, jpeg.encode_frames, frames[lo:lo + self.max_batch], quality)
 
-        async def build() -> list[bytes]:
-            async with self._idle_lock:
-                found: list[bytes] = []
-                for lo in range(0, self.pipeline.avatar.frame_count, self.max_batch):
-                    found += await loop.run_in_executor(self.encode_pool, encode, lo)
-                return found
-        task = self._idle_jpegs[quality] = asyncio.ensure_future(build())
-        while len(self._idle_jpegs) > IDLE_QUALITIES:
-            self._idle_jpegs.popitem(last=False)
+            async def build() -> list[bytes]:
+                async with self._idle_lock:
+                    found: list[bytes] = []
+                    for lo in range(0, self.pipeline.avatar.frame_count, self.max_batch):
+                        found += await loop.run_in_executor(self.encode_pool, encode, lo)
+                    return found
+            task = self._idle_jpegs[quality] = asyncio.ensure_future(build())
+            while len(self._idle_jpegs) > IDLE_QUALITIES:
+                self._idle_jpegs.popitem(last=False)
+        self._idle_askers[task] += 1
         try:
-            return await asyncio.shield(task)
+            return await asyncio.shield(task)  # one asker going away never cancels the others' encode
+        except asyncio.CancelledError:
+            if self._idle_askers[task] == 1 and not task.done():  # the last asker: nobody wants it any more
+                task.cancel()
+                if self._idle_jpegs.get(quality) is task:
+                    del self._idle_jpegs[quality]
+            raise
         except BaseException:
             if task.done() and self._idle_jpegs.get(quality) is task and not task.cancelled() and task.exception():
                 del self._idle_jpegs[quality]  # a failed encode is not kept
             raise
+        finally:
+            self._idle_askers[task] -= 1
+            if not self._idle_askers[task]:
+                del self._idle_askers[task]
+
+    def cached_idle_qualities(self) -> list[int]:
+        """The JPEG qualities whose idle frames are kept (or being encoded), least recently used first."""
+        return list(self._idle_jpegs)
 
     def feature_stream(self, lookahead: int = audio_features.LOOKAHEAD) -> FeatureStream:
         """A fresh feature stream for one utterance on this model's device (encoder calls go through `features`;
