@@ -437,3 +437,35 @@ def test_half_open_metrics_connections_are_bounded_and_timed_out(tight):
     assert time.monotonic() - started < 8  # the held ones by the head timeout
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert "lipsync_requests_total" in text and "lipsync_queue_frames" in text
+
+
+def test_streamed_answers_are_sized_before_the_work(weights, tiny_avatar, tmp_path, speech):
+    """With a small server.max_message_mb (64 KB) and JPEG quality 98: one audio message of a whole second is
+    answered in responses that each fit (not one response gRPC refuses to send after the frames were encoded), the
+    frames are all there and in order; GetAvatar's frames, one a message, come too."""
+    from lipsync._proto import lipsync_pb2_grpc as pb_grpc
+    from lipsync.apps.client import channel, open_stream
+    S16 = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000, channels=1)
+    srv = ServerProcess([model_override("tiny", weights, tiny_avatar, variant="160"),
+                         "server.max_message_mb=0.0625"], tmp_path)
+    pcm = (speech[:16000].numpy() * 32767).astype(np.int16).tobytes()  # 32 KB: one message under the limit
+
+    async def main():
+        async with channel(srv.target) as ch:
+            stub = pb_grpc.LipSyncStub(ch)
+
+            async def requests():
+                yield pb.StreamRequest(config=pb.StreamConfig(model_id="tiny", format=S16, jpeg_quality=98))
+                yield pb.StreamRequest(audio=pcm)
+                yield pb.StreamRequest(end_of_audio=True)
+            responses = [r async for r in open_stream(stub.Stream, requests())]
+            avatar = [f async for f in stub.GetAvatar(pb.GetAvatarRequest(model_id="tiny", jpeg_quality=98))]
+            return responses, avatar
+    try:
+        responses, avatar = asyncio.run(main())
+    finally:
+        srv.stop()
+    frames = [f for r in responses for f in r.frames]
+    assert [f.index for f in frames] == list(range(audio_features.frame_count(16000)))
+    assert max(r.ByteSize() for r in responses) <= 64 * 1024 and len(responses) > 3
+    assert len(avatar) == 6 and "Traceback" not in srv.logs()

@@ -140,6 +140,28 @@ class Server:
         sends its audio after them, so every refusal before reaches it as a status (client.open_stream)."""
         await context.send_initial_metadata(((WORKER_HEADER, self.worker), (ACCEPTED_HEADER, "1")))
 
+    async def jpeg_bound(self, entry: ModelEntry, quality: int, square: bool = False) -> float:
+        """The largest a frame's JPEG at `quality` can be expected to be, before any of it is rendered: the
+        avatar's own frames encoded at that quality (kept for idle frames anyway), with a margin for the mouth;
+        for SQUARE output the largest crop rectangle's share of that."""
+        avatar = entry.pipeline.avatar
+        height, width = avatar.frames.shape[2:]
+        idle = await entry.scheduler.idle_jpegs(quality)
+        whole = max(len(j) for j in idle) * 1.15 + 64
+        if not square:
+            return whole
+        largest = max((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in avatar.rects)
+        return min(whole, whole * largest / (width * height) * 2 + 1024)
+
+    async def frames_per_message(self, entry: ModelEntry, quality: int, square: bool = False) -> int:
+        """How many frames a streamed response may carry within server.max_message_mb; refused (before any work)
+        when not even one would fit."""
+        bound = await self.jpeg_bound(entry, quality, square)
+        fit = int((self.limits.max_message_bytes - 1024) // (bound + 64))
+        if fit < 1:
+            self.limits.check_response_size(1, bound + 1024)
+        return max(1, fit)
+
     async def check_response_fits(self, entry: ModelEntry, frames: int, quality: int) -> None:
         """Refuse a unary response that cannot be sent, before rendering it (JPEG size from the avatar's own
         frames at this quality, with a margin for the mouth)."""

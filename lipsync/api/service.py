@@ -85,8 +85,9 @@ class LipSyncService(pb_grpc.LipSyncServicer):
         lookahead, square = limits.lookahead(cfg.lookahead_frames), convert.square_output(cfg.output)
         async with s.model(cfg.model_id) as (entry, loaded_now, load_ms):
             await s.accept(context)
+            per_message = await s.frames_per_message(entry, quality, square)  # responses sized before any work
             session = StreamSession(entry.scheduler, fmt, start, quality, lookahead, limits.stream_buffer_frames,
-                                    limits.max_audio_s, square)
+                                    limits.max_audio_s, square, per_message)
             rects = entry.pipeline.avatar.rects
             loaded = dict(model_loaded=loaded_now, model_load_ms=load_ms if loaded_now else 0)
             try:
@@ -148,7 +149,9 @@ class LipSyncService(pb_grpc.LipSyncServicer):
                                      "Stream or Converse (or an admin's LoadModel); ask for its avatar then")
         async with self.s.model(request.model_id) as (entry, _, _):
             avatar = entry.pipeline.avatar
-            jpegs = await entry.scheduler.idle_jpegs(quality)
+            jpegs = await entry.scheduler.idle_jpegs(quality)  # encoded once per quality, kept for live sessions
+            # one frame a message: refused with the setting's name, never gRPC's own "larger than max" after sending
+            self.s.limits.check_response_size(1, max(len(j) for j in jpegs) + 1024)
             height, width = avatar.frames.shape[2:]
         for index, (data, corners) in enumerate(zip(jpegs, avatar.rects)):
             yield convert.avatar_frame(index, len(jpegs), data, corners, width, height)

@@ -17,6 +17,7 @@ import torch
 from lipsync.codec import audio
 from lipsync.codec.audio import AudioFormat, StreamResampler
 from lipsync.errors import InvalidRequest
+from lipsync.runtime.feature_sources import Part
 from lipsync.runtime.messages import Audio, EndOfAudio, StreamMessage
 from lipsync.runtime.scheduler import ModelScheduler, Priority
 
@@ -33,9 +34,12 @@ class StreamChunk:
 
 class StreamSession:
     def __init__(self, scheduler: ModelScheduler, fmt: AudioFormat, start_frame: int, quality: int, lookahead: int,
-                 buffer_frames: int, max_audio_s: float, square: bool = False):
+                 buffer_frames: int, max_audio_s: float, square: bool = False, frames_per_chunk: int = 1 << 30):
+        """`frames_per_chunk`: the most frames one chunk (one response) may carry, so that a response is sized
+        before any work (a large audio message is answered in several)."""
         self.scheduler, self.fmt, self.start, self.quality, self.square = scheduler, fmt, start_frame, quality, square
         self.buffer_frames, self.max_audio_s = buffer_frames, max_audio_s
+        self.frames_per_chunk = max(1, frames_per_chunk)
         self.avatar = scheduler.pipeline.avatar
         self.features = scheduler.feature_stream(lookahead)
         self.resampler = StreamResampler(fmt.sample_rate)
@@ -84,13 +88,14 @@ class StreamSession:
                                                                      decode=self.resampler.finish)
                     else:
                         raise InvalidRequest(f"{type(message).__name__} is not a Stream message")
-                    if feats.shape[0]:
+                    for lo in range(0, feats.shape[0], self.frames_per_chunk):  # chunks a response can carry
+                        n = min(self.frames_per_chunk, feats.shape[0] - lo)
                         await self._wait_for_room()
-                        ids = self.avatar.frames_for(self.start, first, feats.shape[0])
+                        ids = self.avatar.frames_for(self.start, first + lo, n)
                         self._buffered += len(ids)
-                        job = self.scheduler.submit(feats, ids, self.quality, priority=Priority.STREAM,
-                                                    square=self.square)
-                        pending.put_nowait((job, ids, first, (time.perf_counter() - t0) * 1e3, t0))
+                        job = self.scheduler.submit(Part(feats, lo, lo + n), ids, self.quality,
+                                                    priority=Priority.STREAM, square=self.square)
+                        pending.put_nowait((job, ids, first + lo, (time.perf_counter() - t0) * 1e3, t0))
                     if ended:
                         pending.put_nowait(None)
                 if not ended:  # half-closed without end_of_audio: no more frames
