@@ -90,7 +90,7 @@ gpu-check: $(if $(NO_SETUP),,setup)
 ## gpu-rehearsal: what gpu-check meets, on this machine's CPU: a Python 3.12 venv holding only the GPU host's packages
 ##   (tools/gpu-image-requirements.txt; built once into out/gpu-rehearsal/venv), the bundle installed as gpu-check
 ##   installs it, the in-process GPU path imported on the bare image, the CUDA tests collected, every gpu-check step
-##   run at the smallest sizes (~3 min once the venv exists)
+##   run at the smallest sizes, the CUDA-serving tests' bodies on the CPU (~7 min on 2 cores once the venv exists)
 gpu-rehearsal: setup
 	$(PY) tools/gpu_rehearsal.py $(if $(STEPS),--steps $(STEPS))
 
