@@ -58,7 +58,8 @@ def served(weights, tiny_avatar, tmp_path_factory):
     """`lipsync serve` on the device under test: the tiny model, and the same one with the seam-free blend."""
     srv = ServerProcess([model_override("tiny", weights, tiny_avatar),
                          model_override("blended", weights, tiny_avatar, extra=",compose:blend"),
-                         f"device={DEVICE}", f"server.live.time_scale={TIME_SCALE}"],
+                         f"device={DEVICE}", f"server.live.time_scale={TIME_SCALE}",
+                         "server.live.slow_device=buffer"],  # every speech frame is held to the CPU's
                         tmp_path_factory.mktemp("cuda-serving"), engine="eager")
     yield srv
     assert srv.stop() == 0, srv.logs()
