@@ -34,7 +34,7 @@ from lipsync.api.service import PRESERIALIZED, LipSyncService
 from lipsync.codec import audio
 from lipsync.codec.audio import AudioFormat
 from lipsync.config import Section, section, setting, settings
-from lipsync.errors import DeadlineExceeded, ResourceExhausted, Unauthenticated, Unavailable, clip
+from lipsync.errors import DeadlineExceeded, ResourceExhausted, Unauthenticated, Unavailable
 from lipsync.logs import TEXT_FORMAT
 from lipsync.model.engines import EngineConfig, cache_dir_problem
 from lipsync.model.pipeline import PipelineConfig
@@ -99,7 +99,7 @@ class Server:
         """The declared model `model_id` as the caller may see it: one its token is not scoped to is NOT_FOUND with
         the message of an undeclared one (a scope does not tell what else is served)."""
         if model_id and not principal().may_use(model_id):
-            raise UnknownModel(f"unknown model {clip(model_id)} (ListModels lists the models of this server)")
+            raise UnknownModel(model_id)
         return self.registry.entry(model_id)
 
     def visible_entries(self) -> list[ModelEntry]:

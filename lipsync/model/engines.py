@@ -47,6 +47,8 @@ def quiet_builds() -> Any:
         yield
     finally:
         DETAIL.reset(token)
+
+
 GRAPH_WARMUP_CALLS = 3  # calls per batch bucket at load when CUDA graphs are on (run, record, replay)
 
 BACKENDS = ("auto", "tensorrt", "compile", "onnxruntime", "openvino", "eager")
@@ -307,10 +309,6 @@ class CacheEntryCorrupt(ValueError):
     """A cache entry whose files are not the bytes it was sealed with (cut short, flipped, overwritten)."""
 
 
-def _sha256_file(path: Path) -> str:
-    return file_digest(path)
-
-
 def _fsync(path: Path) -> None:
     """Flush a written file to the disk before it is renamed into place (a crash never leaves a named half file)."""
     with open(path, "rb") as fh:
@@ -344,14 +342,14 @@ class EngineCache:
             file = folder / name
             if not file.is_file():
                 raise CacheEntryCorrupt(f"{name} is missing")
-            if _sha256_file(file) != digest:
+            if file_digest(file) != digest:
                 raise CacheEntryCorrupt(f"{name} is not the file it was sealed with (cut short or overwritten)")
 
     def seal(self, folder: Path, stored: dict[str, Any]) -> None:
         """Record the digest of every file of the entry in its meta.json (written to a temporary name, flushed,
         renamed)."""
         meta_file = folder / "meta.json"
-        sealed = {**stored, "files": {p.name: _sha256_file(p) for p in self.entry_files(folder)}}
+        sealed = {**stored, "files": {p.name: file_digest(p) for p in self.entry_files(folder)}}
         tmp = unique_tmp(meta_file)
         try:
             tmp.write_text(json.dumps(sealed, indent=2, default=str))
@@ -709,8 +707,7 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
     channels_last = (device.type == "cpu" and backend == "eager") if config.channels_last == "auto" \
         else bool(config.channels_last)
     log.log(DETAIL.get(), "%s: backend %s (%s), precision %s, channels_last=%s, device %s", name, backend, reason,
-            precision,
-             channels_last, device)
+            precision, channels_last, device)
     reference = net.to(device).eval().float()
     generator = torch.Generator().manual_seed(1234)
     if probe is None:
@@ -764,8 +761,7 @@ def build_engine(net: nn.Module, sample_shapes: list[tuple[int, ...]], config: E
                           f"on the reference input, {engine.mouth_psnr_db:.1f} dB in the mouth zone (at least "
                           f"{config.min_psnr_db:g} dB required); refusing it")
     log.log(DETAIL.get(), "%s ready in %.1f s (vs eager fp32: max abs error %.2e, %.1f dB PSNR at 8 bits, %.1f dB in "
-            "the mouth "
-             "zone)", name, time.perf_counter() - started, float(error), engine.psnr_db, engine.mouth_psnr_db)
+            "the mouth zone)", name, time.perf_counter() - started, float(error), engine.psnr_db, engine.mouth_psnr_db)
     engine.max_error = float(error)
     return engine
 

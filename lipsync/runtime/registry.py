@@ -34,7 +34,11 @@ LATENCY_WINDOW = 1000  # recent requests kept per stage for percentiles
 
 
 class UnknownModel(NotFound):
-    """A model id that is not declared."""
+    """A model id that is not declared (or, for a token scoped to other models, not one it may see: the same
+    message either way)."""
+
+    def __init__(self, model_id: str):
+        super().__init__(f"unknown model {clip(model_id)} (ListModels lists the models of this server)")
 
 
 class ModelFilesError(FailedPrecondition):
@@ -177,7 +181,7 @@ class Registry:
         if not model_id:
             raise InvalidRequest("model_id is required")
         if model_id not in self.entries:
-            raise UnknownModel(f"unknown model {clip(model_id)} (ListModels lists the models of this server)")
+            raise UnknownModel(model_id)
         return self.entries[model_id]
 
     def used_bytes(self, device: str) -> int:
